@@ -1,0 +1,1 @@
+//! Shared fixtures for Weir's benchmarks (the benchmarks themselves are under `benches/`).
