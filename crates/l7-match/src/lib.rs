@@ -7,3 +7,7 @@
 mod rules;
 
 pub use rules::{DnsRule, HeaderMatch, HttpRule, MismatchAction};
+
+mod check;
+
+pub use check::{PatternError, check_dns_name, check_dns_pattern, check_regex};
