@@ -11,5 +11,6 @@
 //! and one bad document rejects the whole file.
 
 mod model;
+pub mod yaml;
 
 pub use model::*;
