@@ -1,7 +1,8 @@
 //! `toPorts` (ports, L7 rules) and `icmps`, plus the port syntax NetworkPolicy shares.
 
 use weir_l7_match::{
-    DnsRule, HeaderMatch, HttpRule, MismatchAction, check_dns_name, check_dns_pattern, check_regex,
+    DnsRule, HeaderMatch, HttpRule, MismatchAction, PatternError, check_dns_name,
+    check_dns_pattern, check_regex,
 };
 
 use super::{Errors, optional_list};
@@ -282,7 +283,12 @@ fn regex_field(f: Option<Field<'_>>, errors: &mut Errors) -> Option<String> {
     let f = f?;
     let s = errors.ok(f.str())?;
     if let Err(e) = check_regex(s) {
-        errors.push(f.error(format!("{s:?}: {e}")));
+        let msg = match e {
+            // regex-syntax prefixes its messages with "error: ".
+            PatternError::Regex(m) => format!("invalid regex: {}", m.trim_start_matches("error: ")),
+            other => other.to_string(),
+        };
+        errors.push(f.error(format!("{s:?}: {msg}")));
         return None;
     }
     Some(s.to_string())
