@@ -151,9 +151,14 @@ impl DenyReason {
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [DenyReason::PolicyDenied, DenyReason::PolicyDeny, DenyReason::Http403, DenyReason::DnsRefused]
-            .into_iter()
-            .find(|r| r.as_str() == s)
+        [
+            DenyReason::PolicyDenied,
+            DenyReason::PolicyDeny,
+            DenyReason::Http403,
+            DenyReason::DnsRefused,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
     }
 }
 
@@ -199,11 +204,21 @@ pub struct ScenarioError {
 /// Parses a scenario file. Unknown keys are errors; every error found is returned.
 pub fn parse_scenario(file: &str, text: &str) -> Result<Scenario, Vec<ScenarioError>> {
     let wrap = |errors: Vec<YamlError>| -> Vec<ScenarioError> {
-        errors.into_iter().map(|error| ScenarioError { file: file.to_string(), error }).collect()
+        errors
+            .into_iter()
+            .map(|error| ScenarioError {
+                file: file.to_string(),
+                error,
+            })
+            .collect()
     };
     let docs = parse_documents(text).map_err(|e| wrap(vec![e]))?;
     let [doc] = docs.as_slice() else {
-        return Err(wrap(vec![YamlError::new(Default::default(), "", "a scenario file holds exactly one YAML document")]));
+        return Err(wrap(vec![YamlError::new(
+            Default::default(),
+            "",
+            "a scenario file holds exactly one YAML document",
+        )]));
     };
     let mut errors = Vec::new();
     let scenario = read_scenario(file, text, doc, &mut errors);
@@ -218,7 +233,12 @@ fn ok<T>(r: Result<T, YamlError>, errors: &mut Vec<YamlError>) -> Option<T> {
     r.map_err(|e| errors.push(e)).ok()
 }
 
-fn read_scenario(file: &str, text: &str, doc: &weir_policy_model::yaml::Node, errors: &mut Vec<YamlError>) -> Scenario {
+fn read_scenario(
+    file: &str,
+    text: &str,
+    doc: &weir_policy_model::yaml::Node,
+    errors: &mut Vec<YamlError>,
+) -> Scenario {
     let mut s = Scenario {
         file: file.to_string(),
         name: file.rsplit('/').next().unwrap_or(file).to_string(),
@@ -269,7 +289,9 @@ fn read_scenario(file: &str, text: &str, doc: &weir_policy_model::yaml::Node, er
         && let Some(mut dm) = ok(f.map(), errors)
     {
         for name in mapping_keys(dm.node()) {
-            let Some(v) = dm.optional(&name) else { continue };
+            let Some(v) = dm.optional(&name) else {
+                continue;
+            };
             let mut ips = Vec::new();
             for item in ok(v.list(), errors).unwrap_or_default() {
                 if let Some(t) = ok(item.scalar_text(), errors) {
@@ -279,7 +301,8 @@ fn read_scenario(file: &str, text: &str, doc: &weir_policy_model::yaml::Node, er
                     }
                 }
             }
-            s.dns.insert(name.trim_end_matches('.').to_ascii_lowercase(), ips);
+            s.dns
+                .insert(name.trim_end_matches('.').to_ascii_lowercase(), ips);
         }
         errors.extend(dm.finish());
     }
@@ -308,7 +331,10 @@ fn read_scenario(file: &str, text: &str, doc: &weir_policy_model::yaml::Node, er
                 && !s.endpoints.iter().any(|e| &e.name == n)
             {
                 errors.push(YamlError::new(
-                    weir_policy_model::yaml::Position { line: flow.line, column: 1 },
+                    weir_policy_model::yaml::Position {
+                        line: flow.line,
+                        column: 1,
+                    },
                     "flows",
                     format!("unknown endpoint {n:?}"),
                 ));
@@ -329,16 +355,25 @@ fn locate_block(text: &str, key_line: usize, value: &str) -> PolicyText {
         .find(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| (i, l.len() - l.trim_start().len()));
     match first {
-        Some((i, indent)) => PolicyText { text: value.to_string(), line_offset: i, column_offset: indent },
-        None => PolicyText { text: value.to_string(), line_offset: key_line, column_offset: 0 },
+        Some((i, indent)) => PolicyText {
+            text: value.to_string(),
+            line_offset: i,
+            column_offset: indent,
+        },
+        None => PolicyText {
+            text: value.to_string(),
+            line_offset: key_line,
+            column_offset: 0,
+        },
     }
 }
 
 fn mapping_keys(node: &weir_policy_model::yaml::Node) -> Vec<String> {
     match &node.kind {
-        weir_policy_model::yaml::NodeKind::Mapping(entries) => {
-            entries.iter().filter_map(|(k, _)| k.as_scalar().map(|s| s.value.clone())).collect()
-        }
+        weir_policy_model::yaml::NodeKind::Mapping(entries) => entries
+            .iter()
+            .filter_map(|(k, _)| k.as_scalar().map(|s| s.value.clone()))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -353,7 +388,9 @@ fn string_map(f: &Field<'_>, errors: &mut Vec<YamlError>) -> BTreeMap<String, St
     };
     for (k, v) in entries {
         let key = Field::new(k, f.path.clone());
-        let Some(name) = ok(key.str(), errors) else { continue };
+        let Some(name) = ok(key.str(), errors) else {
+            continue;
+        };
         let value = Field::new(v, format!("{}.{name}", f.path));
         if let Some(t) = ok(value.scalar_text(), errors) {
             out.insert(name.to_string(), t.to_string());
@@ -389,8 +426,13 @@ fn read_u16(f: &Field<'_>, errors: &mut Vec<YamlError>) -> Option<u16> {
 fn read_endpoint(item: &Field<'_>, errors: &mut Vec<YamlError>) -> Option<EndpointSpec> {
     let mut m = ok(item.map(), errors)?;
     let name = m.required("name").and_then(|f| f.str().map(str::to_string));
-    let namespace = m.required("namespace").and_then(|f| f.str().map(str::to_string));
-    let labels = m.optional("labels").map(|f| string_map(&f, errors)).unwrap_or_default();
+    let namespace = m
+        .required("namespace")
+        .and_then(|f| f.str().map(str::to_string));
+    let labels = m
+        .optional("labels")
+        .map(|f| string_map(&f, errors))
+        .unwrap_or_default();
     let ip = match m.required("ip") {
         Ok(f) => parse_ip(&f, errors),
         Err(e) => {
@@ -405,7 +447,8 @@ fn read_endpoint(item: &Field<'_>, errors: &mut Vec<YamlError>) -> Option<Endpoi
                 Ok(p) if p > 0 => {
                     ports.insert(name, p);
                 }
-                _ => errors.push(f.error(format!("named port {name}: {port:?} is not a port number"))),
+                _ => errors
+                    .push(f.error(format!("named port {name}: {port:?} is not a port number"))),
             }
         }
     }
@@ -416,7 +459,14 @@ fn read_endpoint(item: &Field<'_>, errors: &mut Vec<YamlError>) -> Option<Endpoi
     errors.extend(m.finish());
     let name = ok(name, errors)?;
     let namespace = ok(namespace, errors)?;
-    Some(EndpointSpec { name, namespace, labels, ip: ip?, ports, service_account })
+    Some(EndpointSpec {
+        name,
+        namespace,
+        labels,
+        ip: ip?,
+        ports,
+        service_account,
+    })
 }
 
 fn read_peer(f: &Field<'_>, errors: &mut Vec<YamlError>) -> Option<Peer> {
@@ -439,8 +489,16 @@ fn read_peer(f: &Field<'_>, errors: &mut Vec<YamlError>) -> Option<Peer> {
 
 fn read_flow(item: &Field<'_>, errors: &mut Vec<YamlError>) -> Option<FlowSpec> {
     let mut m = ok(item.map(), errors)?;
-    let from = m.required("from").map_err(|e| errors.push(e)).ok().and_then(|f| read_peer(&f, errors));
-    let to = m.required("to").map_err(|e| errors.push(e)).ok().and_then(|f| read_peer(&f, errors));
+    let from = m
+        .required("from")
+        .map_err(|e| errors.push(e))
+        .ok()
+        .and_then(|f| read_peer(&f, errors));
+    let to = m
+        .required("to")
+        .map_err(|e| errors.push(e))
+        .ok()
+        .and_then(|f| read_peer(&f, errors));
     let proto = match m.required("proto") {
         Ok(f) => match ok(f.str(), errors) {
             Some("TCP") => Some(FlowProto::Tcp),
@@ -458,16 +516,25 @@ fn read_flow(item: &Field<'_>, errors: &mut Vec<YamlError>) -> Option<FlowSpec> 
             None
         }
     };
-    let reply = m.optional("reply").and_then(|f| ok(f.bool(), errors)).unwrap_or(false);
+    let reply = m
+        .optional("reply")
+        .and_then(|f| ok(f.bool(), errors))
+        .unwrap_or(false);
     let dport = m.optional("dport").and_then(|f| read_u16(&f, errors));
     let sport = m.optional("sport").and_then(|f| read_u16(&f, errors));
     let icmp_type = m.optional("icmp_type").and_then(|f| {
         let v = ok(f.int(), errors)?;
-        u8::try_from(v).map_err(|_| errors.push(f.error(format!("{v} is not an ICMP type")))).ok()
+        u8::try_from(v)
+            .map_err(|_| errors.push(f.error(format!("{v} is not an ICMP type"))))
+            .ok()
     });
     let http = m.optional("http").and_then(|f| read_http(&f, errors));
-    let dns_query = m.optional("dns_query").and_then(|f| ok(f.str(), errors).map(str::to_string));
-    let after_dns = m.optional("after_dns").and_then(|f| ok(f.str(), errors).map(str::to_string));
+    let dns_query = m
+        .optional("dns_query")
+        .and_then(|f| ok(f.str(), errors).map(str::to_string));
+    let after_dns = m
+        .optional("after_dns")
+        .and_then(|f| ok(f.str(), errors).map(str::to_string));
     let expect = match m.required("expect") {
         Ok(f) => match ok(f.str(), errors) {
             Some("allow") => Some(Expect::Allow),
@@ -486,7 +553,9 @@ fn read_flow(item: &Field<'_>, errors: &mut Vec<YamlError>) -> Option<FlowSpec> 
     let reason = m.optional("reason").and_then(|f| {
         let t = ok(f.str(), errors)?;
         DenyReason::parse(t).or_else(|| {
-            errors.push(f.error(format!("{t:?} is not one of policy-denied, policy-deny, http-403, dns-refused")));
+            errors.push(f.error(format!(
+                "{t:?} is not one of policy-denied, policy-deny, http-403, dns-refused"
+            )));
             None
         })
     });
@@ -501,7 +570,9 @@ fn read_flow(item: &Field<'_>, errors: &mut Vec<YamlError>) -> Option<FlowSpec> 
             return None;
         }
         (true, _, _, _) => {
-            errors.push(item.error("a reply flow needs `sport` (the original destination port) and no `dport`"));
+            errors.push(item.error(
+                "a reply flow needs `sport` (the original destination port) and no `dport`",
+            ));
             return None;
         }
     };
@@ -526,10 +597,26 @@ fn read_flow(item: &Field<'_>, errors: &mut Vec<YamlError>) -> Option<FlowSpec> 
 
 fn read_http(f: &Field<'_>, errors: &mut Vec<YamlError>) -> Option<HttpSpec> {
     let mut m = ok(f.map(), errors)?;
-    let method = m.optional("method").and_then(|f| ok(f.str(), errors).map(str::to_string)).unwrap_or_else(|| "GET".into());
-    let path = m.optional("path").and_then(|f| ok(f.str(), errors).map(str::to_string)).unwrap_or_else(|| "/".into());
-    let host = m.optional("host").and_then(|f| ok(f.str(), errors).map(str::to_string));
-    let headers = m.optional("headers").map(|f| string_map(&f, errors).into_iter().collect()).unwrap_or_default();
+    let method = m
+        .optional("method")
+        .and_then(|f| ok(f.str(), errors).map(str::to_string))
+        .unwrap_or_else(|| "GET".into());
+    let path = m
+        .optional("path")
+        .and_then(|f| ok(f.str(), errors).map(str::to_string))
+        .unwrap_or_else(|| "/".into());
+    let host = m
+        .optional("host")
+        .and_then(|f| ok(f.str(), errors).map(str::to_string));
+    let headers = m
+        .optional("headers")
+        .map(|f| string_map(&f, errors).into_iter().collect())
+        .unwrap_or_default();
     errors.extend(m.finish());
-    Some(HttpSpec { method, path, host, headers })
+    Some(HttpSpec {
+        method,
+        path,
+        host,
+        headers,
+    })
 }
