@@ -20,4 +20,4 @@ pub mod yaml;
 pub use error::{ParseError, ParseErrors};
 pub use load::load_paths;
 pub use model::*;
-pub use parse::parse_policies;
+pub use parse::{parse_objects, parse_policies};

@@ -67,6 +67,37 @@ pub fn parse_policies(file: &str, text: &str) -> Result<Vec<Policy>, ParseErrors
     ))
 }
 
+/// Parses each object of a stream on its own, as `kubectl apply -f` submits them: one result per
+/// document (a `List` counts as one), so that a caller can apply the valid objects and report the
+/// invalid ones. [`parse_policies`] is the strict form that rejects the whole file.
+pub fn parse_objects(file: &str, text: &str) -> Vec<Result<Vec<Policy>, ParseErrors>> {
+    let docs = match parse_documents(text) {
+        Ok(d) => d,
+        Err(e) => return vec![Err(ParseErrors(vec![ParseError::from_yaml(file, e)]))],
+    };
+    let mut results = Vec::new();
+    for doc in &docs {
+        if doc.is_null() {
+            continue;
+        }
+        let mut errors = Errors::default();
+        let mut policies = Vec::new();
+        parse_object(file, &Field::new(doc, ""), true, &mut errors, &mut policies);
+        if errors.0.is_empty() {
+            results.push(Ok(policies));
+        } else {
+            let mut list = errors.0;
+            list.sort_by_key(|e| e.position);
+            results.push(Err(ParseErrors(
+                list.into_iter()
+                    .map(|e| ParseError::from_yaml(file, e))
+                    .collect(),
+            )));
+        }
+    }
+    results
+}
+
 const CILIUM_API: &str = "cilium.io/v2";
 const KNP_API: &str = "networking.k8s.io/v1";
 
