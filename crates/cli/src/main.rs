@@ -1,5 +1,9 @@
 //! `weir`: the command-line front end.
 
+mod policy;
+
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -15,16 +19,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Validate and test policies offline.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Print the version and the datapath backend this binary carries.
     Version,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
+        Command::Policy(cmd) => policy::run(cmd),
         Command::Version => {
             println!("weir {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("weir: {e:#}");
+            ExitCode::from(2)
         }
     }
-    Ok(())
 }
