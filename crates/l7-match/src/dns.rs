@@ -95,6 +95,16 @@ impl DnsMatcher {
     pub fn matches(&self, name: &str) -> Option<usize> {
         self.set.first_match(&normalize_dns_name(name))
     }
+
+    /// The indices of every rule that matches the name, ascending: the `toFQDNs` selectors
+    /// that select it, which become its identity's `fqdn:` labels.
+    pub fn matching_rules(&self, name: &str) -> Vec<usize> {
+        self.set
+            .matching(&normalize_dns_name(name))
+            .iter()
+            .map(|p| p.as_usize())
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -183,6 +193,8 @@ mod tests {
         .unwrap();
         assert_eq!(m.matches("www.example.com"), Some(0));
         assert_eq!(m.matches("other.org"), Some(2));
+        assert_eq!(m.matching_rules("WWW.example.com"), vec![0, 1, 2]);
+        assert_eq!(m.matching_rules("a.b.example.com"), vec![2]);
         assert_eq!(DnsMatcher::compile(&[]).unwrap().matches("a.com"), None);
     }
 
