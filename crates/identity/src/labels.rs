@@ -37,7 +37,7 @@ impl LabelSource {
         }
     }
 
-    fn from_prefix(s: &str) -> Option<Self> {
+    pub(crate) fn from_prefix(s: &str) -> Option<Self> {
         Some(match s {
             "k8s" => LabelSource::K8s,
             "reserved" => LabelSource::Reserved,

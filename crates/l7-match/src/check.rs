@@ -21,6 +21,11 @@ const MAX_NEST: u32 = 64;
 /// Checks that `pattern` is a valid regex on its own (before it is wrapped for full matching, so
 /// that a pattern such as `)(` cannot become valid by composition).
 pub fn check_regex(pattern: &str) -> Result<(), PatternError> {
+    parse_regex(pattern).map(|_| ())
+}
+
+/// Checks and parses a pattern on its own; the syntax tree is what the matchers compile.
+pub(crate) fn parse_regex(pattern: &str) -> Result<regex_syntax::hir::Hir, PatternError> {
     if pattern.len() > MAX_REGEX_LEN {
         return Err(PatternError::Regex(format!(
             "longer than {MAX_REGEX_LEN} bytes"
@@ -30,7 +35,6 @@ pub fn check_regex(pattern: &str) -> Result<(), PatternError> {
         .nest_limit(MAX_NEST)
         .build()
         .parse(pattern)
-        .map(|_| ())
         .map_err(|e| PatternError::Regex(first_line(&e.to_string())))
 }
 
