@@ -25,3 +25,9 @@ pub use l7::{L7Contribution, L7Peers, L7Policy, L7RuleSet, L7Verdict};
 pub use mapstate::*;
 pub use peers::{CLUSTER_LABEL_KEY, fqdn_label};
 pub use repository::{PolicyRepository, Revision, policy_selects};
+
+#[cfg(test)]
+mod testutil;
+
+#[cfg(test)]
+mod tests;
