@@ -1,0 +1,866 @@
+//! Rules × identities → per-endpoint [`MapState`] and [`L7Policy`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use weir_identity::{Identity, LabelSet, ReservedIdentity};
+use weir_policy_model::{
+    Direction, Enforcement, IpFamily, L7Rules, Peer, PeerRule, Peers, Policy, PolicyName, Port,
+    RuleRef, Section,
+};
+
+use crate::decide::{Decision, Flow, decide};
+use crate::identities::{IdentityTable, NamedPorts};
+use crate::l7::{L7Contribution, L7Peers, L7Policy, L7Verdict};
+use crate::mapstate::{
+    EntryAction, MapState, MapStateDiff, PolicyEntry, PolicyKey, port_range_prefixes, proto,
+};
+use crate::peers::{PeerEvaluator, peer_is_wildcard, peer_selects};
+use crate::repository::{PolicyRepository, Revision};
+
+/// Priority of HTTP proxy redirects (see [`EntryAction::Redirect`]).
+pub const HTTP_REDIRECT_PRIORITY: u8 = 1;
+/// Priority of DNS proxy redirects: above HTTP, because `toFQDNs` depends on the DNS proxy
+/// seeing every answer.
+pub const DNS_REDIRECT_PRIORITY: u8 = 2;
+
+/// The agent's policy enforcement mode (`enable-policy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum EnforcementMode {
+    /// A direction is enforced once some rule selecting the endpoint enables default deny
+    /// for it.
+    #[default]
+    Default,
+    /// Every direction of every endpoint is enforced.
+    Always,
+    /// Nothing is enforced: every map allows everything.
+    Never,
+}
+
+/// Compiler settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompilerConfig {
+    /// The local cluster's name (for the `cluster` entity).
+    pub cluster_name: String,
+    /// The enforcement mode.
+    pub enforcement: EnforcementMode,
+    /// Allow the local host to reach every local endpoint (ingress), as Cilium's
+    /// `allow-localhost` does by default. A deny rule still wins.
+    pub allow_localhost: bool,
+    /// Port of the HTTP proxy.
+    pub http_proxy_port: u16,
+    /// Port of the DNS proxy.
+    pub dns_proxy_port: u16,
+}
+
+impl Default for CompilerConfig {
+    fn default() -> Self {
+        CompilerConfig {
+            cluster_name: "default".to_string(),
+            enforcement: EnforcementMode::Default,
+            allow_localhost: true,
+            http_proxy_port: 15001,
+            dns_proxy_port: 15053,
+        }
+    }
+}
+
+/// The local endpoint a map is compiled for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// Its identity.
+    pub identity: Identity,
+    /// Its labels (rules select it with their `subject`).
+    pub labels: LabelSet,
+    /// Its named container ports (ingress named ports resolve against these).
+    pub named_ports: NamedPorts,
+}
+
+/// One protocol/port prefix produced by a peer rule, with its L7 rules if any.
+#[derive(Debug, Clone)]
+struct L4Key {
+    protocol: u8,
+    port: u16,
+    prefix_len: u8,
+    l7: Option<Arc<L7Rules>>,
+}
+
+impl L4Key {
+    fn key(&self, identity: Identity, direction: Direction) -> PolicyKey {
+        PolicyKey::new(
+            identity,
+            direction,
+            self.protocol,
+            self.port,
+            self.prefix_len,
+        )
+    }
+}
+
+/// The L4 part of a contribution.
+#[derive(Debug, Clone)]
+enum L4 {
+    /// Resolved once (no named ports needing the peer's ports).
+    Fixed(Vec<L4Key>),
+    /// Egress with named ports: resolved against each selected identity's named ports.
+    PerPeer(PeerRule, Vec<Option<Arc<L7Rules>>>),
+}
+
+/// One peer rule of a rule that selects the endpoint.
+#[derive(Debug, Clone)]
+struct Contribution {
+    direction: Direction,
+    deny: bool,
+    rule: Arc<RuleRef>,
+    /// `None`: the identity wildcard.
+    peers: Option<Vec<Peer>>,
+    l4: L4,
+}
+
+/// What the rules say for one endpoint before identities come in.
+#[derive(Debug, Clone, Default)]
+struct Plan {
+    never: bool,
+    enforced: [bool; 2],
+    selected_by: [Vec<PolicyName>; 2],
+    contributions: Vec<Contribution>,
+}
+
+impl Plan {
+    /// Whether identity changes can alter wildcard entries or the set of L7 ports (then the
+    /// incremental path recompiles).
+    fn needs_full_recompile(&self) -> bool {
+        self.contributions
+            .iter()
+            .any(|c| matches!(c.l4, L4::PerPeer(..)))
+    }
+}
+
+fn dir_index(d: Direction) -> usize {
+    match d {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    }
+}
+
+/// The compiled policy of one endpoint.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointPolicy {
+    /// The repository revision it was compiled at.
+    pub revision: Revision,
+    /// Whether ingress is default-deny.
+    pub ingress_enforced: bool,
+    /// Whether egress is default-deny.
+    pub egress_enforced: bool,
+    /// Policies with a rule that selects the endpoint and has an ingress or ingressDeny
+    /// section.
+    pub selected_by_ingress: Vec<PolicyName>,
+    /// Same for egress.
+    pub selected_by_egress: Vec<PolicyName>,
+    /// The policy map.
+    pub map_state: MapState,
+    /// The L7 rules for redirected ports.
+    pub l7: L7Policy,
+    plan: Arc<Plan>,
+}
+
+impl PartialEq for EndpointPolicy {
+    fn eq(&self, o: &Self) -> bool {
+        self.ingress_enforced == o.ingress_enforced
+            && self.egress_enforced == o.egress_enforced
+            && self.selected_by_ingress == o.selected_by_ingress
+            && self.selected_by_egress == o.selected_by_egress
+            && self.map_state == o.map_state
+            && self.l7 == o.l7
+    }
+}
+
+impl EndpointPolicy {
+    /// Whether a direction is default-deny.
+    pub fn enforced(&self, d: Direction) -> bool {
+        match d {
+            Direction::Ingress => self.ingress_enforced,
+            Direction::Egress => self.egress_enforced,
+        }
+    }
+
+    /// The policies that select the endpoint in a direction.
+    pub fn selected_by(&self, d: Direction) -> &[PolicyName] {
+        match d {
+            Direction::Ingress => &self.selected_by_ingress,
+            Direction::Egress => &self.selected_by_egress,
+        }
+    }
+
+    /// [`decide`] on this map, with the selecting policies filled in for a default deny.
+    pub fn decide(&self, flow: &Flow) -> Decision {
+        let mut d = decide(&self.map_state, flow);
+        if d.key.is_none() {
+            d.selected_by = self.selected_by(flow.direction).to_vec();
+        }
+        d
+    }
+
+    /// The L7 rules for a request (see [`L7Policy::verdict`]).
+    pub fn l7_verdict(
+        &self,
+        direction: Direction,
+        remote: Identity,
+        protocol: u8,
+        port: u16,
+    ) -> L7Verdict {
+        self.l7.verdict(direction, remote, protocol, port)
+    }
+}
+
+/// Accumulates everything that lands on one key.
+#[derive(Debug, Default)]
+struct Acc {
+    deny: BTreeSet<Arc<RuleRef>>,
+    is_deny: bool,
+    allow: BTreeSet<Arc<RuleRef>>,
+    /// (priority, proxy port) of the best redirect.
+    redirect: Option<(u8, u16)>,
+}
+
+impl Acc {
+    fn entry(self) -> PolicyEntry {
+        if self.is_deny {
+            return PolicyEntry {
+                action: EntryAction::Deny,
+                derived_from: self.deny,
+            };
+        }
+        let action = match self.redirect {
+            Some((priority, proxy_port)) => EntryAction::Redirect {
+                proxy_port,
+                priority,
+            },
+            None => EntryAction::Allow,
+        };
+        PolicyEntry {
+            action,
+            derived_from: self.allow,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Builder {
+    accs: HashMap<PolicyKey, Acc>,
+}
+
+impl Builder {
+    fn add(&mut self, key: PolicyKey, action: EntryAction, rule: Option<&Arc<RuleRef>>) {
+        let acc = self.accs.entry(key).or_default();
+        match action {
+            EntryAction::Deny => {
+                acc.is_deny = true;
+                acc.deny.extend(rule.cloned());
+            }
+            EntryAction::Allow => {
+                acc.allow.extend(rule.cloned());
+            }
+            EntryAction::Redirect {
+                proxy_port,
+                priority,
+            } => {
+                acc.allow.extend(rule.cloned());
+                acc.redirect = acc.redirect.max(Some((priority, proxy_port)));
+            }
+        }
+    }
+
+    fn finish(self) -> BTreeMap<PolicyKey, PolicyEntry> {
+        self.accs.into_iter().map(|(k, a)| (k, a.entry())).collect()
+    }
+}
+
+/// Turns every non-deny entry covered by a deny (in `entries` or in `extra_denies`) into a
+/// deny carrying the rules of every deny that covers it. This establishes the invariant
+/// documented on [`MapState`].
+fn resolve_denies(
+    entries: &mut BTreeMap<PolicyKey, PolicyEntry>,
+    extra_denies: &[(PolicyKey, PolicyEntry)],
+) {
+    let denies: HashMap<PolicyKey, &PolicyEntry> = entries
+        .iter()
+        .filter(|(_, e)| e.action.is_deny())
+        .map(|(k, e)| (*k, e))
+        .chain(extra_denies.iter().map(|(k, e)| (*k, e)))
+        .collect();
+    if denies.is_empty() {
+        return;
+    }
+    let prefixes: BTreeSet<u8> = denies.keys().map(|k| k.prefix_len).collect();
+    let mut conversions = Vec::new();
+    for (k, e) in entries.iter() {
+        if e.action.is_deny() {
+            continue;
+        }
+        let n = if k.identity == Identity::ANY { 1 } else { 2 };
+        let mut rules = BTreeSet::new();
+        let mut hit = false;
+        for id in [Identity::ANY, k.identity].into_iter().take(n) {
+            for &p in prefixes.iter().filter(|&&p| p <= k.prefix_len) {
+                let dk = PolicyKey::new(id, k.direction, k.protocol, k.port, p);
+                if let Some(d) = denies.get(&dk) {
+                    hit = true;
+                    rules.extend(d.derived_from.iter().cloned());
+                }
+            }
+        }
+        if hit {
+            conversions.push((*k, rules));
+        }
+    }
+    for (k, derived_from) in conversions {
+        entries.insert(
+            k,
+            PolicyEntry {
+                action: EntryAction::Deny,
+                derived_from,
+            },
+        );
+    }
+}
+
+/// Resolves a peer rule's L4 part. `named` looks up a named port (in the endpoint's ports for
+/// ingress, the peer's for egress); unresolvable names yield nothing.
+fn resolve_l4(
+    pr: &PeerRule,
+    l7s: &[Option<Arc<L7Rules>>],
+    named: &dyn Fn(&str) -> Vec<(u8, u16)>,
+) -> Vec<L4Key> {
+    if pr.is_l3_only() {
+        return vec![L4Key {
+            protocol: 0,
+            port: 0,
+            prefix_len: 0,
+            l7: None,
+        }];
+    }
+    let mut out = Vec::new();
+    for (i, rule) in pr.ports.iter().enumerate() {
+        let l7 = l7s.get(i).cloned().flatten();
+        let mut push = |protocol: u8, port: u16, prefix_len: u8| {
+            out.push(L4Key {
+                protocol,
+                port,
+                prefix_len,
+                l7: l7.clone(),
+            })
+        };
+        if rule.ports.is_empty() {
+            for p in [proto::TCP, proto::UDP, proto::SCTP] {
+                push(p, 0, 8);
+            }
+        }
+        for pp in &rule.ports {
+            let protos = pp.protocol.numbers();
+            match &pp.port {
+                Port::Number(0) => protos.iter().for_each(|&p| push(p, 0, 8)),
+                Port::Number(lo) => {
+                    let hi = pp.end_port.filter(|hi| hi > lo).unwrap_or(*lo);
+                    for (start, plen) in port_range_prefixes(*lo, hi) {
+                        protos.iter().for_each(|&p| push(p, start, plen));
+                    }
+                }
+                Port::Named(name) => {
+                    for (p, port) in named(name) {
+                        if protos.contains(&p) {
+                            push(p, port, 24);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for icmp in &pr.icmps {
+        let p = match icmp.family {
+            IpFamily::V4 => proto::ICMP,
+            IpFamily::V6 => proto::ICMPV6,
+        };
+        out.push(L4Key {
+            protocol: p,
+            port: u16::from(icmp.icmp_type),
+            prefix_len: 24,
+            l7: None,
+        });
+    }
+    out
+}
+
+/// The L7 rules of each port rule, shared; empty rule lists count as none (an L4 allow).
+fn port_l7s(pr: &PeerRule) -> Vec<Option<Arc<L7Rules>>> {
+    pr.ports
+        .iter()
+        .map(|r| match &r.l7 {
+            Some(L7Rules::Http(h)) if h.is_empty() => None,
+            Some(L7Rules::Dns(d)) if d.is_empty() => None,
+            other => other.clone().map(Arc::new),
+        })
+        .collect()
+}
+
+fn has_named_port(pr: &PeerRule) -> bool {
+    pr.ports
+        .iter()
+        .flat_map(|r| &r.ports)
+        .any(|p| matches!(p.port, Port::Named(_)))
+}
+
+fn named_lookup(ports: &NamedPorts, name: &str) -> Vec<(u8, u16)> {
+    ports.get(name).copied().into_iter().collect()
+}
+
+/// Compiles policies and identities into endpoint policies.
+#[derive(Debug, Clone, Default)]
+pub struct Compiler {
+    config: CompilerConfig,
+    repo: PolicyRepository,
+    identities: IdentityTable,
+}
+
+impl Compiler {
+    /// A compiler with no policies and only the reserved identities.
+    pub fn new(config: CompilerConfig) -> Self {
+        Compiler {
+            config,
+            repo: PolicyRepository::new(),
+            identities: IdentityTable::new(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &CompilerConfig {
+        &self.config
+    }
+
+    /// The policies.
+    pub fn repository(&self) -> &PolicyRepository {
+        &self.repo
+    }
+
+    /// The identities.
+    pub fn identities(&self) -> &IdentityTable {
+        &self.identities
+    }
+
+    /// Adds or replaces a policy. Endpoints it selects (now or before) need
+    /// [`Compiler::recompile`].
+    pub fn upsert_policy(&mut self, policy: Policy) -> Revision {
+        self.repo.upsert(policy)
+    }
+
+    /// Removes a policy.
+    pub fn remove_policy(&mut self, name: &PolicyName) -> Option<Revision> {
+        self.repo.remove(name)
+    }
+
+    /// Adds or replaces an identity; then call [`Compiler::update_identity`] per endpoint.
+    pub fn upsert_identity(&mut self, id: Identity, labels: LabelSet, named_ports: NamedPorts) {
+        self.identities.upsert(id, labels, named_ports);
+    }
+
+    /// Removes an identity (reserved ones stay); then call [`Compiler::update_identity`].
+    pub fn remove_identity(&mut self, id: Identity) -> bool {
+        self.identities.remove(id)
+    }
+
+    fn action_for(&self, deny: bool, l7: Option<&Arc<L7Rules>>) -> EntryAction {
+        if deny {
+            return EntryAction::Deny;
+        }
+        match l7.map(|r| r.as_ref()) {
+            Some(L7Rules::Http(_)) => EntryAction::Redirect {
+                proxy_port: self.config.http_proxy_port,
+                priority: HTTP_REDIRECT_PRIORITY,
+            },
+            Some(L7Rules::Dns(_)) => EntryAction::Redirect {
+                proxy_port: self.config.dns_proxy_port,
+                priority: DNS_REDIRECT_PRIORITY,
+            },
+            None => EntryAction::Allow,
+        }
+    }
+
+    fn plan(&self, ep: &EndpointInfo) -> Plan {
+        let mut plan = Plan {
+            never: self.config.enforcement == EnforcementMode::Never,
+            ..Plan::default()
+        };
+        let mut default_deny = [false; 2];
+        for policy in self.repo.iter() {
+            for rule in policy
+                .rules
+                .iter()
+                .filter(|r| r.subject.matches(&ep.labels))
+            {
+                for (dir, sections) in [
+                    (Direction::Ingress, &rule.ingress),
+                    (Direction::Egress, &rule.egress),
+                ] {
+                    let di = dir_index(dir);
+                    if sections.enforcement == Enforcement::DefaultDeny {
+                        default_deny[di] = true;
+                    }
+                    let listed = &mut plan.selected_by[di];
+                    let has_rules = sections.enforcement != Enforcement::None
+                        || !sections.allow.is_empty()
+                        || !sections.deny.is_empty();
+                    if has_rules && listed.last() != Some(&policy.name) {
+                        listed.push(policy.name.clone());
+                    }
+                    let (allow_sec, deny_sec) = match dir {
+                        Direction::Ingress => (Section::Ingress, Section::IngressDeny),
+                        Direction::Egress => (Section::Egress, Section::EgressDeny),
+                    };
+                    for (deny, section, list) in [
+                        (false, allow_sec, &sections.allow),
+                        (true, deny_sec, &sections.deny),
+                    ] {
+                        for pr in list.iter().filter(|pr| !pr.allows_nothing()) {
+                            let rule_ref = Arc::new(RuleRef {
+                                policy: rule.origin.clone(),
+                                spec: rule.spec,
+                                multi_spec: rule.multi_spec,
+                                section,
+                                index: pr.index,
+                            });
+                            let peers = match &pr.peers {
+                                Peers::Any => None,
+                                Peers::List(l) if l.iter().any(peer_is_wildcard) => None,
+                                Peers::List(l) => Some(l.clone()),
+                            };
+                            let l7s = port_l7s(pr);
+                            let l4 = if dir == Direction::Egress && has_named_port(pr) {
+                                L4::PerPeer(pr.clone(), l7s)
+                            } else {
+                                L4::Fixed(resolve_l4(pr, &l7s, &|n| {
+                                    named_lookup(&ep.named_ports, n)
+                                }))
+                            };
+                            plan.contributions.push(Contribution {
+                                direction: dir,
+                                deny,
+                                rule: rule_ref,
+                                peers,
+                                l4,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        plan.enforced = match self.config.enforcement {
+            EnforcementMode::Default => default_deny,
+            EnforcementMode::Always => [true; 2],
+            EnforcementMode::Never => [false; 2],
+        };
+        plan
+    }
+
+    /// The L4 keys of a contribution for one identity (or the wildcard).
+    fn keys_for(&self, c: &Contribution, id: Identity) -> Vec<L4Key> {
+        match &c.l4 {
+            L4::Fixed(k) => k.clone(),
+            L4::PerPeer(pr, l7s) => {
+                if id == Identity::ANY {
+                    resolve_l4(pr, l7s, &|n| {
+                        let mut v: Vec<(u8, u16)> = self
+                            .identities
+                            .iter()
+                            .filter_map(|(_, i)| i.named_ports.get(n).copied())
+                            .collect();
+                        v.sort_unstable();
+                        v.dedup();
+                        v
+                    })
+                } else {
+                    let ports = self.identities.get(id).map(|i| &i.named_ports);
+                    resolve_l4(pr, l7s, &|n| {
+                        ports.map(|p| named_lookup(p, n)).unwrap_or_default()
+                    })
+                }
+            }
+        }
+    }
+
+    fn add_keys(&self, b: &mut Builder, c: &Contribution, id: Identity, keys: &[L4Key]) {
+        for k in keys {
+            b.add(
+                k.key(id, c.direction),
+                self.action_for(c.deny, k.l7.as_ref()),
+                Some(&c.rule),
+            );
+        }
+    }
+
+    /// Compiles the policy of one endpoint from scratch.
+    pub fn compile(&self, ep: &EndpointInfo) -> EndpointPolicy {
+        let plan = Arc::new(self.plan(ep));
+        let mut b = Builder::default();
+        let mut eval = PeerEvaluator::new(&self.identities, &self.config.cluster_name);
+        // Identities selected by each contribution (`None`: wildcard).
+        let mut selected: Vec<Option<Rc<[Identity]>>> = Vec::new();
+        if !plan.never {
+            for c in &plan.contributions {
+                let ids = c.peers.as_ref().map(|peers| match peers.as_slice() {
+                    [one] => eval.eval(one),
+                    many => {
+                        let mut v: Vec<Identity> =
+                            many.iter().flat_map(|p| eval.eval(p).to_vec()).collect();
+                        v.sort_unstable();
+                        v.dedup();
+                        v.into()
+                    }
+                });
+                match &ids {
+                    None => {
+                        let keys = self.keys_for(c, Identity::ANY);
+                        self.add_keys(&mut b, c, Identity::ANY, &keys);
+                    }
+                    Some(ids) => {
+                        if let L4::Fixed(keys) = &c.l4 {
+                            for &id in ids.iter() {
+                                self.add_keys(&mut b, c, id, keys);
+                            }
+                        } else {
+                            for &id in ids.iter() {
+                                let keys = self.keys_for(c, id);
+                                self.add_keys(&mut b, c, id, &keys);
+                            }
+                        }
+                    }
+                }
+                selected.push(ids);
+            }
+        }
+        self.add_synthetic(&mut b, &plan, None);
+        let mut entries = b.finish();
+        resolve_denies(&mut entries, &[]);
+        let l7 = if plan.never {
+            L7Policy::default()
+        } else {
+            self.build_l7(&plan, &selected)
+        };
+        EndpointPolicy {
+            revision: self.repo.revision(),
+            ingress_enforced: plan.enforced[0],
+            egress_enforced: plan.enforced[1],
+            selected_by_ingress: plan.selected_by[0].clone(),
+            selected_by_egress: plan.selected_by[1].clone(),
+            map_state: MapState { entries },
+            l7,
+            plan,
+        }
+    }
+
+    /// Allow-all for unenforced directions and host access. With `only`, just the entries of
+    /// that identity.
+    fn add_synthetic(&self, b: &mut Builder, plan: &Plan, only: Option<Identity>) {
+        let want = |id: Identity| only.is_none_or(|o| o == id);
+        for dir in [Direction::Ingress, Direction::Egress] {
+            if !plan.enforced[dir_index(dir)] && want(Identity::ANY) {
+                b.add(PolicyKey::l3(Identity::ANY, dir), EntryAction::Allow, None);
+            }
+        }
+        let host = Identity::from(ReservedIdentity::Host);
+        if self.config.allow_localhost && !plan.never && want(host) {
+            b.add(
+                PolicyKey::l3(host, Direction::Ingress),
+                EntryAction::Allow,
+                None,
+            );
+        }
+    }
+
+    fn build_l7(&self, plan: &Plan, selected: &[Option<Rc<[Identity]>>]) -> L7Policy {
+        // Per contribution and identity (or wildcard), its keys; only PerPeer needs this.
+        let keys_of = |c: &Contribution, id: Identity| -> Vec<L4Key> { self.keys_for(c, id) };
+        let mut ports: BTreeSet<(Direction, u8, u16)> = BTreeSet::new();
+        for (c, ids) in plan.contributions.iter().zip(selected) {
+            if c.deny {
+                continue;
+            }
+            let mut note = |keys: &[L4Key]| {
+                for k in keys.iter().filter(|k| k.l7.is_some() && k.prefix_len == 24) {
+                    ports.insert((c.direction, k.protocol, k.port));
+                }
+            };
+            match (&c.l4, ids) {
+                (L4::Fixed(keys), _) => note(keys),
+                (L4::PerPeer(..), None) => note(&keys_of(c, Identity::ANY)),
+                (L4::PerPeer(..), Some(ids)) => {
+                    for &id in ids.iter() {
+                        note(&keys_of(c, id));
+                    }
+                }
+            }
+        }
+        let mut out = L7Policy::default();
+        for (dir, protocol, port) in ports {
+            let mut list = Vec::new();
+            for (i, (c, ids)) in plan.contributions.iter().zip(selected).enumerate() {
+                if c.deny || c.direction != dir {
+                    continue;
+                }
+                let covering = |keys: &[L4Key]| -> Vec<Option<Arc<L7Rules>>> {
+                    keys.iter()
+                        .filter(|k| k.key(Identity::ANY, dir).matches_port(protocol, port))
+                        .map(|k| k.l7.clone())
+                        .collect()
+                };
+                match (&c.l4, ids) {
+                    (L4::Fixed(keys), ids) => {
+                        let peers = match ids {
+                            None => L7Peers::Wildcard,
+                            Some(ids) => L7Peers::Set(ids.iter().copied().collect()),
+                        };
+                        for rules in covering(keys) {
+                            list.push(L7Contribution {
+                                peers: peers.clone(),
+                                rules,
+                                derived_from: Some(c.rule.clone()),
+                                origin: i,
+                            });
+                        }
+                    }
+                    (L4::PerPeer(..), None) => {
+                        for rules in covering(&keys_of(c, Identity::ANY)) {
+                            list.push(L7Contribution {
+                                peers: L7Peers::Wildcard,
+                                rules,
+                                derived_from: Some(c.rule.clone()),
+                                origin: i,
+                            });
+                        }
+                    }
+                    (L4::PerPeer(..), Some(ids)) => {
+                        // Group identities by the rules their resolution gives on this port.
+                        let mut groups: Vec<(Option<Arc<L7Rules>>, BTreeSet<Identity>)> =
+                            Vec::new();
+                        for &id in ids.iter() {
+                            for rules in covering(&keys_of(c, id)) {
+                                let same = |g: &(Option<Arc<L7Rules>>, _)| match (&g.0, &rules) {
+                                    (None, None) => true,
+                                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                                    _ => false,
+                                };
+                                match groups.iter_mut().find(|g| same(g)) {
+                                    Some(g) => {
+                                        g.1.insert(id);
+                                    }
+                                    None => groups.push((rules, BTreeSet::from([id]))),
+                                }
+                            }
+                        }
+                        for (rules, set) in groups {
+                            list.push(L7Contribution {
+                                peers: L7Peers::Set(set),
+                                rules,
+                                derived_from: Some(c.rule.clone()),
+                                origin: i,
+                            });
+                        }
+                    }
+                }
+            }
+            if dir == Direction::Ingress && self.config.allow_localhost {
+                list.push(L7Contribution {
+                    peers: L7Peers::Set(BTreeSet::from([Identity::from(ReservedIdentity::Host)])),
+                    rules: None,
+                    derived_from: None,
+                    origin: usize::MAX,
+                });
+            }
+            out.ports.insert((dir, protocol, port), list);
+        }
+        out
+    }
+
+    /// Recompiles an endpoint after policy changes; returns the map change and replaces
+    /// `policy`.
+    pub fn recompile(&self, ep: &EndpointInfo, policy: &mut EndpointPolicy) -> MapStateDiff {
+        let new = self.compile(ep);
+        let diff = policy.map_state.diff(&new.map_state);
+        *policy = new;
+        diff
+    }
+
+    /// Brings `policy` up to date after identity `id` was added, changed or removed (call
+    /// [`Compiler::upsert_identity`] / [`Compiler::remove_identity`] first). Only the entries
+    /// of `id` are recomputed, unless egress named ports make wildcard entries depend on the
+    /// identity set, in which case the endpoint is recompiled. Returns the map change.
+    pub fn update_identity(
+        &self,
+        ep: &EndpointInfo,
+        policy: &mut EndpointPolicy,
+        id: Identity,
+    ) -> MapStateDiff {
+        let plan = policy.plan.clone();
+        if plan.needs_full_recompile() || id == Identity::ANY {
+            return self.recompile(ep, policy);
+        }
+        let info = self.identities.get(id);
+        let mut b = Builder::default();
+        let mut member = vec![false; plan.contributions.len()];
+        if let (Some(info), false) = (info, plan.never) {
+            for (i, c) in plan.contributions.iter().enumerate() {
+                let Some(peers) = &c.peers else { continue };
+                if peers
+                    .iter()
+                    .any(|p| peer_selects(p, id, info, &self.config.cluster_name))
+                {
+                    member[i] = true;
+                    let keys = self.keys_for(c, id);
+                    self.add_keys(&mut b, c, id, &keys);
+                }
+            }
+        }
+        if info.is_some() {
+            self.add_synthetic(&mut b, &plan, Some(id));
+        }
+        let mut entries = b.finish();
+        let wildcard_denies: Vec<(PolicyKey, PolicyEntry)> = policy
+            .map_state
+            .entries_for_identity(Identity::ANY)
+            .filter(|(_, e)| e.action.is_deny())
+            .map(|(k, e)| (*k, e.clone()))
+            .collect();
+        resolve_denies(&mut entries, &wildcard_denies);
+
+        let mut diff = MapStateDiff::default();
+        let old: Vec<(PolicyKey, PolicyEntry)> = policy
+            .map_state
+            .entries_for_identity(id)
+            .map(|(k, e)| (*k, e.clone()))
+            .collect();
+        for (k, _) in &old {
+            if !entries.contains_key(k) {
+                diff.removals.push(*k);
+            }
+        }
+        for (k, e) in entries {
+            if policy.map_state.get(&k) != Some(&e) {
+                diff.upserts.push((k, e));
+            }
+        }
+        policy.map_state.apply(&diff);
+
+        for list in policy.l7.ports.values_mut() {
+            for c in list.iter_mut() {
+                if let (L7Peers::Set(s), Some(true)) = (&mut c.peers, member.get(c.origin)) {
+                    s.insert(id);
+                } else if let (L7Peers::Set(s), Some(false)) = (&mut c.peers, member.get(c.origin))
+                {
+                    s.remove(&id);
+                }
+            }
+        }
+        policy.revision = self.repo.revision();
+        diff
+    }
+}
