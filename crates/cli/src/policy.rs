@@ -71,6 +71,123 @@ fn validate(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn test(_scenarios: &[PathBuf], _output: Output) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("weir policy test: the scenario runner is not wired in yet")
+fn test(paths: &[PathBuf], output: Output) -> anyhow::Result<ExitCode> {
+    let files = scenario_files(paths)?;
+    let mut runs = Vec::new();
+    let mut broken = Vec::new();
+    for f in &files {
+        let name = f.display().to_string();
+        let text = match std::fs::read_to_string(f) {
+            Ok(t) => t,
+            Err(e) => {
+                broken.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        match weir_scenario::parse_scenario(&name, &text) {
+            Ok(s) => runs.push(weir_scenario::run_scenario(&s)),
+            Err(errors) => broken.extend(errors.iter().map(ToString::to_string)),
+        }
+    }
+    let passed: usize = runs.iter().map(|r| r.passed()).sum();
+    let failed: usize = runs.iter().map(|r| r.failed()).sum::<usize>() + broken.len();
+    match output {
+        Output::Text => print_text(&runs, &broken),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&to_json(&runs, &broken, passed, failed))?
+        ),
+    }
+    if matches!(output, Output::Text) {
+        println!("{passed} passed, {failed} failed");
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Files named directly, and the `.yaml`/`.yml` files of directories (not recursive), sorted.
+fn scenario_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                })
+                .collect();
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn print_text(runs: &[weir_scenario::ScenarioRun], broken: &[String]) {
+    for e in broken {
+        println!("ERROR {e}");
+    }
+    for run in runs {
+        println!("# {} ({})", run.name, run.file);
+        for e in &run.errors {
+            println!("ERROR {e}");
+        }
+        for r in &run.rejected {
+            println!("      {r}");
+        }
+        for f in &run.flows {
+            let expected = match (f.expected, f.expected_reason) {
+                (weir_scenario::Expect::Allow, _) => "allow".to_string(),
+                (weir_scenario::Expect::Deny, Some(r)) => format!("deny ({})", r.as_str()),
+                (weir_scenario::Expect::Deny, None) => "deny".to_string(),
+            };
+            println!(
+                "{} {}:{} {}: expected {expected}, got {}: {}",
+                if f.passed { "PASS" } else { "FAIL" },
+                run.file,
+                f.line,
+                f.flow,
+                f.actual,
+                f.explanation
+            );
+        }
+    }
+}
+
+fn to_json(
+    runs: &[weir_scenario::ScenarioRun],
+    broken: &[String],
+    passed: usize,
+    failed: usize,
+) -> serde_json::Value {
+    use serde_json::json;
+    let scenarios: Vec<_> = runs
+        .iter()
+        .map(|run| {
+            json!({
+                "name": run.name,
+                "file": run.file,
+                "errors": run.errors,
+                "rejected": run.rejected,
+                "flows": run.flows.iter().map(|f| json!({
+                    "line": f.line,
+                    "flow": f.flow,
+                    "expected": match f.expected { weir_scenario::Expect::Allow => "allow", weir_scenario::Expect::Deny => "deny" },
+                    "expected_reason": f.expected_reason.map(|r| r.as_str()),
+                    "actual": match f.actual { weir_scenario::Outcome::Allow => "allow", weir_scenario::Outcome::Deny(_) => "deny" },
+                    "actual_reason": match f.actual { weir_scenario::Outcome::Allow => None, weir_scenario::Outcome::Deny(r) => Some(r.as_str()) },
+                    "explanation": f.explanation,
+                    "passed": f.passed,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({ "scenarios": scenarios, "errors": broken, "passed": passed, "failed": failed })
 }

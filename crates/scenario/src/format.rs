@@ -23,6 +23,9 @@ pub struct Scenario {
     pub dns: BTreeMap<String, Vec<IpAddr>>,
     /// The policies, as one multi-document YAML text.
     pub policies: PolicyText,
+    /// Names of policy objects the scenario expects Weir (like Cilium) to reject; the other
+    /// objects still apply, as when `kubectl apply -f` submits them one by one.
+    pub rejected_policies: Vec<String>,
     /// The flows, in order.
     pub flows: Vec<FlowSpec>,
 }
@@ -247,6 +250,7 @@ fn read_scenario(
         endpoints: Vec::new(),
         dns: BTreeMap::new(),
         policies: PolicyText::default(),
+        rejected_policies: Vec::new(),
         flows: Vec::new(),
     };
     let Some(mut m) = ok(MapReader::new(doc, ""), errors) else {
@@ -313,6 +317,13 @@ fn read_scenario(
             }
         }
         Err(e) => errors.push(e),
+    }
+    if let Some(f) = m.optional("rejected_policies") {
+        for item in ok(f.list(), errors).unwrap_or_default() {
+            if let Some(t) = ok(item.str(), errors) {
+                s.rejected_policies.push(t.to_string());
+            }
+        }
     }
     match m.required("flows") {
         Ok(f) => {
