@@ -138,6 +138,11 @@ impl Plan {
     }
 }
 
+/// (direction, protocol, port) of an L7 port.
+type L7Port = (Direction, u8, u16);
+/// Identities that get the same L7 rules (or none) on one port.
+type IdGroup = (Option<Arc<L7Rules>>, BTreeSet<Identity>);
+
 fn dir_index(d: Direction) -> usize {
     match d {
         Direction::Ingress => 0,
@@ -726,10 +731,7 @@ impl Compiler {
             match (&c.l4, ids) {
                 (L4::PerPeer(..), Some(ids)) => {
                     // Group identities by the rules their resolution gives on each port.
-                    let mut groups: BTreeMap<
-                        (Direction, u8, u16),
-                        Vec<(Option<Arc<L7Rules>>, BTreeSet<Identity>)>,
-                    > = BTreeMap::new();
+                    let mut groups: BTreeMap<L7Port, Vec<IdGroup>> = BTreeMap::new();
                     for &id in ids.iter() {
                         for k in keys_of(c, id) {
                             for port in covered(c.direction, &k) {
