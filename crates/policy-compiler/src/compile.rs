@@ -14,7 +14,8 @@ use crate::decide::{Decision, Flow, decide};
 use crate::identities::{IdentityTable, NamedPorts};
 use crate::l7::{L7Contribution, L7Peers, L7Policy, L7Verdict};
 use crate::mapstate::{
-    EntryAction, MapState, MapStateDiff, PolicyEntry, PolicyKey, port_range_prefixes, proto,
+    EntryAction, MapState, MapStateDiff, PolicyEntry, PolicyKey, port_mask, port_range_prefixes,
+    proto,
 };
 use crate::peers::{PeerEvaluator, peer_is_wildcard, peer_selects};
 use crate::repository::{PolicyRepository, Revision};
@@ -136,6 +137,11 @@ impl Plan {
             .any(|c| matches!(c.l4, L4::PerPeer(..)))
     }
 }
+
+/// (direction, protocol, port) of an L7 port.
+type L7Port = (Direction, u8, u16);
+/// Identities that get the same L7 rules (or none) on one port.
+type IdGroup = (Option<Arc<L7Rules>>, BTreeSet<Identity>);
 
 fn dir_index(d: Direction) -> usize {
     match d {
@@ -700,85 +706,100 @@ impl Compiler {
                 }
             }
         }
-        let mut out = L7Policy::default();
-        for (dir, protocol, port) in ports {
-            let mut list = Vec::new();
-            for (i, (c, ids)) in plan.contributions.iter().zip(selected).enumerate() {
-                if c.deny || c.direction != dir {
-                    continue;
-                }
-                let covering = |keys: &[L4Key]| -> Vec<Option<Arc<L7Rules>>> {
-                    keys.iter()
-                        .filter(|k| k.key(Identity::ANY, dir).matches_port(protocol, port))
-                        .map(|k| k.l7.clone())
-                        .collect()
-                };
-                match (&c.l4, ids) {
-                    (L4::Fixed(keys), ids) => {
-                        let peers = match ids {
-                            None => L7Peers::Wildcard,
-                            Some(ids) => L7Peers::Set(ids.iter().copied().collect()),
-                        };
-                        for rules in covering(keys) {
-                            list.push(L7Contribution {
-                                peers: peers.clone(),
-                                rules,
-                                derived_from: Some(c.rule.clone()),
-                                origin: i,
-                            });
-                        }
-                    }
-                    (L4::PerPeer(..), None) => {
-                        for rules in covering(&keys_of(c, Identity::ANY)) {
-                            list.push(L7Contribution {
-                                peers: L7Peers::Wildcard,
-                                rules,
-                                derived_from: Some(c.rule.clone()),
-                                origin: i,
-                            });
-                        }
-                    }
-                    (L4::PerPeer(..), Some(ids)) => {
-                        // Group identities by the rules their resolution gives on this port.
-                        let mut groups: Vec<(Option<Arc<L7Rules>>, BTreeSet<Identity>)> =
-                            Vec::new();
-                        for &id in ids.iter() {
-                            for rules in covering(&keys_of(c, id)) {
-                                let same = |g: &(Option<Arc<L7Rules>>, _)| match (&g.0, &rules) {
+        let mut lists: BTreeMap<(Direction, u8, u16), Vec<L7Contribution>> =
+            ports.iter().map(|p| (*p, Vec::new())).collect();
+        // The L7 ports a key covers, by range query.
+        let covered = |dir: Direction, k: &L4Key| -> Vec<(Direction, u8, u16)> {
+            let (lo, hi) = if k.prefix_len == 0 {
+                ((dir, 0, 0), (dir, u8::MAX, u16::MAX))
+            } else {
+                let hi_port = k.port | !port_mask(k.prefix_len);
+                ((dir, k.protocol, k.port), (dir, k.protocol, hi_port))
+            };
+            ports.range(lo..=hi).copied().collect()
+        };
+        for (i, (c, ids)) in plan.contributions.iter().zip(selected).enumerate() {
+            if c.deny {
+                continue;
+            }
+            let contribution = |peers: L7Peers, rules: Option<Arc<L7Rules>>| L7Contribution {
+                peers,
+                rules,
+                derived_from: Some(c.rule.clone()),
+                origin: i,
+            };
+            match (&c.l4, ids) {
+                (L4::PerPeer(..), Some(ids)) => {
+                    // Group identities by the rules their resolution gives on each port.
+                    let mut groups: BTreeMap<L7Port, Vec<IdGroup>> = BTreeMap::new();
+                    for &id in ids.iter() {
+                        for k in keys_of(c, id) {
+                            for port in covered(c.direction, &k) {
+                                let g = groups.entry(port).or_default();
+                                let same = |x: &&mut (Option<Arc<L7Rules>>, _)| match (&x.0, &k.l7)
+                                {
                                     (None, None) => true,
                                     (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                                     _ => false,
                                 };
-                                match groups.iter_mut().find(|g| same(g)) {
-                                    Some(g) => {
-                                        g.1.insert(id);
+                                match g.iter_mut().find(same) {
+                                    Some(x) => {
+                                        x.1.insert(id);
                                     }
-                                    None => groups.push((rules, BTreeSet::from([id]))),
+                                    None => g.push((k.l7.clone(), BTreeSet::from([id]))),
                                 }
                             }
                         }
-                        for (rules, set) in groups {
-                            list.push(L7Contribution {
-                                peers: L7Peers::Set(set),
-                                rules,
-                                derived_from: Some(c.rule.clone()),
-                                origin: i,
-                            });
+                    }
+                    for (port, g) in groups {
+                        if let Some(list) = lists.get_mut(&port) {
+                            for (rules, set) in g {
+                                list.push(contribution(L7Peers::Set(set), rules));
+                            }
+                        }
+                    }
+                }
+                (l4, ids) => {
+                    let wildcard_keys;
+                    let keys: &[L4Key] = match l4 {
+                        L4::Fixed(keys) => keys,
+                        L4::PerPeer(..) => {
+                            wildcard_keys = keys_of(c, Identity::ANY);
+                            &wildcard_keys
+                        }
+                    };
+                    let mut peers: Option<L7Peers> = None;
+                    for k in keys {
+                        for port in covered(c.direction, k) {
+                            let Some(list) = lists.get_mut(&port) else {
+                                continue;
+                            };
+                            let peers = peers
+                                .get_or_insert_with(|| match ids {
+                                    None => L7Peers::Wildcard,
+                                    Some(ids) => L7Peers::Set(ids.iter().copied().collect()),
+                                })
+                                .clone();
+                            list.push(contribution(peers, k.l7.clone()));
                         }
                     }
                 }
             }
-            if dir == Direction::Ingress && self.config.allow_localhost {
-                list.push(L7Contribution {
-                    peers: L7Peers::Set(BTreeSet::from([Identity::from(ReservedIdentity::Host)])),
-                    rules: None,
-                    derived_from: None,
-                    origin: usize::MAX,
-                });
-            }
-            out.ports.insert((dir, protocol, port), list);
         }
-        out
+        if self.config.allow_localhost {
+            let host = Identity::from(ReservedIdentity::Host);
+            for ((dir, _, _), list) in lists.iter_mut() {
+                if *dir == Direction::Ingress {
+                    list.push(L7Contribution {
+                        peers: L7Peers::Set(BTreeSet::from([host])),
+                        rules: None,
+                        derived_from: None,
+                        origin: usize::MAX,
+                    });
+                }
+            }
+        }
+        L7Policy { ports: lists }
     }
 
     /// Recompiles an endpoint after policy changes; returns the map change and replaces

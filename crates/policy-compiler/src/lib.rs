@@ -31,3 +31,6 @@ mod testutil;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod proptests;

@@ -32,7 +32,7 @@ pub const PREFIX_LENGTHS: [u8; 18] = [
 ];
 
 /// The mask over the 16 port bits for a key prefix length (`prefix_len` ≤ 8 keeps no port bits).
-fn port_mask(prefix_len: u8) -> u16 {
+pub(crate) fn port_mask(prefix_len: u8) -> u16 {
     let bits = prefix_len.saturating_sub(8).min(16);
     if bits == 0 {
         0

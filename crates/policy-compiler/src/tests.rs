@@ -896,3 +896,71 @@ fn empty_peer_list_selects_nothing_but_enforces() {
     assert_eq!(ing(&p, FRONTEND, proto::TCP, 80), DEFAULT_DENY);
     let _ = LabelSet::new();
 }
+
+/// Timing check for the goal "3k rules × 1k identities, one endpoint, ≤ 20 ms in release":
+/// `cargo test --release -p weir-policy-compiler -- --ignored --nocapture timing`. Prints, never
+/// asserts on time.
+#[test]
+#[ignore]
+fn timing_3k_rules_1k_identities() {
+    let mut c = Compiler::new(CompilerConfig::default());
+    for i in 0..1000u32 {
+        let app = format!("app{}", i % 100);
+        let ns = format!("ns{}", i % 10);
+        c.upsert_identity(
+            Identity(1000 + i),
+            pod_labels(&ns, &[("app", &app), ("pod", &i.to_string())]),
+            NamedPorts::new(),
+        );
+    }
+    for p in 0..30u32 {
+        let name = cnp("ns0", &format!("pol{p}"));
+        let rules = (0..100u32)
+            .map(|j| {
+                let k = p * 100 + j;
+                let mut r = ns_rule(&name, &[]);
+                r.spec = j as usize;
+                let peer = sel(&[
+                    ("app", &format!("app{}", k % 100)),
+                    ("k8s:io.kubernetes.pod.namespace", &format!("ns{}", k % 10)),
+                ]);
+                let port = 8000 + (k % 50) as u16;
+                let pr = if k % 7 == 0 {
+                    http(port, &[("GET", "/x")])
+                } else {
+                    tcp(port)
+                };
+                push_allow(&mut r.ingress, peer_rule(eps(peer), vec![pr], vec![]));
+                if k % 13 == 0 {
+                    push_deny(
+                        &mut r.egress,
+                        peer_rule(Peers::Any, vec![tcp(port)], vec![]),
+                    );
+                }
+                r
+            })
+            .collect();
+        c.upsert_policy(policy(name, rules));
+    }
+    let e = endpoint(5000, pod_labels("ns0", &[("app", "me")]));
+    let t = std::time::Instant::now();
+    let _plan = c.compile(&endpoint(5001, pod_labels("other", &[])));
+    let unselected = t.elapsed();
+    let t = std::time::Instant::now();
+    let p = c.compile(&e);
+    let compile = t.elapsed();
+    println!("unselected endpoint: {unselected:?}");
+    let t = std::time::Instant::now();
+    let mut n = 0;
+    for id in 1000..2000u32 {
+        for port in 8000..8064u16 {
+            n += usize::from(ing(&p, Identity(id), proto::TCP, port) != DEFAULT_DENY);
+        }
+    }
+    let per = t.elapsed() / 64_000;
+    println!(
+        "compile: {compile:?}, entries: {}, l7 ports: {}, decide: {per:?} each ({n} allowed)",
+        p.map_state.len(),
+        p.l7.ports.len()
+    );
+}
