@@ -493,7 +493,22 @@ impl<'s> World<'s> {
                 protocol,
                 port: flow.port,
             });
-            notes.push(format!("{side} {name}: {decision}"));
+            let why = match decision.verdict {
+                Verdict::Allow
+                    if decision.derived_from.is_empty() && !policy.enforced(direction) =>
+                {
+                    format!("allowed (no policy enforces {side} on it)")
+                }
+                Verdict::Allow
+                    if decision.derived_from.is_empty()
+                        && direction == Direction::Ingress
+                        && remote == Identity::from(ReservedIdentity::Host) =>
+                {
+                    "allowed (the local host may always reach its pods)".to_string()
+                }
+                _ => decision.to_string(),
+            };
+            notes.push(format!("{side} {name}: {why}"));
             match decision.verdict {
                 Verdict::Deny { reason } => {
                     let r = if reason == DROP_POLICY_DENY {
