@@ -9,7 +9,11 @@ fn main() {
     let Some(root) = root.to_str() else {
         panic!("the eBPF crate path is not UTF-8");
     };
-    let package = aya_build::Package { name: "weir-datapath-ebpf", root_dir: root, ..Default::default() };
+    let package = aya_build::Package {
+        name: "weir-datapath-ebpf",
+        root_dir: root,
+        ..Default::default()
+    };
     if let Err(e) = aya_build::build_ebpf([package], aya_build::Toolchain::default()) {
         panic!(
             "building the eBPF programs failed: {e:#}\n\

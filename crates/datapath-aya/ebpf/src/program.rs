@@ -159,7 +159,14 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
         if unsafe { WEIR_FRAGS.get(&s.frag) }.is_some() {
             return pass(ctx, 0, ct_state::FRAGMENT);
         }
-        drop_packet(ctx, &ep, ifindex, dir, Some((pkt, remote)), drop_reason::FRAG_NOT_FOUND);
+        drop_packet(
+            ctx,
+            &ep,
+            ifindex,
+            dir,
+            Some((pkt, remote)),
+            drop_reason::FRAG_NOT_FOUND,
+        );
         return TC_ACT_SHOT;
     }
 
@@ -219,8 +226,11 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
                 let _ = WEIR_CT.insert(&s.ct, &entry, 0);
             }
             remember_fragment(pkt, &s.frag);
-            let kind =
-                if proxy_port != 0 { event_kind::REDIRECT_NEW } else { event_kind::ALLOW_NEW };
+            let kind = if proxy_port != 0 {
+                event_kind::REDIRECT_NEW
+            } else {
+                event_kind::ALLOW_NEW
+            };
             emit(&ep, ifindex, dir, Some((pkt, remote)), kind, 0, proxy_port);
             pass(ctx, proxy_port, ct_state::NEW)
         }
@@ -252,7 +262,10 @@ fn set_ct_key(k: &mut CtKey, pkt: &Packet, dir: u8, reverse: bool) {
 #[inline(always)]
 fn remember_fragment(pkt: &Packet, fkey: &FragKey) {
     if pkt.frag == 1 {
-        let v = FragValue { sport_be: pkt.sport_be, dport_be: pkt.dport_be };
+        let v = FragValue {
+            sport_be: pkt.sport_be,
+            dport_be: pkt.dport_be,
+        };
         let _ = WEIR_FRAGS.insert(fkey, &v, 0);
     }
 }
@@ -296,7 +309,11 @@ fn drop_packet(
     reason: u8,
 ) {
     count(u32::from(reason));
-    set_cb(ctx, 0, u32::from(reason) | (u32::from(verdict::DROPPED) << 8));
+    set_cb(
+        ctx,
+        0,
+        u32::from(reason) | (u32::from(verdict::DROPPED) << 8),
+    );
     emit(ep, ifindex, dir, pkt, event_kind::DROP, reason, 0);
 }
 
@@ -378,7 +395,11 @@ fn ct_update(e: &mut CtEntry, reply: bool, protocol: u8, tcp_flags: u8, len: u64
             e.flags |= ct_flag::RESET;
         }
         if tcp_flags & TCP_FIN != 0 {
-            e.flags |= if reply { ct_flag::RX_CLOSING } else { ct_flag::TX_CLOSING };
+            e.flags |= if reply {
+                ct_flag::RX_CLOSING
+            } else {
+                ct_flag::TX_CLOSING
+            };
         }
         let closing = e.flags & (ct_flag::RESET | ct_flag::TX_CLOSING | ct_flag::RX_CLOSING) != 0;
         if closing || e.flags & ct_flag::SEEN_REPLY == 0 {
@@ -397,7 +418,11 @@ fn lookup_identity(fam: u8, addr: &[u8; 16]) -> u32 {
     let bits = if fam == family::V4 { 32 } else { 128 };
     let key = Key::new(
         IPCACHE_FIXED_PREFIX_BITS + bits,
-        IpcacheKey { family: fam, pad: [0; 3], addr: *addr },
+        IpcacheKey {
+            family: fam,
+            pad: [0; 3],
+            addr: *addr,
+        },
     );
     match WEIR_IPCACHE.get(&key) {
         Some(v) => v.identity,
@@ -413,11 +438,23 @@ fn decide(endpoint_id: u32, remote: u32, dir: u8, protocol: u8, port: u16) -> Re
     let full = POLICY_FIXED_PREFIX_BITS + 24;
     let specific = Key::new(
         full,
-        PolicyKey { endpoint_id, identity: remote, direction: dir, protocol, dport_be: port.to_be() },
+        PolicyKey {
+            endpoint_id,
+            identity: remote,
+            direction: dir,
+            protocol,
+            dport_be: port.to_be(),
+        },
     );
     let any = Key::new(
         full,
-        PolicyKey { endpoint_id, identity: 0, direction: dir, protocol, dport_be: port.to_be() },
+        PolicyKey {
+            endpoint_id,
+            identity: 0,
+            direction: dir,
+            protocol,
+            dport_be: port.to_be(),
+        },
     );
     let a = WEIR_POLICY.get(&specific).copied();
     let b = WEIR_POLICY.get(&any).copied();
@@ -499,8 +536,8 @@ fn parse(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, u8> {
             return Err(drop_reason::INVALID_PACKET);
         }
         p.family = family::V6;
-        ctx.load_bytes(ETH_HLEN + 8, &mut p.saddr).map_err(|_| drop_reason::INVALID_PACKET)?;
-        ctx.load_bytes(ETH_HLEN + 24, &mut p.daddr).map_err(|_| drop_reason::INVALID_PACKET)?;
+        p.saddr = load(ctx, ETH_HLEN + 8)?;
+        p.daddr = load(ctx, ETH_HLEN + 24)?;
         let mut next = ip[6];
         let mut off = ETH_HLEN + 40;
         let mut done = false;
