@@ -1,6 +1,8 @@
 //! Shared test helpers: privilege checks, a private bpffs, hand-written MapStates.
 #![allow(dead_code)]
 
+pub mod lab;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
