@@ -332,19 +332,24 @@ impl Lab {
 
     /// Runs `f` on a thread that has entered the node namespace (for netlink/tc and ifindex).
     pub fn in_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.node);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let fd = std::fs::File::open(&path).expect("open netns");
-                // SAFETY: a valid namespace fd; only this thread changes namespace.
-                let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns");
-                f()
-            })
-            .join()
-            .expect("node thread")
-        })
+        in_netns(&self.node, f)
     }
+}
+
+/// Runs `f` on a thread that has entered the named network namespace.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let fd = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: a valid namespace fd; only this thread changes namespace.
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns");
+            f()
+        })
+        .join()
+        .expect("node thread")
+    })
 }
 
 impl Drop for Lab {

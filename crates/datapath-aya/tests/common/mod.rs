@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod lab;
+pub mod scenario;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
