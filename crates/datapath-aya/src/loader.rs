@@ -166,6 +166,14 @@ impl AyaDatapath {
             .map_err(|e| be("endpoint map insert", e))
     }
 
+    /// Forgets the endpoint recorded for `ifindex` (packets there pass unjudged).
+    pub fn unregister_ifindex(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        match self.endpoints.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(be("endpoint map remove", e)),
+        }
+    }
+
     /// Waits until events are available (needs a tokio runtime), then drains them.
     pub async fn next_events(&mut self) -> Result<Vec<DatapathEvent>, DatapathError> {
         if let Events::Plain(_) = self.events {

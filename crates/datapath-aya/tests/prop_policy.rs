@@ -35,10 +35,18 @@ fn arb_key() -> impl Strategy<Value = PolicyKey> {
         prop_oneof![Just(0u8), Just(8u8), Just(24u8), 9u8..=24],
     )
         .prop_map(|(id, egress, proto, port, plen)| {
-            let dir = if egress { Direction::Egress } else { Direction::Ingress };
+            let dir = if egress {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            };
             // Normalise: bits beyond the prefix are zero, as the compiler emits them.
             let v = (u32::from(proto) << 16) | u32::from(port);
-            let mask = if plen == 0 { 0 } else { (u32::MAX << (24 - u32::from(plen))) & 0xff_ffff };
+            let mask = if plen == 0 {
+                0
+            } else {
+                (u32::MAX << (24 - u32::from(plen))) & 0xff_ffff
+            };
             let m = v & mask;
             key(id, dir, (m >> 16) as u8, (m & 0xffff) as u16, plen)
         })
@@ -66,10 +74,12 @@ struct Probe {
 }
 
 fn arb_probe() -> impl Strategy<Value = Probe> {
-    (0..REMOTES.len(), prop::bool::ANY, prop::sample::select(PROTOS.to_vec()), prop_oneof![
-        prop::sample::select(PORTS.to_vec()),
-        any::<u16>()
-    ])
+    (
+        0..REMOTES.len(),
+        prop::bool::ANY,
+        prop::sample::select(PROTOS.to_vec()),
+        prop_oneof![prop::sample::select(PORTS.to_vec()), any::<u16>()],
+    )
         .prop_map(|(remote, egress, proto, port)| Probe {
             remote,
             egress,
@@ -87,51 +97,71 @@ fn kernel_matches_oracle() {
     let (_fs, mut dp) = load_for_test_run();
     for (addr, id) in REMOTES {
         if id != 2 {
-            dp.upsert_ipcache(format!("{addr}/32").parse().unwrap(), Identity(id)).unwrap();
+            dp.upsert_ipcache(format!("{addr}/32").parse().unwrap(), Identity(id))
+                .unwrap();
         }
     }
     let dp = RefCell::new(dp);
     let seq = Cell::new(1u16);
     let seen = RefCell::new(std::collections::BTreeMap::<String, usize>::new());
-    let mut runner = TestRunner::new(Config { cases: 96, failure_persistence: None, ..Config::default() });
+    let mut runner = TestRunner::new(Config {
+        cases: 96,
+        failure_persistence: None,
+        ..Config::default()
+    });
     runner
-        .run(&(arb_map(), prop::collection::vec(arb_probe(), 1..16)), |(m, probes)| {
-            let mut dp = dp.borrow_mut();
-            install(&mut dp, 1, &m);
-            for p in &probes {
-                let (addr, id) = REMOTES[p.remote];
-                let remote: IpAddr = addr.parse().unwrap();
-                let pod: IpAddr = "10.0.0.1".parse().unwrap();
-                // A fresh source port / echo id per packet keeps conntrack out of the way.
-                let s = seq.get().wrapping_add(1).max(1);
-                seq.set(s);
-                let (src, dst, hook, dir) = if p.egress {
-                    (pod, remote, HookDirection::FromPod, Direction::Egress)
-                } else {
-                    (remote, pod, HookDirection::ToPod, Direction::Ingress)
-                };
-                let spec = match p.proto {
-                    6 => PacketSpec::tcp(src, dst, s, p.port, 0x02),
-                    17 => PacketSpec::udp(src, dst, s, p.port),
-                    _ => PacketSpec::icmp(src, dst, p.port as u8, s),
-                };
-                let got = run(&dp, hook, &spec)?;
-                let flow = FlowKey { remote: Identity(id), direction: dir, protocol: p.proto, port: p.port };
-                let want = ORACLE(&m, &flow);
-                prop_assert_eq!(got, want, "map {:?} flow {:?}", m, flow);
-                let kind = match got {
-                    Verdict::Drop { reason } => format!("drop {reason}"),
-                    other => format!("{other:?}").split([' ', '{']).next().unwrap_or("").to_string(),
-                };
-                *seen.borrow_mut().entry(kind).or_default() += 1;
-            }
-            Ok(())
-        })
+        .run(
+            &(arb_map(), prop::collection::vec(arb_probe(), 1..16)),
+            |(m, probes)| {
+                let mut dp = dp.borrow_mut();
+                install(&mut dp, 1, &m);
+                for p in &probes {
+                    let (addr, id) = REMOTES[p.remote];
+                    let remote: IpAddr = addr.parse().unwrap();
+                    let pod: IpAddr = "10.0.0.1".parse().unwrap();
+                    // A fresh source port / echo id per packet keeps conntrack out of the way.
+                    let s = seq.get().wrapping_add(1).max(1);
+                    seq.set(s);
+                    let (src, dst, hook, dir) = if p.egress {
+                        (pod, remote, HookDirection::FromPod, Direction::Egress)
+                    } else {
+                        (remote, pod, HookDirection::ToPod, Direction::Ingress)
+                    };
+                    let spec = match p.proto {
+                        6 => PacketSpec::tcp(src, dst, s, p.port, 0x02),
+                        17 => PacketSpec::udp(src, dst, s, p.port),
+                        _ => PacketSpec::icmp(src, dst, p.port as u8, s),
+                    };
+                    let got = run(&dp, hook, &spec)?;
+                    let flow = FlowKey {
+                        remote: Identity(id),
+                        direction: dir,
+                        protocol: p.proto,
+                        port: p.port,
+                    };
+                    let want = ORACLE(&m, &flow);
+                    prop_assert_eq!(got, want, "map {:?} flow {:?}", m, flow);
+                    let kind = match got {
+                        Verdict::Drop { reason } => format!("drop {reason}"),
+                        other => format!("{other:?}")
+                            .split([' ', '{'])
+                            .next()
+                            .unwrap_or("")
+                            .to_string(),
+                    };
+                    *seen.borrow_mut().entry(kind).or_default() += 1;
+                }
+                Ok(())
+            },
+        )
         .unwrap();
     let seen = seen.into_inner();
     eprintln!("verdicts seen: {seen:?}");
     for k in ["Allow", "Redirect", "drop 133", "drop 181"] {
-        assert!(seen.get(k).copied().unwrap_or(0) > 0, "no {k} verdicts in {seen:?}");
+        assert!(
+            seen.get(k).copied().unwrap_or(0) > 0,
+            "no {k} verdicts in {seen:?}"
+        );
     }
 }
 

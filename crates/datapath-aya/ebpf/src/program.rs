@@ -137,12 +137,6 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
         }
     }
     let pkt = &s.pkt;
-    let remote = if dir == direction::EGRESS {
-        lookup_identity(pkt.family, &pkt.daddr)
-    } else {
-        lookup_identity(pkt.family, &pkt.saddr)
-    };
-    set_cb(ctx, 1, remote);
 
     if pkt.bypass {
         return pass(ctx, 0, ct_state::UNTRACKED_PASS);
@@ -159,6 +153,7 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
         if unsafe { WEIR_FRAGS.get(&s.frag) }.is_some() {
             return pass(ctx, 0, ct_state::FRAGMENT);
         }
+        let remote = remote_identity(ctx, pkt, dir);
         drop_packet(
             ctx,
             &ep,
@@ -201,7 +196,9 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
         }
     }
 
-    // New connection: policy.
+    // New connection: only now is the remote identity needed (established traffic skips the
+    // ipcache trie).
+    let remote = remote_identity(ctx, pkt, dir);
     match decide(ep.endpoint_id, remote, dir, pkt.protocol, pkt.policy_port) {
         Err(reason) => {
             if pkt.frag == 1 {
@@ -411,6 +408,17 @@ fn ct_update(e: &mut CtEntry, reply: bool, protocol: u8, tcp_flags: u8, len: u64
         ct_lifetime::OTHER
     };
     e.expires_ns = now + lifetime * NS_PER_SEC;
+}
+
+#[inline(always)]
+fn remote_identity(ctx: &mut TcContext, pkt: &Packet, dir: u8) -> u32 {
+    let remote = if dir == direction::EGRESS {
+        lookup_identity(pkt.family, &pkt.daddr)
+    } else {
+        lookup_identity(pkt.family, &pkt.saddr)
+    };
+    set_cb(ctx, 1, remote);
+    remote
 }
 
 #[inline(always)]
