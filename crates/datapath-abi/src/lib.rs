@@ -107,6 +107,10 @@ pub mod drop_reason {
     /// A non-first fragment whose first fragment was not seen or not allowed
     /// (`DROP_FRAG_NOT_FOUND`).
     pub const FRAG_NOT_FOUND: u8 = 175;
+    /// No proxy socket to redirect to (`DROP_PROXY_LOOKUP_FAILED`).
+    pub const PROXY_LOOKUP_FAILED: u8 = 178;
+    /// Assigning the packet to the proxy socket failed (`DROP_PROXY_SET_FAILED`).
+    pub const PROXY_ASSIGN_FAILED: u8 = 179;
     /// A deny entry matched (`DROP_POLICY_DENY`).
     pub const POLICY_DENY: u8 = 181;
 }

@@ -18,8 +18,12 @@
 //! * ICMP echo is tracked by identifier; other ICMP types (including errors) are judged by
 //!   policy on their type for every packet.
 //! * Redirect entries mark the packet (`skb->mark = 0x0200 | proxy_port << 16`, Cilium's
-//!   `MARK_MAGIC_TO_PROXY`) and record the proxy port in conntrack; steering the marked packets
-//!   to a local listener (policy routing / TPROXY) is not done yet.
+//!   `MARK_MAGIC_TO_PROXY`) and record the proxy port in conntrack. For TCP leaving a pod, the
+//!   SYN is also assigned (`bpf_sk_assign`) to the proxy's IP_TRANSPARENT listener on that port
+//!   in the node namespace; the node must route marked packets locally
+//!   (`ip rule add fwmark 0x200/0xf00 lookup 2004; ip route add local 0.0.0.0/0 dev lo table 2004`).
+//!   No listener: the SYN drops with 178 (fail closed). Redirects of traffic entering a pod
+//!   (tc egress, where `bpf_sk_assign` is unavailable) and of UDP are only marked for now.
 
 mod loader;
 pub mod packet;

@@ -8,8 +8,9 @@
 //! identity. BPF_PROG_TEST_RUN returns both in `ctx_out`.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    bindings::{BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple},
+    cty::c_void,
+    helpers::{bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::{classifier, map},
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::TcContext,
@@ -181,6 +182,10 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
                 ct_update(e, false, pkt.protocol, pkt.tcp_flags, len, now);
                 let proxy = e.proxy_port;
                 remember_fragment(pkt, &s.frag);
+                if let Err(reason) = steer_to_proxy(ctx, pkt, dir, proxy) {
+                    drop_packet(ctx, &ep, ifindex, dir, None, reason);
+                    return TC_ACT_SHOT;
+                }
                 return pass(ctx, proxy, ct_state::ESTABLISHED);
             }
         }
@@ -223,6 +228,10 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
                 let _ = WEIR_CT.insert(&s.ct, &entry, 0);
             }
             remember_fragment(pkt, &s.frag);
+            if let Err(reason) = steer_to_proxy(ctx, pkt, dir, proxy_port) {
+                drop_packet(ctx, &ep, ifindex, dir, Some((pkt, remote)), reason);
+                return TC_ACT_SHOT;
+            }
             let kind = if proxy_port != 0 {
                 event_kind::REDIRECT_NEW
             } else {
@@ -231,6 +240,80 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
             emit(&ep, ifindex, dir, Some((pkt, remote)), kind, 0, proxy_port);
             pass(ctx, proxy_port, ct_state::NEW)
         }
+    }
+}
+
+/// IPv4 part of `struct bpf_sock_tuple`.
+#[repr(C)]
+struct SockTuple4 {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: u16,
+    dport: u16,
+}
+
+/// IPv6 part of `struct bpf_sock_tuple`.
+#[repr(C)]
+struct SockTuple6 {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+}
+
+/// For a TCP SYN leaving a pod (tc ingress of its host veth), assigns the packet to the local
+/// proxy's listener on `proxy_port` (which must be IP_TRANSPARENT, so that it accepts the
+/// original destination). Later packets of the connection are only marked: the node routes
+/// packets marked `MARK_MAGIC_TO_PROXY` (0x200/0xf00) to a local table, and the stack's own
+/// socket lookup then finds the proxy's connection by its 4-tuple. (Assigning those to the
+/// listener would make it answer the handshake's last ACK with a RST.)
+#[inline(always)]
+fn steer_to_proxy(ctx: &mut TcContext, pkt: &Packet, dir: u8, proxy_port: u16) -> Result<(), u8> {
+    if proxy_port == 0
+        || dir != direction::EGRESS
+        || pkt.protocol != IPPROTO_TCP
+        || pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+    {
+        return Ok(());
+    }
+    let skb = ctx.skb.skb.cast::<c_void>();
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY: the tuples live on the stack for the duration of the calls and are sized as
+    // passed; the socket reference taken is released below.
+    let sk = unsafe {
+        if pkt.family == family::V4 {
+            let mut t = SockTuple4 {
+                saddr: [pkt.saddr[0], pkt.saddr[1], pkt.saddr[2], pkt.saddr[3]],
+                daddr: [pkt.daddr[0], pkt.daddr[1], pkt.daddr[2], pkt.daddr[3]],
+                sport: pkt.sport_be,
+                dport: proxy_port.to_be(),
+            };
+            let tp = (&mut t as *mut SockTuple4).cast::<bpf_sock_tuple>();
+            bpf_sk_lookup_tcp(skb, tp, core::mem::size_of::<SockTuple4>() as u32, netns, 0)
+        } else {
+            let mut t = SockTuple6 {
+                saddr: pkt.saddr,
+                daddr: pkt.daddr,
+                sport: pkt.sport_be,
+                dport: proxy_port.to_be(),
+            };
+            let tp = (&mut t as *mut SockTuple6).cast::<bpf_sock_tuple>();
+            bpf_sk_lookup_tcp(skb, tp, core::mem::size_of::<SockTuple6>() as u32, netns, 0)
+        }
+    };
+    if sk.is_null() {
+        return Err(drop_reason::PROXY_LOOKUP_FAILED);
+    }
+    // SAFETY: `sk` is a non-null socket reference from the lookup; released right after.
+    let ret = unsafe {
+        let r = bpf_sk_assign(skb, sk.cast::<c_void>(), 0);
+        bpf_sk_release(sk.cast::<c_void>());
+        r
+    };
+    if ret != 0 {
+        Err(drop_reason::PROXY_ASSIGN_FAILED)
+    } else {
+        Ok(())
     }
 }
 

@@ -110,6 +110,28 @@ while time.time() < end:
 sys.exit(1)
 "#;
 
+/// A transparent "proxy" listener in the node namespace: answers every connection with
+/// `proxy <original destination>`.
+const PROXY: &str = r#"
+import socket, sys, threading
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(64)
+print("up", flush=True)
+while True:
+    c, _ = s.accept()
+    a = c.getsockname()
+    c.recv(64); c.sendall(("proxy %s:%d" % a).encode()); c.close()
+"#;
+
+/// A client that prints what the server sends back.
+const ASK: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5)
+s.sendall(b"hello"); print(s.recv(64).decode(), flush=True)
+"#;
+
 /// A long-lived client: one connection; each stdin line is echoed through it.
 const PERSISTENT: &str = r#"
 import socket, sys
@@ -270,6 +292,76 @@ impl Lab {
         }
         assert_eq!(line.trim(), "up");
         self.children.push(c);
+    }
+
+    /// Starts the transparent proxy listener in the node namespace, with the policy routing
+    /// that delivers packets marked for the proxy (0x200/0xf00) locally.
+    pub fn start_proxy(&mut self, port: u16) {
+        let node = self.node.clone();
+        run(&[
+            "ip",
+            "-n",
+            &node,
+            "rule",
+            "add",
+            "fwmark",
+            "0x200/0xf00",
+            "lookup",
+            "2004",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &node,
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "2004",
+        ]);
+        let mut c = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node,
+                "python3",
+                "-c",
+                PROXY,
+                &port.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("proxy");
+        let mut line = String::new();
+        if let Some(out) = c.stdout.take() {
+            let _ = BufReader::new(out).read_line(&mut line);
+        }
+        assert_eq!(line.trim(), "up");
+        self.children.push(c);
+    }
+
+    /// Connects from `ns`, sends a line and returns what came back.
+    pub fn ask(&self, ns: &str, host: &str, port: u16) -> Option<String> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "python3",
+                "-c",
+                ASK,
+                host,
+                &port.to_string(),
+            ])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     /// Runs a one-shot client in `ns`; true if the echo came back.
