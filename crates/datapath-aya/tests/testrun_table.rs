@@ -286,9 +286,11 @@ fn conntrack_replies_and_established() {
     assert_eq!(ct.len(), 1, "{ct:?}");
     assert_eq!(ct[0].dport, 5432);
     assert!(ct[0].flags & weir_datapath_abi::ct_flag::SEEN_REPLY != 0);
+    // Fresh entries survive garbage collection.
+    let mut dp = dp;
+    assert_eq!(dp.gc_conntrack().unwrap(), 0);
     // ICMP echo: the reply of an allowed ping passes.
     let m2 = map(&[(key(0, Egress, 1, 8, 24), EntryAction::Allow)]);
-    let mut dp = dp;
     install(&mut dp, 1, &m2);
     let req = PacketSpec::icmp(ip(POD), ip(WORLD_ADDR), 8, 99);
     assert_eq!(
@@ -519,4 +521,25 @@ fn policy_dump_round_trips() {
         ipc.contains(&("10.0.1.0/24".parse().unwrap(), Identity(300))),
         "{ipc:?}"
     );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn events_as_async_stream() {
+    if skip("events_as_async_stream") {
+        return;
+    }
+    let m = map(&[]);
+    let (_fs, mut dp) = setup(&m);
+    dp.test_run(
+        HookDirection::ToPod,
+        &PacketSpec::tcp(ip(PEER), ip(POD), 1, 80, 0x02).build(),
+        1,
+    )
+    .unwrap();
+    let ev = tokio::time::timeout(std::time::Duration::from_secs(2), dp.next_events())
+        .await
+        .expect("events within 2 s")
+        .unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].drop_reason, 133);
 }
