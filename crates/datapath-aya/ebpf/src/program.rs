@@ -1,0 +1,734 @@
+//! The TC programs: parse, look up the remote identity, conntrack, policy, events.
+//!
+//! All packet reads go through `bpf_skb_load_bytes` (`TcContext::load`): it works on
+//! non-linear skbs and needs no verifier-visible bounds on variable header offsets. A read past
+//! the end of the packet is a truncated header and drops the packet (reason 134).
+//!
+//! Result for tests: `cb[0]` = drop reason | verdict << 8 | ct state << 16, `cb[1]` = remote
+//! identity. BPF_PROG_TEST_RUN returns both in `ctx_out`.
+
+use aya_ebpf::{
+    bindings::{BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple},
+    cty::c_void,
+    helpers::{bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release},
+    macros::{classifier, map},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::TcContext,
+};
+use weir_datapath_abi::{
+    CtEntry, CtKey, EndpointInfo, Event, FragKey, FragValue, IDENTITY_WORLD,
+    IPCACHE_FIXED_PREFIX_BITS, IpcacheKey, IpcacheValue, MARK_MAGIC_TO_PROXY,
+    POLICY_FIXED_PREFIX_BITS, PolicyKey, PolicyValue, action, capacity, counter, ct_flag,
+    ct_lifetime, direction, drop_reason, event_kind, family, verdict,
+};
+
+#[map]
+static WEIR_POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
+#[map]
+static WEIR_IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(capacity::IPCACHE, 0);
+#[map]
+static WEIR_ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
+#[map]
+static WEIR_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+#[map]
+static WEIR_FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity::FRAGS, 0);
+#[map]
+static WEIR_EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
+#[map]
+static WEIR_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(capacity::COUNTERS, 0);
+/// Per-CPU scratch space: the BPF stack (512 bytes) is too small for the parsed packet plus the
+/// conntrack and fragment keys. Not pinned: it carries nothing between packets.
+#[map]
+static WEIR_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+struct Scratch {
+    pkt: Packet,
+    ct: CtKey,
+    frag: FragKey,
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ARP: u16 = 0x0806;
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_SCTP: u8 = 132;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// IPv6 extension headers walked before the L4 header; more than this is dropped (156).
+const MAX_EXT_HEADERS: usize = 8;
+
+/// Conntrack state reported in `cb[0]` bits 16..24.
+mod ct_state {
+    pub const NEW: u32 = 0;
+    pub const ESTABLISHED: u32 = 1;
+    pub const REPLY: u32 = 2;
+    pub const FRAGMENT: u32 = 3;
+    pub const UNTRACKED_PASS: u32 = 4;
+}
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+#[classifier]
+pub fn weir_from_pod(mut ctx: TcContext) -> i32 {
+    handle(&mut ctx, direction::EGRESS)
+}
+
+#[classifier]
+pub fn weir_to_pod(mut ctx: TcContext) -> i32 {
+    handle(&mut ctx, direction::INGRESS)
+}
+
+/// What the parser learned about a packet.
+#[repr(C)]
+struct Packet {
+    family: u8,
+    protocol: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    /// Conntrack ports, network order.
+    sport_be: u16,
+    dport_be: u16,
+    /// Port used for the policy lookup (ICMP: type), host order.
+    policy_port: u16,
+    tcp_flags: u8,
+    /// Conntrack applies (TCP, UDP, SCTP, ICMP echo, other protocols).
+    trackable: bool,
+    /// Passes without policy (IPv6 neighbour discovery).
+    bypass: bool,
+    /// 0 = not fragmented, 1 = first fragment of several, 2 = a later fragment.
+    frag: u8,
+    frag_id: u32,
+}
+
+enum Parsed {
+    /// Not IP (ARP): passes untouched.
+    NotIp,
+    Ip,
+}
+
+#[inline(always)]
+fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
+    // SAFETY: ctx.skb.skb is the valid context pointer the kernel passed in.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the value is copied out at once; userspace updates whole entries only.
+    let Some(ep) = (unsafe { WEIR_ENDPOINTS.get(&ifindex) }).copied() else {
+        return TC_ACT_OK;
+    };
+    let Some(scratch) = WEIR_SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: per-CPU scratch, and a TC program runs to completion on its CPU.
+    let s = unsafe { &mut *scratch };
+    match parse(ctx, &mut s.pkt) {
+        Ok(Parsed::NotIp) => return TC_ACT_OK,
+        Ok(Parsed::Ip) => {}
+        Err(reason) => {
+            drop_packet(ctx, &ep, ifindex, dir, None, reason);
+            return TC_ACT_SHOT;
+        }
+    }
+    let pkt = &s.pkt;
+
+    if pkt.bypass {
+        return pass(ctx, 0, ct_state::UNTRACKED_PASS);
+    }
+    s.frag.saddr = pkt.saddr;
+    s.frag.daddr = pkt.daddr;
+    s.frag.id = pkt.frag_id;
+    s.frag.protocol = pkt.protocol;
+    s.frag.family = pkt.family;
+    s.frag.pad = [0; 2];
+    if pkt.frag == 2 {
+        // A later fragment passes only if its first fragment passed.
+        // SAFETY: only tested for presence.
+        if unsafe { WEIR_FRAGS.get(&s.frag) }.is_some() {
+            return pass(ctx, 0, ct_state::FRAGMENT);
+        }
+        let remote = remote_identity(ctx, pkt, dir);
+        drop_packet(
+            ctx,
+            &ep,
+            ifindex,
+            dir,
+            Some((pkt, remote)),
+            drop_reason::FRAG_NOT_FOUND,
+        );
+        return TC_ACT_SHOT;
+    }
+
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let len = u64::from(ctx.len());
+    if pkt.trackable {
+        set_ct_key(&mut s.ct, pkt, dir, false);
+        if let Some(e) = WEIR_CT.get_ptr_mut(&s.ct) {
+            // SAFETY: a valid map value pointer; races only make counters approximate.
+            let e = unsafe { &mut *e };
+            let syn_only =
+                pkt.protocol == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            let closing =
+                e.flags & (ct_flag::RESET | ct_flag::TX_CLOSING | ct_flag::RX_CLOSING) != 0;
+            if e.expires_ns > now && !(syn_only && closing) {
+                ct_update(e, false, pkt.protocol, pkt.tcp_flags, len, now);
+                let proxy = e.proxy_port;
+                remember_fragment(pkt, &s.frag);
+                if let Err(reason) = steer_to_proxy(ctx, pkt, dir, proxy) {
+                    drop_packet(ctx, &ep, ifindex, dir, None, reason);
+                    return TC_ACT_SHOT;
+                }
+                return pass(ctx, proxy, ct_state::ESTABLISHED);
+            }
+        }
+        set_ct_key(&mut s.ct, pkt, dir, true);
+        if let Some(e) = WEIR_CT.get_ptr_mut(&s.ct) {
+            // SAFETY: as above.
+            let e = unsafe { &mut *e };
+            if e.expires_ns > now {
+                ct_update(e, true, pkt.protocol, pkt.tcp_flags, len, now);
+                remember_fragment(pkt, &s.frag);
+                return pass(ctx, 0, ct_state::REPLY);
+            }
+        }
+    }
+
+    // New connection: only now is the remote identity needed (established traffic skips the
+    // ipcache trie).
+    let remote = remote_identity(ctx, pkt, dir);
+    match decide(ep.endpoint_id, remote, dir, pkt.protocol, pkt.policy_port) {
+        Err(reason) => {
+            if pkt.frag == 1 {
+                let _ = WEIR_FRAGS.remove(&s.frag);
+            }
+            drop_packet(ctx, &ep, ifindex, dir, Some((pkt, remote)), reason);
+            TC_ACT_SHOT
+        }
+        Ok(proxy_port) => {
+            if pkt.trackable {
+                let mut entry = CtEntry {
+                    expires_ns: 0,
+                    packets: 0,
+                    bytes: 0,
+                    flags: 0,
+                    proxy_port,
+                    pad: [0; 4],
+                };
+                ct_update(&mut entry, false, pkt.protocol, pkt.tcp_flags, len, now);
+                set_ct_key(&mut s.ct, pkt, dir, false);
+                // A full LRU map evicts; an insert error leaves the flow untracked but allowed.
+                let _ = WEIR_CT.insert(&s.ct, &entry, 0);
+            }
+            remember_fragment(pkt, &s.frag);
+            if let Err(reason) = steer_to_proxy(ctx, pkt, dir, proxy_port) {
+                drop_packet(ctx, &ep, ifindex, dir, Some((pkt, remote)), reason);
+                return TC_ACT_SHOT;
+            }
+            let kind = if proxy_port != 0 {
+                event_kind::REDIRECT_NEW
+            } else {
+                event_kind::ALLOW_NEW
+            };
+            emit(&ep, ifindex, dir, Some((pkt, remote)), kind, 0, proxy_port);
+            pass(ctx, proxy_port, ct_state::NEW)
+        }
+    }
+}
+
+/// IPv4 part of `struct bpf_sock_tuple`.
+#[repr(C)]
+struct SockTuple4 {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: u16,
+    dport: u16,
+}
+
+/// IPv6 part of `struct bpf_sock_tuple`.
+#[repr(C)]
+struct SockTuple6 {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+}
+
+/// For a TCP SYN leaving a pod (tc ingress of its host veth), assigns the packet to the local
+/// proxy's listener on `proxy_port` (which must be IP_TRANSPARENT, so that it accepts the
+/// original destination). Later packets of the connection are only marked: the node routes
+/// packets marked `MARK_MAGIC_TO_PROXY` (0x200/0xf00) to a local table, and the stack's own
+/// socket lookup then finds the proxy's connection by its 4-tuple. (Assigning those to the
+/// listener would make it answer the handshake's last ACK with a RST.)
+#[inline(always)]
+fn steer_to_proxy(ctx: &mut TcContext, pkt: &Packet, dir: u8, proxy_port: u16) -> Result<(), u8> {
+    if proxy_port == 0
+        || dir != direction::EGRESS
+        || pkt.protocol != IPPROTO_TCP
+        || pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+    {
+        return Ok(());
+    }
+    let skb = ctx.skb.skb.cast::<c_void>();
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY: the tuples live on the stack for the duration of the calls and are sized as
+    // passed; the socket reference taken is released below.
+    let sk = unsafe {
+        if pkt.family == family::V4 {
+            let mut t = SockTuple4 {
+                saddr: [pkt.saddr[0], pkt.saddr[1], pkt.saddr[2], pkt.saddr[3]],
+                daddr: [pkt.daddr[0], pkt.daddr[1], pkt.daddr[2], pkt.daddr[3]],
+                sport: pkt.sport_be,
+                dport: proxy_port.to_be(),
+            };
+            let tp = (&mut t as *mut SockTuple4).cast::<bpf_sock_tuple>();
+            bpf_sk_lookup_tcp(skb, tp, core::mem::size_of::<SockTuple4>() as u32, netns, 0)
+        } else {
+            let mut t = SockTuple6 {
+                saddr: pkt.saddr,
+                daddr: pkt.daddr,
+                sport: pkt.sport_be,
+                dport: proxy_port.to_be(),
+            };
+            let tp = (&mut t as *mut SockTuple6).cast::<bpf_sock_tuple>();
+            bpf_sk_lookup_tcp(skb, tp, core::mem::size_of::<SockTuple6>() as u32, netns, 0)
+        }
+    };
+    if sk.is_null() {
+        return Err(drop_reason::PROXY_LOOKUP_FAILED);
+    }
+    // SAFETY: `sk` is a non-null socket reference from the lookup; released right after.
+    let ret = unsafe {
+        let r = bpf_sk_assign(skb, sk.cast::<c_void>(), 0);
+        bpf_sk_release(sk.cast::<c_void>());
+        r
+    };
+    if ret != 0 {
+        Err(drop_reason::PROXY_ASSIGN_FAILED)
+    } else {
+        Ok(())
+    }
+}
+
+/// Writes the conntrack key of `pkt` as seen by the hook (`reverse` = the key the opposite
+/// hook created for the other direction of the flow).
+#[inline(always)]
+fn set_ct_key(k: &mut CtKey, pkt: &Packet, dir: u8, reverse: bool) {
+    if reverse {
+        k.saddr = pkt.daddr;
+        k.daddr = pkt.saddr;
+        k.sport_be = pkt.dport_be;
+        k.dport_be = pkt.sport_be;
+        k.direction = dir ^ 1;
+    } else {
+        k.saddr = pkt.saddr;
+        k.daddr = pkt.daddr;
+        k.sport_be = pkt.sport_be;
+        k.dport_be = pkt.dport_be;
+        k.direction = dir;
+    }
+    k.protocol = pkt.protocol;
+    k.family = pkt.family;
+    k.pad = 0;
+}
+
+#[inline(always)]
+fn remember_fragment(pkt: &Packet, fkey: &FragKey) {
+    if pkt.frag == 1 {
+        let v = FragValue {
+            sport_be: pkt.sport_be,
+            dport_be: pkt.dport_be,
+        };
+        let _ = WEIR_FRAGS.insert(fkey, &v, 0);
+    }
+}
+
+#[inline(always)]
+fn set_cb(ctx: &mut TcContext, idx: usize, v: u32) {
+    if let Some(slot) = ctx.cb_mut().get_mut(idx) {
+        *slot = v;
+    }
+}
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(p) = WEIR_COUNTERS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, no concurrent writer.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn pass(ctx: &mut TcContext, proxy_port: u16, state: u32) -> i32 {
+    let v = if proxy_port != 0 {
+        ctx.set_mark(MARK_MAGIC_TO_PROXY | (u32::from(proxy_port) << 16));
+        count(counter::REDIRECTED);
+        verdict::REDIRECTED
+    } else {
+        count(counter::FORWARDED);
+        verdict::FORWARDED
+    };
+    set_cb(ctx, 0, (u32::from(v) << 8) | (state << 16));
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn drop_packet(
+    ctx: &mut TcContext,
+    ep: &EndpointInfo,
+    ifindex: u32,
+    dir: u8,
+    pkt: Option<(&Packet, u32)>,
+    reason: u8,
+) {
+    count(u32::from(reason));
+    set_cb(
+        ctx,
+        0,
+        u32::from(reason) | (u32::from(verdict::DROPPED) << 8),
+    );
+    emit(ep, ifindex, dir, pkt, event_kind::DROP, reason, 0);
+}
+
+/// Writes an event straight into the ring buffer (building it on the stack would not fit).
+#[inline(always)]
+fn emit(
+    ep: &EndpointInfo,
+    ifindex: u32,
+    dir: u8,
+    pkt: Option<(&Packet, u32)>,
+    kind: u8,
+    reason: u8,
+    proxy_port: u16,
+) {
+    let Some(mut entry) = WEIR_EVENTS.reserve::<Event>(0) else {
+        count(counter::EVENTS_LOST);
+        return;
+    };
+    let p = entry.as_mut_ptr();
+    // SAFETY: `p` points at a reserved, writable record of `size_of::<Event>()` bytes; every
+    // field is written before submit.
+    unsafe {
+        (*p).timestamp_ns = bpf_ktime_get_ns();
+        (*p).kind = kind;
+        (*p).verdict = match kind {
+            event_kind::DROP => verdict::DROPPED,
+            event_kind::REDIRECT_NEW => verdict::REDIRECTED,
+            _ => verdict::FORWARDED,
+        };
+        (*p).drop_reason = reason;
+        (*p).direction = dir;
+        (*p).pad = 0;
+        (*p).endpoint_id = ep.endpoint_id;
+        (*p).ifindex = ifindex;
+        (*p).proxy_port = proxy_port;
+        (*p).pad2 = [0; 2];
+        match pkt {
+            Some((pk, remote)) => {
+                (*p).family = pk.family;
+                (*p).protocol = pk.protocol;
+                (*p).tcp_flags = pk.tcp_flags;
+                (*p).sport = u16::from_be(pk.sport_be);
+                (*p).dport = pk.policy_port;
+                (*p).saddr = pk.saddr;
+                (*p).daddr = pk.daddr;
+                if dir == direction::EGRESS {
+                    (*p).src_identity = ep.identity;
+                    (*p).dst_identity = remote;
+                } else {
+                    (*p).src_identity = remote;
+                    (*p).dst_identity = ep.identity;
+                }
+            }
+            None => {
+                (*p).family = 0;
+                (*p).protocol = 0;
+                (*p).tcp_flags = 0;
+                (*p).sport = 0;
+                (*p).dport = 0;
+                (*p).saddr = [0; 16];
+                (*p).daddr = [0; 16];
+                (*p).src_identity = 0;
+                (*p).dst_identity = 0;
+            }
+        }
+    }
+    entry.submit(0);
+}
+
+#[inline(always)]
+fn ct_update(e: &mut CtEntry, reply: bool, protocol: u8, tcp_flags: u8, len: u64, now: u64) {
+    e.packets += 1;
+    e.bytes += len;
+    if reply {
+        e.flags |= ct_flag::SEEN_REPLY;
+    }
+    let lifetime = if protocol == IPPROTO_TCP {
+        if tcp_flags & TCP_RST != 0 {
+            e.flags |= ct_flag::RESET;
+        }
+        if tcp_flags & TCP_FIN != 0 {
+            e.flags |= if reply {
+                ct_flag::RX_CLOSING
+            } else {
+                ct_flag::TX_CLOSING
+            };
+        }
+        let closing = e.flags & (ct_flag::RESET | ct_flag::TX_CLOSING | ct_flag::RX_CLOSING) != 0;
+        if closing || e.flags & ct_flag::SEEN_REPLY == 0 {
+            ct_lifetime::TCP_SYN_OR_CLOSING
+        } else {
+            ct_lifetime::TCP_ESTABLISHED
+        }
+    } else {
+        ct_lifetime::OTHER
+    };
+    e.expires_ns = now + lifetime * NS_PER_SEC;
+}
+
+#[inline(always)]
+fn remote_identity(ctx: &mut TcContext, pkt: &Packet, dir: u8) -> u32 {
+    let remote = if dir == direction::EGRESS {
+        lookup_identity(pkt.family, &pkt.daddr)
+    } else {
+        lookup_identity(pkt.family, &pkt.saddr)
+    };
+    set_cb(ctx, 1, remote);
+    remote
+}
+
+#[inline(always)]
+fn lookup_identity(fam: u8, addr: &[u8; 16]) -> u32 {
+    let bits = if fam == family::V4 { 32 } else { 128 };
+    let key = Key::new(
+        IPCACHE_FIXED_PREFIX_BITS + bits,
+        IpcacheKey {
+            family: fam,
+            pad: [0; 3],
+            addr: *addr,
+        },
+    );
+    match WEIR_IPCACHE.get(&key) {
+        Some(v) => v.identity,
+        None => IDENTITY_WORLD,
+    }
+}
+
+/// The two-lookup rule: identity-specific and ANY, deny first, then redirect (higher priority),
+/// then the longer protocol/port prefix, ties to the identity-specific entry.
+/// Returns the proxy port (0 = plain allow) or the drop reason.
+#[inline(always)]
+fn decide(endpoint_id: u32, remote: u32, dir: u8, protocol: u8, port: u16) -> Result<u16, u8> {
+    let full = POLICY_FIXED_PREFIX_BITS + 24;
+    let specific = Key::new(
+        full,
+        PolicyKey {
+            endpoint_id,
+            identity: remote,
+            direction: dir,
+            protocol,
+            dport_be: port.to_be(),
+        },
+    );
+    let any = Key::new(
+        full,
+        PolicyKey {
+            endpoint_id,
+            identity: 0,
+            direction: dir,
+            protocol,
+            dport_be: port.to_be(),
+        },
+    );
+    let a = WEIR_POLICY.get(&specific).copied();
+    let b = WEIR_POLICY.get(&any).copied();
+    let chosen = match (a, b) {
+        (None, None) => return Err(drop_reason::POLICY_DENIED),
+        (Some(a), None) => a,
+        (None, Some(b)) => b,
+        (Some(a), Some(b)) => {
+            if a.action == action::DENY || b.action == action::DENY {
+                return Err(drop_reason::POLICY_DENY);
+            }
+            let ar = a.action == action::REDIRECT;
+            let br = b.action == action::REDIRECT;
+            if ar && !br {
+                a
+            } else if br && !ar {
+                b
+            } else if ar && br && a.priority != b.priority {
+                if a.priority > b.priority { a } else { b }
+            } else if b.prefix_len > a.prefix_len {
+                b
+            } else {
+                a
+            }
+        }
+    };
+    match chosen.action {
+        action::ALLOW => Ok(0),
+        action::REDIRECT => Ok(u16::from_be(chosen.proxy_port_be)),
+        _ => Err(drop_reason::POLICY_DENY),
+    }
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, off: usize) -> Result<T, u8> {
+    ctx.load::<T>(off).map_err(|_| drop_reason::INVALID_PACKET)
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, u8> {
+    let ethertype: [u8; 2] = load(ctx, 12)?;
+    let proto = u16::from_be_bytes(ethertype);
+    p.family = 0;
+    p.protocol = 0;
+    p.saddr = [0; 16];
+    p.daddr = [0; 16];
+    p.sport_be = 0;
+    p.dport_be = 0;
+    p.policy_port = 0;
+    p.tcp_flags = 0;
+    p.trackable = true;
+    p.bypass = false;
+    p.frag = 0;
+    p.frag_id = 0;
+    let l4: usize;
+    if proto == ETH_P_IP {
+        let ip: [u8; 20] = load(ctx, ETH_HLEN)?;
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        if ip[0] >> 4 != 4 || ihl < 20 {
+            return Err(drop_reason::INVALID_PACKET);
+        }
+        p.family = family::V4;
+        p.protocol = ip[9];
+        p.saddr[..4].copy_from_slice(&ip[12..16]);
+        p.daddr[..4].copy_from_slice(&ip[16..20]);
+        let frag = u16::from_be_bytes([ip[6], ip[7]]);
+        let offset = frag & 0x1fff;
+        let more = frag & 0x2000 != 0;
+        p.frag_id = u32::from(u16::from_be_bytes([ip[4], ip[5]]));
+        if offset != 0 {
+            p.frag = 2;
+        } else if more {
+            p.frag = 1;
+        }
+        l4 = ETH_HLEN + ihl;
+    } else if proto == ETH_P_IPV6 {
+        let ip: [u8; 8] = load(ctx, ETH_HLEN)?;
+        if ip[0] >> 4 != 6 {
+            return Err(drop_reason::INVALID_PACKET);
+        }
+        p.family = family::V6;
+        p.saddr = load(ctx, ETH_HLEN + 8)?;
+        p.daddr = load(ctx, ETH_HLEN + 24)?;
+        let mut next = ip[6];
+        let mut off = ETH_HLEN + 40;
+        let mut done = false;
+        for _ in 0..MAX_EXT_HEADERS {
+            match next {
+                // Hop-by-hop, routing, destination options: length in 8-octet units, minus one.
+                0 | 43 | 60 => {
+                    let h: [u8; 2] = load(ctx, off)?;
+                    next = h[0];
+                    off += (usize::from(h[1]) + 1) * 8;
+                }
+                // Authentication header: length in 4-octet units, minus two.
+                51 => {
+                    let h: [u8; 2] = load(ctx, off)?;
+                    next = h[0];
+                    off += (usize::from(h[1]) + 2) * 4;
+                }
+                // Fragment header.
+                44 => {
+                    let h: [u8; 8] = load(ctx, off)?;
+                    next = h[0];
+                    let fo = u16::from_be_bytes([h[2], h[3]]);
+                    p.frag_id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+                    if fo >> 3 != 0 {
+                        p.frag = 2;
+                    } else if fo & 1 != 0 {
+                        p.frag = 1;
+                    }
+                    off += 8;
+                }
+                _ => {
+                    done = true;
+                    break;
+                }
+            }
+        }
+        if !done {
+            return Err(drop_reason::INVALID_EXTHDR);
+        }
+        p.protocol = next;
+        l4 = off;
+    } else if proto == ETH_P_ARP {
+        return Ok(Parsed::NotIp);
+    } else {
+        return Err(drop_reason::UNSUPPORTED_L3);
+    }
+
+    if p.frag == 2 {
+        // No L4 header in a later fragment.
+        return Ok(Parsed::Ip);
+    }
+    match p.protocol {
+        IPPROTO_TCP => {
+            let h: [u8; 20] = load(ctx, l4)?;
+            if h[12] >> 4 < 5 {
+                return Err(drop_reason::INVALID_PACKET);
+            }
+            p.sport_be = u16::from_ne_bytes([h[0], h[1]]);
+            p.dport_be = u16::from_ne_bytes([h[2], h[3]]);
+            p.policy_port = u16::from_be_bytes([h[2], h[3]]);
+            p.tcp_flags = h[13];
+        }
+        IPPROTO_UDP | IPPROTO_SCTP => {
+            let h: [u8; 8] = load(ctx, l4)?;
+            if p.protocol == IPPROTO_SCTP {
+                // SCTP's common header is 12 bytes.
+                let _: [u8; 12] = load(ctx, l4)?;
+            }
+            p.sport_be = u16::from_ne_bytes([h[0], h[1]]);
+            p.dport_be = u16::from_ne_bytes([h[2], h[3]]);
+            p.policy_port = u16::from_be_bytes([h[2], h[3]]);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let h: [u8; 8] = load(ctx, l4)?;
+            let ty = h[0];
+            p.policy_port = u16::from(ty);
+            let id = u16::from_ne_bytes([h[4], h[5]]);
+            let v6 = p.protocol == IPPROTO_ICMPV6;
+            let (request, reply) = if v6 { (128, 129) } else { (8, 0) };
+            if ty == request {
+                p.sport_be = id;
+            } else if ty == reply {
+                p.dport_be = id;
+            } else {
+                // Other ICMP types are judged by policy on their type, packet by packet.
+                p.trackable = false;
+            }
+            // IPv6 neighbour discovery (RS, RA, NS, NA, redirect) is link plumbing, always allowed.
+            if v6 && (133..=137).contains(&ty) {
+                p.bypass = true;
+            }
+        }
+        _ => {}
+    }
+    Ok(Parsed::Ip)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects programs that could reach this; nothing here panics at run time.
+    unsafe { core::hint::unreachable_unchecked() }
+}

@@ -1,0 +1,37 @@
+//! Weir's kernel datapath on aya. The TC programs (Rust, in `ebpf/`) run on each endpoint's
+//! host-side veth: `weir_from_pod` on tc ingress (packets leaving the pod, egress policy,
+//! remote = destination) and `weir_to_pod` on tc egress (packets entering the pod, ingress
+//! policy, remote = source). They look the remote address up in the ipcache (unknown = world),
+//! pass established and reply packets through conntrack, apply the two-lookup policy rule to
+//! new connections, and report drops and new connections on a ring buffer.
+//!
+//! [`AyaDatapath`] loads the object once, pins maps and programs under a caller-given bpffs
+//! directory, and attaches per endpoint with clsact + netlink filters that outlive the process;
+//! a new process calling [`AyaDatapath::load`] with the same directory takes the maps over.
+//!
+//! Choices worth knowing:
+//! * Later IP fragments pass only if their first fragment passed (tracked by source,
+//!   destination, protocol and IP id); otherwise they drop with 175.
+//! * Truncated or malformed IPv4/IPv6/L4 headers drop with 134, more than 8 IPv6 extension
+//!   headers with 156, Ethernet types other than IPv4/IPv6/ARP with 139. ARP passes.
+//! * ICMPv6 neighbour discovery (types 133–137) passes without policy, as in Cilium.
+//! * ICMP echo is tracked by identifier; other ICMP types (including errors) are judged by
+//!   policy on their type for every packet.
+//! * Redirect entries mark the packet (`skb->mark = 0x0200 | proxy_port << 16`, Cilium's
+//!   `MARK_MAGIC_TO_PROXY`) and record the proxy port in conntrack. For TCP leaving a pod, the
+//!   SYN is also assigned (`bpf_sk_assign`) to the proxy's IP_TRANSPARENT listener on that port
+//!   in the node namespace; the node must route marked packets locally
+//!   (`ip rule add fwmark 0x200/0xf00 lookup 2004; ip route add local 0.0.0.0/0 dev lo table 2004`).
+//!   No listener: the SYN drops with 178 (fail closed). Redirects of traffic entering a pod
+//!   (tc egress, where `bpf_sk_assign` is unavailable) and of UDP are only marked for now.
+
+mod loader;
+pub mod packet;
+mod testrun;
+
+pub use loader::{AyaDatapath, LoadError};
+pub use testrun::{CtState, HookDirection, TestRunOutcome};
+
+/// The compiled eBPF object, built by `build.rs`.
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-datapath-ebpf"));

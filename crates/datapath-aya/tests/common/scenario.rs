@@ -1,0 +1,72 @@
+//! The two-pod scenario shared by the real-traffic and restart tests.
+
+use weir_datapath::{Datapath, EndpointAttachment, EndpointId};
+use weir_datapath_aya::AyaDatapath;
+use weir_identity::Identity;
+use weir_policy_compiler::{EntryAction, MapState};
+use weir_policy_model::Direction::{Egress, Ingress};
+
+use super::lab::{self, Lab};
+use super::{install, key, map};
+
+pub const ID_A: u32 = 1001;
+pub const ID_B: u32 = 1002;
+
+pub fn ep_a() -> EndpointAttachment {
+    EndpointAttachment {
+        ifname: "lxca".into(),
+        endpoint_id: EndpointId(1),
+        identity: Identity(ID_A),
+    }
+}
+
+pub fn ep_b() -> EndpointAttachment {
+    EndpointAttachment {
+        ifname: "lxcb".into(),
+        endpoint_id: EndpointId(2),
+        identity: Identity(ID_B),
+    }
+}
+
+pub fn policy_b(with_8080: bool, with_9090: bool) -> MapState {
+    let mut v = vec![
+        (key(ID_A, Ingress, 17, 5353, 24), EntryAction::Allow),
+        (key(ID_A, Ingress, 1, 8, 24), EntryAction::Allow),
+    ];
+    if with_8080 {
+        v.push((key(ID_A, Ingress, 6, 8080, 24), EntryAction::Allow));
+    }
+    if with_9090 {
+        v.push((key(ID_A, Ingress, 6, 9090, 24), EntryAction::Allow));
+    }
+    map(&v)
+}
+
+pub fn setup(dp: &mut AyaDatapath, lab: &Lab) {
+    setup_maps(dp);
+    lab.in_node(|| {
+        dp.attach_endpoint(&ep_a()).unwrap();
+        dp.attach_endpoint(&ep_b()).unwrap();
+    });
+}
+
+/// ipcache and policy of the scenario, without attaching.
+pub fn setup_maps(dp: &mut AyaDatapath) {
+    for (net, id) in [
+        (lab::A4, ID_A),
+        (lab::B4, ID_B),
+        (lab::A6, ID_A),
+        (lab::B6, ID_B),
+    ] {
+        let bits = if net.contains(':') { 128 } else { 32 };
+        dp.upsert_ipcache(format!("{net}/{bits}").parse().unwrap(), Identity(id))
+            .unwrap();
+    }
+    // A may send anything; nothing may enter A (replies must come through conntrack).
+    install(
+        dp,
+        1,
+        &map(&[(key(0, Egress, 0, 0, 0), EntryAction::Allow)]),
+    );
+    install(dp, 2, &policy_b(true, false));
+}

@@ -1,0 +1,242 @@
+//! Translation between compiler/domain types and the kernel ABI (`weir-datapath-abi`).
+//! Shared by every kernel backend so that they key maps identically.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use weir_datapath_abi as abi;
+use weir_identity::Identity;
+use weir_policy_compiler::{EntryAction, PolicyKey};
+use weir_policy_model::Direction;
+
+use crate::{CtRecord, DatapathError, DatapathEvent, EndpointId, EventKind};
+
+/// ABI direction byte.
+pub fn direction_to_abi(d: Direction) -> u8 {
+    match d {
+        Direction::Ingress => abi::direction::INGRESS,
+        Direction::Egress => abi::direction::EGRESS,
+    }
+}
+
+/// Direction from the ABI byte (anything but EGRESS reads as ingress).
+pub fn direction_from_abi(d: u8) -> Direction {
+    if d == abi::direction::EGRESS {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    }
+}
+
+/// The LPM prefix length and key data of a policy entry of `endpoint`.
+pub fn policy_key(
+    endpoint: EndpointId,
+    key: &PolicyKey,
+) -> Result<(u32, abi::PolicyKey), DatapathError> {
+    if key.prefix_len > 24 {
+        return Err(DatapathError::InvalidKey(format!(
+            "prefix_len {} > 24",
+            key.prefix_len
+        )));
+    }
+    // Zero the bits beyond the prefix, as the trie would ignore them anyway.
+    let value = (u32::from(key.protocol) << 16) | u32::from(key.port);
+    let mask = if key.prefix_len == 0 {
+        0
+    } else {
+        u32::MAX << (24 - u32::from(key.prefix_len))
+    };
+    let masked = value & mask & 0x00ff_ffff;
+    let data = abi::PolicyKey {
+        endpoint_id: endpoint.0,
+        identity: key.identity.get(),
+        direction: direction_to_abi(key.direction),
+        protocol: (masked >> 16) as u8,
+        dport_be: ((masked & 0xffff) as u16).to_be(),
+    };
+    Ok((
+        abi::POLICY_FIXED_PREFIX_BITS + u32::from(key.prefix_len),
+        data,
+    ))
+}
+
+/// Decodes a policy trie key back into the endpoint and compiler key.
+pub fn policy_key_from_abi(prefix: u32, data: &abi::PolicyKey) -> (EndpointId, PolicyKey) {
+    let prefix_len = prefix.saturating_sub(abi::POLICY_FIXED_PREFIX_BITS).min(24) as u8;
+    (
+        EndpointId(data.endpoint_id),
+        PolicyKey {
+            identity: Identity(data.identity),
+            direction: direction_from_abi(data.direction),
+            protocol: data.protocol,
+            port: u16::from_be(data.dport_be),
+            prefix_len,
+        },
+    )
+}
+
+/// The ABI value of an entry with `prefix_len` specified bits.
+pub fn policy_value(action: &EntryAction, prefix_len: u8, cookie: u32) -> abi::PolicyValue {
+    let (a, proxy_port, priority) = match *action {
+        EntryAction::Allow => (abi::action::ALLOW, 0, 0),
+        EntryAction::Deny => (abi::action::DENY, 0, 0),
+        EntryAction::Redirect {
+            proxy_port,
+            priority,
+        } => (abi::action::REDIRECT, proxy_port, priority),
+    };
+    abi::PolicyValue {
+        action: a,
+        priority,
+        proxy_port_be: proxy_port.to_be(),
+        prefix_len,
+        pad: [0; 3],
+        cookie,
+    }
+}
+
+/// Decodes an ABI value (an unknown action reads as deny: never widen access).
+pub fn policy_action_from_abi(v: &abi::PolicyValue) -> EntryAction {
+    match v.action {
+        abi::action::ALLOW => EntryAction::Allow,
+        abi::action::REDIRECT => EntryAction::Redirect {
+            proxy_port: u16::from_be(v.proxy_port_be),
+            priority: v.priority,
+        },
+        _ => EntryAction::Deny,
+    }
+}
+
+/// The LPM prefix length and key data of an ipcache prefix.
+pub fn ipcache_key(prefix: &IpNet) -> (u32, abi::IpcacheKey) {
+    let mut addr = [0u8; 16];
+    let family = match prefix {
+        IpNet::V4(n) => {
+            addr[..4].copy_from_slice(&n.network().octets());
+            abi::family::V4
+        }
+        IpNet::V6(n) => {
+            addr = n.network().octets();
+            abi::family::V6
+        }
+    };
+    (
+        abi::IPCACHE_FIXED_PREFIX_BITS + u32::from(prefix.prefix_len()),
+        abi::IpcacheKey {
+            family,
+            pad: [0; 3],
+            addr,
+        },
+    )
+}
+
+/// Decodes an ipcache trie key.
+pub fn ipcache_key_from_abi(prefix: u32, key: &abi::IpcacheKey) -> Option<IpNet> {
+    let bits = prefix.checked_sub(abi::IPCACHE_FIXED_PREFIX_BITS)?;
+    let bits = u8::try_from(bits).ok()?;
+    let addr = addr_from_abi(key.family, &key.addr)?;
+    match addr {
+        IpAddr::V4(a) => Ipv4Net::new(a, bits).ok().map(IpNet::V4),
+        IpAddr::V6(a) => Ipv6Net::new(a, bits).ok().map(IpNet::V6),
+    }
+}
+
+/// An address from its ABI family and bytes.
+pub fn addr_from_abi(family: u8, addr: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        abi::family::V4 => Some(IpAddr::V4(Ipv4Addr::new(
+            addr[0], addr[1], addr[2], addr[3],
+        ))),
+        abi::family::V6 => Some(IpAddr::V6(Ipv6Addr::from(*addr))),
+        _ => None,
+    }
+}
+
+/// Decodes an event record.
+pub fn event_from_abi(e: &abi::Event) -> DatapathEvent {
+    DatapathEvent {
+        timestamp_ns: e.timestamp_ns,
+        kind: match e.kind {
+            abi::event_kind::DROP => EventKind::Drop,
+            abi::event_kind::ALLOW_NEW => EventKind::AllowNew,
+            abi::event_kind::REDIRECT_NEW => EventKind::RedirectNew,
+            k => EventKind::Unknown(k),
+        },
+        drop_reason: e.drop_reason,
+        direction: direction_from_abi(e.direction),
+        protocol: e.protocol,
+        src: addr_from_abi(e.family, &e.saddr),
+        dst: addr_from_abi(e.family, &e.daddr),
+        sport: e.sport,
+        dport: e.dport,
+        tcp_flags: e.tcp_flags,
+        src_identity: Identity(e.src_identity),
+        dst_identity: Identity(e.dst_identity),
+        endpoint_id: EndpointId(e.endpoint_id),
+        ifindex: e.ifindex,
+        proxy_port: e.proxy_port,
+    }
+}
+
+/// Decodes a conntrack entry (None for a corrupt family).
+pub fn ct_from_abi(k: &abi::CtKey, v: &abi::CtEntry) -> Option<CtRecord> {
+    Some(CtRecord {
+        src: addr_from_abi(k.family, &k.saddr)?,
+        dst: addr_from_abi(k.family, &k.daddr)?,
+        sport: u16::from_be(k.sport_be),
+        dport: u16::from_be(k.dport_be),
+        protocol: k.protocol,
+        direction: direction_from_abi(k.direction),
+        expires_ns: v.expires_ns,
+        packets: v.packets,
+        bytes: v.bytes,
+        flags: v.flags,
+        proxy_port: v.proxy_port,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_key_round_trips_and_masks() {
+        let k = PolicyKey {
+            identity: Identity(300),
+            direction: Direction::Egress,
+            protocol: 6,
+            port: 8080,
+            prefix_len: 24,
+        };
+        let (p, d) = policy_key(EndpointId(7), &k).unwrap();
+        assert_eq!(p, 96);
+        assert_eq!(d.dport_be.to_ne_bytes(), 8080u16.to_be_bytes());
+        assert_eq!(policy_key_from_abi(p, &d), (EndpointId(7), k));
+        let wide = PolicyKey {
+            prefix_len: 8,
+            port: 0,
+            ..k
+        };
+        let (p, d) = policy_key(EndpointId(7), &wide).unwrap();
+        assert_eq!((p, d.protocol, d.dport_be), (80, 6, 0));
+        assert!(
+            policy_key(
+                EndpointId(7),
+                &PolicyKey {
+                    prefix_len: 25,
+                    ..k
+                }
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn ipcache_key_round_trips() {
+        for s in ["10.1.2.0/24", "0.0.0.0/0", "fd00::/64", "fd00::1/128"] {
+            let n: IpNet = s.parse().unwrap();
+            let (p, k) = ipcache_key(&n);
+            assert_eq!(ipcache_key_from_abi(p, &k), Some(n));
+        }
+    }
+}
