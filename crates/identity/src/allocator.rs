@@ -289,6 +289,36 @@ impl InMemoryAllocator {
         self.by_id.is_empty()
     }
 
+    /// Restores an identity a previous run allocated (from the agent's state directory), so
+    /// the numbers already in the kernel's maps keep their meaning across restarts. The entry
+    /// starts with no references: the first [`IdentityAllocator::allocate`] of the same labels
+    /// takes it. Fails if the number is outside its scope or taken by other labels.
+    pub fn restore(&mut self, identity: Identity, labels: LabelSet) -> Result<(), AllocError> {
+        if reserved_identity_for(&labels).is_some() || labels.is_empty() {
+            return Ok(());
+        }
+        if let Some(existing) = self.by_labels.get(&labels) {
+            return if *existing == identity { Ok(()) } else { Err(AllocError::Unknown(identity)) };
+        }
+        if self.by_id.contains_key(&identity) {
+            return Err(AllocError::Unknown(identity));
+        }
+        let range = self.range_mut(Scope::of(&labels));
+        let n = identity.get();
+        if n < range.min || n > range.max {
+            return Err(AllocError::Unknown(identity));
+        }
+        let off = n - range.min;
+        if !range.is_set(off) {
+            range.set(off, true);
+            range.in_use += 1;
+        }
+        let labels = Arc::new(labels);
+        self.by_labels.insert(labels.clone(), identity);
+        self.by_id.insert(identity, Entry { labels, refs: 0 });
+        Ok(())
+    }
+
     /// The reference count of an allocated identity (0 if not allocated or reserved).
     pub fn refs(&self, identity: Identity) -> u64 {
         self.by_id.get(&identity).map_or(0, |e| e.refs)
@@ -395,6 +425,22 @@ impl IdentityAllocator for InMemoryAllocator {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn restore_keeps_numbers_across_restarts() {
+        let mut a = InMemoryAllocator::new();
+        let web: LabelSet = [Label::k8s("app", "web")].into_iter().collect();
+        a.restore(Identity(4242), web.clone()).unwrap();
+        let got = a.allocate(&web).unwrap();
+        assert_eq!(got.identity, Identity(4242));
+        // The restored number is taken: new label sets get other numbers.
+        let db: LabelSet = [Label::k8s("app", "db")].into_iter().collect();
+        assert_ne!(a.allocate(&db).unwrap().identity, Identity(4242));
+        // Restoring the same number for other labels is refused.
+        assert!(a.restore(Identity(4242), db).is_err());
+        assert_eq!(a.release(Identity(4242)).unwrap(), true);
+    }
+
     use super::*;
     use crate::sources::cidr_labels;
 
