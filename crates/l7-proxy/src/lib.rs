@@ -43,7 +43,7 @@ mod service;
 pub use config::ProxyConfig;
 pub use context::{
     ConnectionContext, IdentityResolver, NatDestination, OriginalDestination, StaticDestination,
-    StaticIdentities, TransparentDestination,
+    StaticIdentities, TransparentDestination, transparent_listener,
 };
 pub use policy::{Decision, DenyReason, EndpointId, HeaderAction, PolicySnapshot, PolicyStore};
 pub use proxy::L7Proxy;

@@ -27,6 +27,7 @@ async fn seed_api_l7_policy_on_one_keep_alive_connection() {
     ];
     for (r, want) in cases {
         let what = format!("{} {}", r.method(), r.uri());
+        c.ready().await.expect("client connection ready");
         let resp = c.send_request(r).await.expect(&what);
         let len = resp.headers().get("content-length").cloned();
         let (status, body) = read(resp).await;
@@ -301,13 +302,18 @@ spec:
 async fn policy_swap_applies_to_open_connections() {
     let h = start(snapshot(API_L7_POLICY), ProxyConfig::default()).await;
     let mut c = h1_client(h.proxy_addr).await;
-    let send = |c: &mut hyper::client::conn::http1::SendRequest<_>, tokens: &[&str]| {
+    async fn send(
+        c: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+        tokens: &[&str],
+    ) -> hyper::Result<http::Response<hyper::body::Incoming>> {
         let mut r = get("/api/products");
         for t in tokens {
             r.headers_mut().append("x-token", t.parse().unwrap());
         }
-        c.send_request(r)
-    };
+        // The client connection turns idle a moment after the previous body ends.
+        c.ready().await?;
+        c.send_request(r).await
+    }
     assert_eq!(read(send(&mut c, &[]).await.unwrap()).await.0, 200);
 
     h.store.publish(snapshot(HEADER_POLICY));
@@ -339,6 +345,7 @@ async fn fails_closed_without_policy() {
     // A policy for the endpoint, but on another port: still denied.
     let other_port = API_L7_POLICY.replace("'8080'", "'9090'");
     h.store.publish(snapshot(&other_port));
+    c.ready().await.unwrap();
     let (status, _) = read(c.send_request(get("/api/products")).await.unwrap()).await;
     assert_eq!(status, 403);
 }
@@ -390,4 +397,39 @@ async fn header_limits() {
             "{name}: {text}"
         );
     }
+}
+
+/// An allowed upgrade becomes a byte tunnel to the upstream; a denied one gets 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_pass_when_allowed() {
+    let h = start(snapshot(API_L7_POLICY), ProxyConfig::default()).await;
+    let mut s = TcpStream::connect(h.proxy_addr).await.unwrap();
+    s.write_all(b"GET /admin HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+
+    let mut s = TcpStream::connect(h.proxy_addr).await.unwrap();
+    s.write_all(
+        b"GET /api/products HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.ends_with("\r\n\r\n"), "{text}");
+    s.write_all(b"ping over the tunnel").await.unwrap();
+    let mut got = vec![0u8; 20];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"ping over the tunnel");
 }

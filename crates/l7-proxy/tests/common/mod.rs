@@ -195,7 +195,24 @@ type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// The upstream: counts the request body, and answers `<method> <path> <bytes>`, plus the
 /// request's `x-token` values in `x-saw-token`. gRPC paths get a gRPC answer with trailers.
-async fn upstream_service(req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
+async fn upstream_service(mut req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
+    if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+        // Switch to a byte echo.
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+        *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        resp.headers_mut()
+            .insert("upgrade", "echo".parse().unwrap());
+        return Ok(resp);
+    }
     let method = req.method().clone();
     let path = req
         .uri()
