@@ -13,7 +13,7 @@
 //!   port the snapshot has no rules for, gets `403` on every request; a connection whose
 //!   original destination cannot be found is closed.
 //! - Denials: `403` with body `Access denied\r\n`, connection kept; gRPC calls get
-//!   `PERMISSION_DENIED` (see [`respond`](crate#grpc) below).
+//!   `PERMISSION_DENIED` (see [gRPC](#grpc) below).
 //! - Every request produces an [`L7Record`] for a [`FlowSink`].
 //!
 //! # gRPC
@@ -27,8 +27,7 @@
 //! # Paths
 //!
 //! Paths are matched as sent (no percent-decoding, no `..` folding), like Envoy without path
-//! normalisation; see the matching notes in the service module's docs, repeated here: a rule
-//! for `/api/products` does not admit `/api/%70roducts`, and `/api/users/[0-9]+` does not admit
+//! normalisation: a rule for `/api/products` does not admit `/api/%70roducts`, and `/api/users/[0-9]+` does not admit
 //! `/api/users/42/../../admin`.
 
 mod config;

@@ -375,4 +375,53 @@ mod tests {
                 .is_none()
         );
     }
+
+    /// Identities to which the same contributions apply share one compiled matcher.
+    #[test]
+    fn matchers_are_shared_between_identities() {
+        use weir_identity::{LabelFilter, pod_identity_labels};
+        use weir_policy_compiler::{Compiler, CompilerConfig, EndpointInfo, NamedPorts};
+        let yaml = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p, namespace: ns}\nspec:\n  endpointSelector: {matchLabels: {app: srv}}\n  ingress:\n  - toPorts:\n    - ports: [{port: '80', protocol: TCP}]\n      rules: {http: [{method: GET}]}\n";
+        let filter = LabelFilter::default();
+        let labels = |app: &str| {
+            pod_identity_labels(
+                "ns",
+                [("app", app)],
+                [("k", "v")],
+                "default",
+                "default",
+                &filter,
+            )
+        };
+        let mut c = Compiler::new(CompilerConfig::default());
+        c.upsert_identity(Identity(1000), labels("srv"), NamedPorts::new());
+        let policies = weir_policy_model::parse_policies("t.yaml", yaml);
+        assert!(policies.is_ok(), "{policies:?}");
+        for p in policies.unwrap_or_default() {
+            c.upsert_policy(p);
+        }
+        let ep = EndpointInfo {
+            identity: Identity(1000),
+            labels: labels("srv"),
+            named_ports: NamedPorts::new(),
+        };
+        let entry = EndpointEntry::new(Arc::new(c.compile(&ep).l7));
+        let a = entry.verdict(Direction::Ingress, Identity(2000), 80);
+        let b = entry.verdict(Direction::Ingress, Identity(3000), 80);
+        assert!(Arc::ptr_eq(&a, &b));
+        let get = HttpRequestView {
+            method: "GET",
+            path: "/x",
+            host: None,
+            headers: &[],
+        };
+        assert!(a.decide(&get).is_allowed());
+        assert!(
+            !a.decide(&HttpRequestView {
+                method: "PUT",
+                ..get
+            })
+            .is_allowed()
+        );
+    }
 }
