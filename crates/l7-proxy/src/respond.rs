@@ -1,0 +1,120 @@
+//! Responses the proxy makes itself: denials and upstream failures.
+//!
+//! # gRPC
+//!
+//! A gRPC client only understands gRPC statuses, and HTTP errors other than a few are turned
+//! into `UNKNOWN` or `INTERNAL` by client libraries. So for a gRPC request (`content-type:
+//! application/grpc*`) the proxy answers in gRPC's *trailers-only* form: HTTP `200`,
+//! `content-type: application/grpc`, `grpc-status` and `grpc-message` in the one header block,
+//! which ends the stream. The status is the one gRPC's own HTTP-to-gRPC mapping (and Envoy's,
+//! which Cilium uses) gives the plain-HTTP answer: `403` → `7 PERMISSION_DENIED` for a policy
+//! denial, `503` → `14 UNAVAILABLE` when the upstream cannot be reached. A real client then
+//! reports `PermissionDenied: Access denied`.
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+/// The body of every response the proxy sends: the upstream's, streamed, or its own.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// The body of a denial, as Cilium's Envoy sends it.
+pub const ACCESS_DENIED_BODY: &str = "Access denied\r\n";
+/// gRPC `PERMISSION_DENIED`.
+pub const GRPC_PERMISSION_DENIED: u32 = 7;
+/// gRPC `UNAVAILABLE`.
+pub const GRPC_UNAVAILABLE: u32 = 14;
+
+/// Whether a request is a gRPC call.
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A response the proxy makes: (response, gRPC status if any).
+pub(crate) fn local_reply(
+    status: StatusCode,
+    body: &'static str,
+    grpc: Option<(u32, &'static str)>,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    match grpc {
+        Some((code, message)) => {
+            let h = resp.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.insert("grpc-status", HeaderValue::from(code));
+            h.insert("grpc-message", HeaderValue::from_static(message));
+        }
+        None => {
+            *resp.status_mut() = status;
+            *resp.body_mut() = Either::Right(Full::new(Bytes::from_static(body.as_bytes())));
+            let h = resp.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            h.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+    }
+    resp
+}
+
+/// The answer to a denied request.
+pub(crate) fn access_denied(grpc: bool) -> Response<ProxyBody> {
+    local_reply(
+        StatusCode::FORBIDDEN,
+        ACCESS_DENIED_BODY,
+        grpc.then_some((GRPC_PERMISSION_DENIED, "Access denied")),
+    )
+}
+
+/// The answer when the upstream cannot be reached or fails before its response head.
+pub(crate) fn upstream_unavailable(grpc: bool) -> Response<ProxyBody> {
+    local_reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream connect error\r\n",
+        grpc.then_some((GRPC_UNAVAILABLE, "upstream connect error")),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn denial_forms() {
+        let r = access_denied(false);
+        assert_eq!(r.status(), 403);
+        assert_eq!(r.headers()[CONTENT_LENGTH], "15");
+        let body = match r.into_body() {
+            Either::Right(b) => b,
+            Either::Left(_) => panic!("local reply"),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().build();
+        let bytes = rt
+            .ok()
+            .and_then(|rt| rt.block_on(body.collect()).ok())
+            .map(|c| c.to_bytes());
+        assert_eq!(bytes.as_deref(), Some(ACCESS_DENIED_BODY.as_bytes()));
+
+        let g = access_denied(true);
+        assert_eq!(g.status(), 200);
+        assert_eq!(g.headers()["grpc-status"], "7");
+        assert_eq!(g.headers()["grpc-message"], "Access denied");
+        assert!(http_body::Body::is_end_stream(g.body()), "trailers-only");
+    }
+
+    #[test]
+    fn grpc_detection() {
+        let mut h = HeaderMap::new();
+        assert!(!is_grpc(&h));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(is_grpc(&h));
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        assert!(!is_grpc(&h));
+    }
+}
