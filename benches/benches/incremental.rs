@@ -1,0 +1,88 @@
+//! Incremental latency: one new identity reaching one endpoint's map (allocate, add to the
+//! compiler, `update_identity`, diff ready), measured one update at a time so that p50 and p99
+//! come out. Same-run baseline: a full compile of the same endpoint.
+//!
+//! Prints `FIGURE <name> <value>` lines for `bench/control-plane.sh`.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use weir_benches::{loaded_compiler, median, namespaces, percentile};
+use weir_identity::{IdentityAllocator, LabelFilter, pod_identity_labels};
+use weir_policy_compiler::NamedPorts;
+
+const SEED: u64 = 0x5EED;
+
+fn run(rules: usize, identities: usize, samples: usize) {
+    let tag = format!("{}k_x_{}k", rules / 1000, identities / 1000);
+    let Ok((mut compiler, mut cluster)) = loaded_compiler(rules, identities, SEED) else {
+        eprintln!("fixture failed to parse");
+        return;
+    };
+    let ep = cluster.endpoint.clone();
+    let mut policy = compiler.compile(&ep);
+
+    // Baseline: full compiles of the same endpoint, in this run.
+    let mut full: Vec<f64> = (0..7)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(compiler.compile(&ep));
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    let full_us = median(&mut full);
+
+    let n_ns = namespaces(identities);
+    let mut lat_us = Vec::with_capacity(samples);
+    let mut touched = 0usize;
+    for k in 0..samples {
+        let labels = pod_identity_labels(
+            &format!("ns{}", k % n_ns),
+            [
+                ("app", format!("app{}", k % 20)),
+                ("tier", "backend".to_string()),
+                ("team", format!("team{}", k % 5)),
+                ("version", format!("new{k}")),
+            ],
+            [("kubernetes.io/metadata.name", format!("ns{}", k % n_ns))],
+            "default",
+            weir_benches::CLUSTER,
+            &LabelFilter::default(),
+        );
+        let t = Instant::now();
+        let Ok(a) = cluster.allocator.allocate(&labels) else {
+            continue;
+        };
+        compiler.upsert_identity(a.identity, labels, NamedPorts::new());
+        let diff = compiler.update_identity(&ep, &mut policy, a.identity);
+        lat_us.push(t.elapsed().as_secs_f64() * 1e6);
+        touched += usize::from(!diff.is_empty());
+        black_box(diff);
+        // Undo, untimed, so every sample sees the same cluster.
+        compiler.remove_identity(a.identity);
+        black_box(compiler.update_identity(&ep, &mut policy, a.identity));
+        let _ = cluster.allocator.release(a.identity);
+    }
+    lat_us.sort_by(f64::total_cmp);
+    let p50 = percentile(&lat_us, 50.0);
+    let p99 = percentile(&lat_us, 99.0);
+    println!(
+        "{tag}: {} map entries, {} updates ({} changed the map); full compile median {full_us:.0} µs",
+        policy.map_state.len(),
+        lat_us.len(),
+        touched
+    );
+    println!("FIGURE new_identity_p50_us_{tag} {p50:.1}");
+    println!("FIGURE new_identity_p99_us_{tag} {p99:.1}");
+    println!("FIGURE full_compile_median_us_{tag} {full_us:.1}");
+    println!(
+        "FIGURE new_identity_p99_over_full_compile_{tag} {:.5}",
+        p99 / full_us
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; this harness takes no options.
+    run(3000, 1000, 2000);
+    run(10_000, 10_000, 1000);
+}
