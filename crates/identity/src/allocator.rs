@@ -298,7 +298,11 @@ impl InMemoryAllocator {
             return Ok(());
         }
         if let Some(existing) = self.by_labels.get(&labels) {
-            return if *existing == identity { Ok(()) } else { Err(AllocError::Unknown(identity)) };
+            return if *existing == identity {
+                Ok(())
+            } else {
+                Err(AllocError::Unknown(identity))
+            };
         }
         if self.by_id.contains_key(&identity) {
             return Err(AllocError::Unknown(identity));
@@ -438,7 +442,7 @@ mod tests {
         assert_ne!(a.allocate(&db).unwrap().identity, Identity(4242));
         // Restoring the same number for other labels is refused.
         assert!(a.restore(Identity(4242), db).is_err());
-        assert_eq!(a.release(Identity(4242)).unwrap(), true);
+        assert!(a.release(Identity(4242)).unwrap());
     }
 
     use super::*;
