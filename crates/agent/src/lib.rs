@@ -1,0 +1,8 @@
+//! The reference Weir agent, as a library: the [`Manager`](manager::Manager) that keeps
+//! endpoints, identities, policies and a [`Datapath`](weir_datapath::Datapath) consistent, the
+//! [`DirectorySource`](policy_source::DirectorySource) policy watcher, and the gRPC services.
+//! The `weir-agent` binary composes them with the datapath backend chosen at build time.
+
+pub mod api;
+pub mod manager;
+pub mod policy_source;

@@ -1,0 +1,660 @@
+//! The endpoint manager: endpoints, identities, policies and the datapath, kept consistent.
+//!
+//! Every change (an endpoint created or deleted, a policy file changed) ends with the kernel maps
+//! updated through [`Datapath`]: the compiler produces [`MapStateDiff`]s and the manager applies
+//! them, upserts before removals. An endpoint is attached only once its policy is in the maps,
+//! so its first packet already sees its policy.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+use weir_datapath::{Datapath, DatapathError, EndpointAttachment, EndpointId};
+use weir_identity::Identity;
+use weir_identity::{
+    IdentityAllocator, InMemoryAllocator, Label, LabelFilter, LabelSet, cidr_labels,
+    pod_identity_labels,
+};
+use weir_policy_compiler::{
+    Compiler, CompilerConfig, EndpointInfo, EndpointPolicy, MapState, MapStateDiff, NamedPorts,
+    proto,
+};
+use weir_policy_model::{ParseErrors, Peer, Peers, Policy, PolicyName};
+
+/// What the CNI plugin tells the agent about a new pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointSpec {
+    /// The container runtime's id.
+    pub container_id: String,
+    /// Path of the pod's network namespace.
+    pub netns_path: String,
+    /// Interface name inside the pod.
+    pub ifname: String,
+    /// Host-side veth name (in the agent's network namespace).
+    pub host_ifname: String,
+    /// The pod's addresses.
+    pub addresses: Vec<IpAddr>,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod_name: String,
+    /// Pod labels.
+    pub labels: BTreeMap<String, String>,
+    /// Named container ports: name → (IP protocol, port).
+    pub named_ports: BTreeMap<String, (u8, u16)>,
+}
+
+/// Where an endpoint is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndpointState {
+    /// Its policy is in the kernel and its interface is attached.
+    Ready,
+    /// Being set up.
+    WaitingForPolicy,
+}
+
+/// An endpoint the agent manages.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Its id on this node.
+    pub id: EndpointId,
+    /// What the CNI plugin said.
+    pub spec: EndpointSpec,
+    /// Its security identity.
+    pub identity: Identity,
+    /// Its identity labels.
+    pub labels: LabelSet,
+    /// Its compiled policy (what is in the kernel).
+    pub policy: EndpointPolicy,
+    /// Its state.
+    pub state: EndpointState,
+}
+
+impl Endpoint {
+    fn info(&self) -> EndpointInfo {
+        EndpointInfo {
+            identity: self.identity,
+            labels: self.labels.clone(),
+            named_ports: self.spec.named_ports.clone(),
+        }
+    }
+}
+
+/// Manager settings.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Cluster name (for the `cluster` entity and identity labels).
+    pub cluster_name: String,
+    /// Labels of each Kubernetes namespace (for namespace selectors).
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Where state is persisted (`None`: nothing persisted).
+    pub state_dir: Option<PathBuf>,
+    /// Compiler settings (proxy ports, enforcement mode).
+    pub compiler: CompilerConfig,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            cluster_name: "default".into(),
+            namespace_labels: BTreeMap::new(),
+            state_dir: None,
+            compiler: CompilerConfig::default(),
+        }
+    }
+}
+
+/// Manager failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    /// The datapath refused an operation.
+    #[error("datapath: {0}")]
+    Datapath(#[from] DatapathError),
+    /// Identity allocation failed.
+    #[error("identity allocation: {0}")]
+    Identity(String),
+    /// Reading or writing the state directory failed.
+    #[error("state {path}: {message}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// No more endpoint ids.
+    #[error("no free endpoint id")]
+    NoEndpointId,
+}
+
+/// What the last load of one policy file gave.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyFile {
+    /// The policies it holds now (the last good version).
+    pub policies: Vec<PolicyName>,
+    /// The error of the last attempt, if it was rejected.
+    pub error: Option<String>,
+}
+
+/// Persistent state: enough to rebuild after a restart with the same numbers in the maps.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SavedState {
+    endpoints: Vec<(u32, EndpointSpec)>,
+    identities: Vec<(u32, Vec<String>)>,
+}
+
+/// Keeps endpoints, identities, policies and the datapath consistent.
+pub struct Manager<D: Datapath> {
+    config: ManagerConfig,
+    datapath: D,
+    allocator: InMemoryAllocator,
+    compiler: Compiler,
+    filter: LabelFilter,
+    endpoints: BTreeMap<EndpointId, Endpoint>,
+    by_container: BTreeMap<String, EndpointId>,
+    /// Named ports per identity, over all endpoints that have it.
+    identity_ports: BTreeMap<Identity, BTreeMap<EndpointId, NamedPorts>>,
+    /// CIDR identities for the prefixes the policies name.
+    cidrs: BTreeMap<IpNet, Identity>,
+    files: BTreeMap<PathBuf, PolicyFile>,
+}
+
+impl<D: Datapath> Manager<D> {
+    /// A manager driving `datapath`. Restores the identity numbers saved in the state directory
+    /// (so that the numbers already in the kernel keep their meaning); load the policies, then
+    /// call [`Manager::restore_endpoints`].
+    pub fn new(config: ManagerConfig, datapath: D) -> Result<Self, ManagerError> {
+        let compiler = Compiler::new(config.compiler.clone());
+        let mut m = Manager {
+            config,
+            datapath,
+            allocator: InMemoryAllocator::new(),
+            compiler,
+            filter: LabelFilter::default(),
+            endpoints: BTreeMap::new(),
+            by_container: BTreeMap::new(),
+            identity_ports: BTreeMap::new(),
+            cidrs: BTreeMap::new(),
+            files: BTreeMap::new(),
+        };
+        m.restore_identities()?;
+        Ok(m)
+    }
+
+    /// The datapath.
+    pub fn datapath(&self) -> &D {
+        &self.datapath
+    }
+
+    /// The datapath, mutably (for event reading and GC).
+    pub fn datapath_mut(&mut self) -> &mut D {
+        &mut self.datapath
+    }
+
+    /// The compiler (identities and policy repository).
+    pub fn compiler(&self) -> &Compiler {
+        &self.compiler
+    }
+
+    /// The endpoints.
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.values()
+    }
+
+    /// One endpoint by id.
+    pub fn endpoint(&self, id: EndpointId) -> Option<&Endpoint> {
+        self.endpoints.get(&id)
+    }
+
+    /// One endpoint by container id.
+    pub fn endpoint_by_container(&self, container_id: &str) -> Option<&Endpoint> {
+        self.by_container
+            .get(container_id)
+            .and_then(|id| self.endpoints.get(id))
+    }
+
+    /// Policy files and their last load.
+    pub fn policy_files(&self) -> &BTreeMap<PathBuf, PolicyFile> {
+        &self.files
+    }
+
+    /// Every allocated identity with its labels (reserved ones first).
+    pub fn identities(&self) -> Vec<(Identity, LabelSet)> {
+        self.allocator
+            .identities()
+            .map(|(i, l)| (i, l.clone()))
+            .collect()
+    }
+
+    /// The manager's settings.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
+    fn free_endpoint_id(&self) -> Result<EndpointId, ManagerError> {
+        // Ids are small and reused, as Cilium's are; 0 is never used.
+        (1..u32::from(u16::MAX))
+            .map(EndpointId)
+            .find(|id| !self.endpoints.contains_key(id))
+            .ok_or(ManagerError::NoEndpointId)
+    }
+
+    fn identity_labels(&self, spec: &EndpointSpec) -> LabelSet {
+        let ns_labels = self
+            .config
+            .namespace_labels
+            .get(&spec.namespace)
+            .cloned()
+            .unwrap_or_default();
+        let service_account = spec
+            .labels
+            .get("io.cilium.k8s.policy.serviceaccount")
+            .cloned()
+            .unwrap_or_default();
+        pod_identity_labels(
+            &spec.namespace,
+            spec.labels
+                .iter()
+                .filter(|(k, _)| k.as_str() != "io.cilium.k8s.policy.serviceaccount"),
+            &ns_labels,
+            &service_account,
+            &self.config.cluster_name,
+            &self.filter,
+        )
+    }
+
+    /// Creates an endpoint (idempotent per container id): allocates its identity, installs its
+    /// policy, maps its addresses in the ipcache, and only then attaches its interface.
+    pub fn create_endpoint(&mut self, spec: EndpointSpec) -> Result<&Endpoint, ManagerError> {
+        if let Some(id) = self.by_container.get(&spec.container_id).copied() {
+            if self.endpoints.get(&id).is_some_and(|e| e.spec == spec) {
+                return self.endpoints.get(&id).ok_or(ManagerError::NoEndpointId);
+            }
+            self.delete_endpoint(&spec.container_id)?;
+        }
+        let id = self.free_endpoint_id()?;
+        self.install_endpoint(id, spec)?;
+        self.save()?;
+        self.endpoints.get(&id).ok_or(ManagerError::NoEndpointId)
+    }
+
+    fn install_endpoint(&mut self, id: EndpointId, spec: EndpointSpec) -> Result<(), ManagerError> {
+        let labels = self.identity_labels(&spec);
+        let alloc = self
+            .allocator
+            .allocate(&labels)
+            .map_err(|e| ManagerError::Identity(e.to_string()))?;
+        let identity = alloc.identity;
+        self.identity_ports
+            .entry(identity)
+            .or_default()
+            .insert(id, spec.named_ports.clone());
+        self.publish_identity(identity, &labels)?;
+        let mut ep = Endpoint {
+            id,
+            spec,
+            identity,
+            labels,
+            policy: EndpointPolicy::default(),
+            state: EndpointState::WaitingForPolicy,
+        };
+        let compiled = self.compiler.compile(&ep.info());
+        let diff = self.reconcile_diff(id, &compiled.map_state);
+        self.datapath.apply_policy_diff(id, &diff)?;
+        ep.policy = compiled;
+        for ip in &ep.spec.addresses {
+            self.datapath.upsert_ipcache(IpNet::from(*ip), identity)?;
+        }
+        self.datapath.attach_endpoint(&EndpointAttachment {
+            ifname: ep.spec.host_ifname.clone(),
+            endpoint_id: id,
+            identity,
+        })?;
+        ep.state = EndpointState::Ready;
+        info!(endpoint = id.0, %identity, pod = %format!("{}/{}", ep.spec.namespace, ep.spec.pod_name), "endpoint ready");
+        self.by_container.insert(ep.spec.container_id.clone(), id);
+        self.endpoints.insert(id, ep);
+        Ok(())
+    }
+
+    /// The diff from what the kernel holds for an endpoint now to `desired` (after a restart
+    /// the kernel may already hold entries; they are kept where they are right).
+    fn reconcile_diff(&self, id: EndpointId, desired: &MapState) -> MapStateDiff {
+        let current = self.datapath.dump_policy(id).unwrap_or_default();
+        let mut diff = MapStateDiff::default();
+        for (k, e) in desired.iter() {
+            if current.get(k) != Some(&e.action) {
+                diff.upserts.push((*k, e.clone()));
+            }
+        }
+        for k in current.keys() {
+            if desired.get(k).is_none() {
+                diff.removals.push(*k);
+            }
+        }
+        diff
+    }
+
+    /// Tells the compiler about an identity (new, or with changed named ports) and brings every
+    /// endpoint's map up to date for it.
+    fn publish_identity(
+        &mut self,
+        identity: Identity,
+        labels: &LabelSet,
+    ) -> Result<(), ManagerError> {
+        let ports: NamedPorts = self
+            .identity_ports
+            .get(&identity)
+            .map(|m| {
+                m.values()
+                    .flat_map(|p| p.iter().map(|(k, v)| (k.clone(), *v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let known = self
+            .compiler
+            .identities()
+            .get(identity)
+            .is_some_and(|i| &i.labels == labels && i.named_ports == ports);
+        if known {
+            return Ok(());
+        }
+        self.compiler
+            .upsert_identity(identity, labels.clone(), ports);
+        self.update_all_for_identity(identity)
+    }
+
+    fn update_all_for_identity(&mut self, identity: Identity) -> Result<(), ManagerError> {
+        let ids: Vec<EndpointId> = self.endpoints.keys().copied().collect();
+        for id in ids {
+            let Some(ep) = self.endpoints.get_mut(&id) else {
+                continue;
+            };
+            let info = ep.info();
+            let diff = self
+                .compiler
+                .update_identity(&info, &mut ep.policy, identity);
+            if !diff.is_empty() {
+                self.datapath.apply_policy_diff(id, &diff)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes an endpoint; succeeds for unknown containers. Returns whether it existed.
+    pub fn delete_endpoint(&mut self, container_id: &str) -> Result<bool, ManagerError> {
+        let Some(id) = self.by_container.remove(container_id) else {
+            return Ok(false);
+        };
+        let Some(ep) = self.endpoints.remove(&id) else {
+            return Ok(false);
+        };
+        let attachment = EndpointAttachment {
+            ifname: ep.spec.host_ifname.clone(),
+            endpoint_id: id,
+            identity: ep.identity,
+        };
+        if let Err(e) = self.datapath.detach_endpoint(&attachment) {
+            // The veth may already be gone (the runtime deleted the netns): not an error.
+            warn!(endpoint = id.0, error = %e, "detach");
+        }
+        for ip in &ep.spec.addresses {
+            if let Err(e) = self.datapath.remove_ipcache(IpNet::from(*ip)) {
+                warn!(endpoint = id.0, error = %e, "ipcache removal");
+            }
+        }
+        if let Some(m) = self.identity_ports.get_mut(&ep.identity) {
+            m.remove(&id);
+            if m.is_empty() {
+                self.identity_ports.remove(&ep.identity);
+            }
+        }
+        let freed = self
+            .allocator
+            .release(ep.identity)
+            .map_err(|e| ManagerError::Identity(e.to_string()))?;
+        if freed {
+            self.compiler.remove_identity(ep.identity);
+            self.update_all_for_identity(ep.identity)?;
+        } else {
+            self.publish_identity(ep.identity, &ep.labels)?;
+        }
+        info!(
+            endpoint = id.0,
+            container = container_id,
+            "endpoint deleted"
+        );
+        self.save()?;
+        Ok(true)
+    }
+
+    /// Replaces the policies of one file. An invalid file is rejected whole: its error is
+    /// recorded and its last good policies stay enforced.
+    pub fn load_policy_file(
+        &mut self,
+        path: &Path,
+        result: Result<Vec<Policy>, ParseErrors>,
+    ) -> Result<(), ManagerError> {
+        let policies = match result {
+            Ok(p) => p,
+            Err(errors) => {
+                let text = errors.to_string();
+                warn!(file = %path.display(), errors = %text, "policy file rejected; the last good version stays enforced");
+                self.files.entry(path.to_path_buf()).or_default().error = Some(text);
+                return Ok(());
+            }
+        };
+        let old: BTreeSet<PolicyName> = self
+            .files
+            .get(path)
+            .map(|f| f.policies.iter().cloned().collect())
+            .unwrap_or_default();
+        let new: BTreeSet<PolicyName> = policies.iter().map(|p| p.name.clone()).collect();
+        for gone in old.difference(&new) {
+            self.compiler.remove_policy(gone);
+        }
+        for p in policies {
+            self.compiler.upsert_policy(p);
+        }
+        self.files.insert(
+            path.to_path_buf(),
+            PolicyFile {
+                policies: new.into_iter().collect(),
+                error: None,
+            },
+        );
+        info!(file = %path.display(), revision = self.compiler.repository().revision().0, "policy file loaded");
+        self.regenerate()
+    }
+
+    /// Removes a file's policies.
+    pub fn remove_policy_file(&mut self, path: &Path) -> Result<(), ManagerError> {
+        let Some(file) = self.files.remove(path) else {
+            return Ok(());
+        };
+        for name in &file.policies {
+            self.compiler.remove_policy(name);
+        }
+        info!(file = %path.display(), "policy file removed");
+        self.regenerate()
+    }
+
+    /// Brings CIDR identities and every endpoint's map up to date with the policy repository.
+    fn regenerate(&mut self) -> Result<(), ManagerError> {
+        self.sync_cidr_identities()?;
+        let ids: Vec<EndpointId> = self.endpoints.keys().copied().collect();
+        for id in ids {
+            let Some(ep) = self.endpoints.get_mut(&id) else {
+                continue;
+            };
+            let info = ep.info();
+            let diff = self.compiler.recompile(&info, &mut ep.policy);
+            if !diff.is_empty() {
+                self.datapath.apply_policy_diff(id, &diff)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every prefix a policy names gets a CIDR identity and an ipcache entry, as Cilium does.
+    fn sync_cidr_identities(&mut self) -> Result<(), ManagerError> {
+        let mut wanted = BTreeSet::new();
+        for p in self.compiler.repository().iter() {
+            for rule in &p.rules {
+                for pr in rule
+                    .ingress
+                    .allow
+                    .iter()
+                    .chain(&rule.ingress.deny)
+                    .chain(&rule.egress.allow)
+                    .chain(&rule.egress.deny)
+                {
+                    if let Peers::List(list) = &pr.peers {
+                        for peer in list {
+                            if let Peer::Cidr { cidr, except } = peer {
+                                wanted.insert(*cidr);
+                                wanted.extend(except.iter().copied());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // /0 is the world identity itself.
+        wanted.retain(|p| p.prefix_len() > 0);
+        let have: BTreeSet<IpNet> = self.cidrs.keys().copied().collect();
+        for prefix in wanted.difference(&have) {
+            let labels = cidr_labels(*prefix);
+            let a = self
+                .allocator
+                .allocate(&labels)
+                .map_err(|e| ManagerError::Identity(e.to_string()))?;
+            self.cidrs.insert(*prefix, a.identity);
+            self.compiler
+                .upsert_identity(a.identity, labels, NamedPorts::new());
+            self.datapath.upsert_ipcache(*prefix, a.identity)?;
+            self.update_all_for_identity(a.identity)?;
+        }
+        for prefix in have.difference(&wanted) {
+            if let Some(id) = self.cidrs.remove(prefix) {
+                self.datapath.remove_ipcache(*prefix)?;
+                if self
+                    .allocator
+                    .release(id)
+                    .map_err(|e| ManagerError::Identity(e.to_string()))?
+                {
+                    self.compiler.remove_identity(id);
+                    self.update_all_for_identity(id)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn state_file(&self) -> Option<PathBuf> {
+        self.config.state_dir.as_ref().map(|d| d.join("state.json"))
+    }
+
+    /// Writes endpoints and pod identities to the state directory (atomically).
+    fn save(&self) -> Result<(), ManagerError> {
+        let Some(path) = self.state_file() else {
+            return Ok(());
+        };
+        let state = SavedState {
+            endpoints: self
+                .endpoints
+                .values()
+                .map(|e| (e.id.0, e.spec.clone()))
+                .collect(),
+            identities: self
+                .allocator
+                .identities()
+                .filter(|(id, _)| !id.is_reserved())
+                .map(|(id, labels)| (id.0, labels.iter().map(ToString::to_string).collect()))
+                .collect(),
+        };
+        let err = |e: &dyn std::fmt::Display| ManagerError::State {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let text = serde_json::to_string_pretty(&state).map_err(|e| err(&e))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text).map_err(|e| err(&e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| err(&e))?;
+        Ok(())
+    }
+
+    fn load_state(&self) -> Result<Option<SavedState>, ManagerError> {
+        let Some(path) = self.state_file() else {
+            return Ok(None);
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(ManagerError::State {
+                    path,
+                    message: e.to_string(),
+                });
+            }
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| ManagerError::State {
+                path,
+                message: e.to_string(),
+            })
+    }
+
+    fn restore_identities(&mut self) -> Result<(), ManagerError> {
+        let Some(state) = self.load_state()? else {
+            return Ok(());
+        };
+        for (id, labels) in &state.identities {
+            let labels: LabelSet = labels
+                .iter()
+                .filter_map(|l| l.parse::<Label>().ok())
+                .collect();
+            if let Err(e) = self.allocator.restore(Identity(*id), labels) {
+                warn!(identity = id, error = %e, "identity not restored");
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the endpoints saved in the state directory, under their old ids. Call it after
+    /// the policies are loaded: each endpoint's kernel entries are then reconciled with the
+    /// same policy, not rewritten from scratch, so established and new traffic keep their
+    /// verdicts across an agent restart.
+    pub fn restore_endpoints(&mut self) -> Result<usize, ManagerError> {
+        let Some(state) = self.load_state()? else {
+            return Ok(0);
+        };
+        for (id, spec) in state.endpoints {
+            let container = spec.container_id.clone();
+            if self.by_container.contains_key(&container) {
+                continue;
+            }
+            if let Err(e) = self.install_endpoint(EndpointId(id), spec) {
+                warn!(endpoint = id, container, error = %e, "endpoint not restored");
+            }
+        }
+        info!(endpoints = self.endpoints.len(), "endpoints restored");
+        self.save()?;
+        Ok(self.endpoints.len())
+    }
+}
+
+/// Converts the CNI's protocol name for a named port.
+pub fn port_protocol(name: &str) -> u8 {
+    match name.to_ascii_uppercase().as_str() {
+        "UDP" => proto::UDP,
+        "SCTP" => proto::SCTP,
+        _ => proto::TCP,
+    }
+}
