@@ -658,3 +658,153 @@ pub fn port_protocol(name: &str) -> u8 {
         _ => proto::TCP,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_datapath::FakeDatapath;
+    use weir_policy_compiler::{Flow, Verdict};
+    use weir_policy_model::{Direction, parse_policies};
+
+    const ALLOW_FRONTEND: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: allow-frontend, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: backend}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: frontend}}]
+      toPorts: [{ports: [{port: '8080', protocol: TCP}]}]
+";
+
+    fn spec(name: &str, app: &str, ip: &str) -> EndpointSpec {
+        EndpointSpec {
+            container_id: format!("c-{name}"),
+            netns_path: format!("/run/netns/{name}"),
+            ifname: "eth0".into(),
+            host_ifname: format!("veth-{name}"),
+            addresses: vec![ip.parse().unwrap()],
+            namespace: "prod".into(),
+            pod_name: name.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+            named_ports: BTreeMap::new(),
+        }
+    }
+
+    fn verdict(m: &Manager<FakeDatapath>, to: &str, from: Identity, port: u16) -> Verdict {
+        let ep = m.endpoint_by_container(&format!("c-{to}")).unwrap();
+        // The map in the (fake) kernel must be exactly the compiled one.
+        let dumped = m.datapath().dump_policy(ep.id).unwrap();
+        let compiled: BTreeMap<_, _> = ep
+            .policy
+            .map_state
+            .iter()
+            .map(|(k, e)| (*k, e.action))
+            .collect();
+        assert_eq!(dumped, compiled, "kernel map differs from the compiled map");
+        ep.policy
+            .decide(&Flow {
+                direction: Direction::Ingress,
+                remote: from,
+                protocol: proto::TCP,
+                port,
+            })
+            .verdict
+    }
+
+    fn load(m: &mut Manager<FakeDatapath>, file: &str, text: &str) {
+        let path = PathBuf::from(file);
+        m.load_policy_file(&path, parse_policies(file, text))
+            .unwrap();
+    }
+
+    #[test]
+    fn endpoints_policies_and_broken_files() {
+        let mut m = Manager::new(ManagerConfig::default(), FakeDatapath::new()).unwrap();
+        let fe = m
+            .create_endpoint(spec("fe", "frontend", "10.0.1.1"))
+            .unwrap()
+            .identity;
+        m.create_endpoint(spec("be", "backend", "10.0.1.2"))
+            .unwrap();
+        assert_eq!(m.datapath().identity_of("10.0.1.1".parse().unwrap()), fe);
+        assert_eq!(
+            verdict(&m, "be", fe, 9090),
+            Verdict::Allow,
+            "no policy yet: open"
+        );
+
+        load(&mut m, "p.yaml", ALLOW_FRONTEND);
+        assert_eq!(verdict(&m, "be", fe, 8080), Verdict::Allow);
+        assert_eq!(verdict(&m, "be", fe, 9090), Verdict::Deny { reason: 133 });
+
+        // A broken version is rejected whole; the last good policy stays enforced.
+        load(
+            &mut m,
+            "p.yaml",
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {bogus: 1}\n",
+        );
+        assert!(
+            m.policy_files()[Path::new("p.yaml")]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("p.yaml:4:")
+        );
+        assert_eq!(verdict(&m, "be", fe, 9090), Verdict::Deny { reason: 133 });
+
+        // A pod that arrives later gets its identity into existing maps incrementally.
+        let fe2 = m
+            .create_endpoint(spec("fe2", "frontend", "10.0.1.3"))
+            .unwrap()
+            .identity;
+        assert_eq!(fe2, fe, "same labels, same identity");
+        let other = m
+            .create_endpoint(spec("db", "db", "10.0.1.4"))
+            .unwrap()
+            .identity;
+        assert_eq!(
+            verdict(&m, "be", other, 8080),
+            Verdict::Deny { reason: 133 }
+        );
+
+        m.remove_policy_file(Path::new("p.yaml")).unwrap();
+        assert_eq!(verdict(&m, "be", fe, 9090), Verdict::Allow);
+
+        assert!(m.delete_endpoint("c-db").unwrap());
+        assert!(!m.delete_endpoint("c-db").unwrap(), "delete is idempotent");
+        assert_eq!(
+            m.datapath().identity_of("10.0.1.4".parse().unwrap()),
+            Identity(2)
+        );
+    }
+
+    #[test]
+    fn restart_keeps_ids_identities_and_verdicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ManagerConfig {
+            state_dir: Some(dir.path().to_path_buf()),
+            ..ManagerConfig::default()
+        };
+        let (fe, be_id) = {
+            let mut m = Manager::new(config.clone(), FakeDatapath::new()).unwrap();
+            load(&mut m, "p.yaml", ALLOW_FRONTEND);
+            let fe = m
+                .create_endpoint(spec("fe", "frontend", "10.0.1.1"))
+                .unwrap()
+                .identity;
+            let be = m
+                .create_endpoint(spec("be", "backend", "10.0.1.2"))
+                .unwrap()
+                .id;
+            (fe, be)
+        };
+        let mut m = Manager::new(config, FakeDatapath::new()).unwrap();
+        load(&mut m, "p.yaml", ALLOW_FRONTEND);
+        assert_eq!(m.restore_endpoints().unwrap(), 2);
+        let fe_after = m.endpoint_by_container("c-fe").unwrap().identity;
+        assert_eq!(fe_after, fe);
+        assert_eq!(m.endpoint_by_container("c-be").unwrap().id, be_id);
+        assert_eq!(verdict(&m, "be", fe, 8080), Verdict::Allow);
+        assert_eq!(verdict(&m, "be", fe, 9090), Verdict::Deny { reason: 133 });
+    }
+}
