@@ -209,3 +209,155 @@ impl<D: Datapath + Send + 'static> StatusService for AgentApi<D> {
         }))
     }
 }
+
+use weir_agent_api::v1::{
+    BpfCtListRequest, BpfCtListResponse, BpfIpcacheListRequest, BpfIpcacheListResponse,
+    BpfPolicyEntry, BpfPolicyGetRequest, BpfPolicyGetResponse, GetPoliciesRequest,
+    GetPoliciesResponse, IdentityEntry, IpcacheEntry, ListIdentitiesRequest,
+    ListIdentitiesResponse, PolicyFileStatus, inspect_service_server::InspectService,
+};
+use weir_policy_compiler::EntryAction;
+use weir_policy_model::Direction;
+
+fn dir_name(d: Direction) -> String {
+    match d {
+        Direction::Ingress => "ingress".into(),
+        Direction::Egress => "egress".into(),
+    }
+}
+
+#[tonic::async_trait]
+impl<D: Datapath + Send + 'static> InspectService for AgentApi<D> {
+    async fn list_identities(
+        &self,
+        _: Request<ListIdentitiesRequest>,
+    ) -> Result<Response<ListIdentitiesResponse>, Status> {
+        let m = self.manager.lock().await;
+        let mut identities: Vec<IdentityEntry> = m
+            .identities()
+            .into_iter()
+            .map(|(id, labels)| IdentityEntry {
+                identity: id.0,
+                labels: labels.iter().map(ToString::to_string).collect(),
+            })
+            .collect();
+        identities.sort_by_key(|i| i.identity);
+        Ok(Response::new(ListIdentitiesResponse { identities }))
+    }
+
+    async fn get_policies(
+        &self,
+        _: Request<GetPoliciesRequest>,
+    ) -> Result<Response<GetPoliciesResponse>, Status> {
+        let m = self.manager.lock().await;
+        let files = m
+            .policy_files()
+            .iter()
+            .map(|(path, f)| PolicyFileStatus {
+                path: path.display().to_string(),
+                policies: f
+                    .policies
+                    .iter()
+                    .map(|p| format!("{} {p}", p.kind.as_str()))
+                    .collect(),
+                error: f.error.clone().unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(GetPoliciesResponse {
+            revision: m.compiler().repository().revision().0,
+            files,
+        }))
+    }
+
+    async fn bpf_policy_get(
+        &self,
+        request: Request<BpfPolicyGetRequest>,
+    ) -> Result<Response<BpfPolicyGetResponse>, Status> {
+        let want = request.into_inner().endpoint_id;
+        let m = self.manager.lock().await;
+        let labels: std::collections::BTreeMap<u32, Vec<String>> = m
+            .identities()
+            .into_iter()
+            .map(|(id, l)| (id.0, l.iter().map(ToString::to_string).collect()))
+            .collect();
+        let mut entries = Vec::new();
+        for ep in m.endpoints().filter(|e| want == 0 || e.id.0 == want) {
+            // What the kernel holds, annotated with the rules the compiler says produced it.
+            let dumped = m
+                .datapath()
+                .dump_policy(ep.id)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            for (key, action) in dumped {
+                let (name, proxy_port) = match action {
+                    EntryAction::Allow => ("allow", 0),
+                    EntryAction::Deny => ("deny", 0),
+                    EntryAction::Redirect { proxy_port, .. } => ("redirect", proxy_port),
+                };
+                let derived_from = ep
+                    .policy
+                    .map_state
+                    .get(&key)
+                    .map(|e| e.derived_from.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default();
+                entries.push(BpfPolicyEntry {
+                    endpoint_id: ep.id.0,
+                    direction: dir_name(key.direction),
+                    identity: key.identity.0,
+                    identity_labels: labels.get(&key.identity.0).cloned().unwrap_or_default(),
+                    protocol: u32::from(key.protocol),
+                    port: u32::from(key.port),
+                    prefix_len: u32::from(key.prefix_len),
+                    action: name.into(),
+                    proxy_port: u32::from(proxy_port),
+                    derived_from,
+                });
+            }
+        }
+        Ok(Response::new(BpfPolicyGetResponse { entries }))
+    }
+
+    async fn bpf_ipcache_list(
+        &self,
+        _: Request<BpfIpcacheListRequest>,
+    ) -> Result<Response<BpfIpcacheListResponse>, Status> {
+        let m = self.manager.lock().await;
+        let entries = m
+            .datapath()
+            .list_ipcache()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(|(prefix, id)| IpcacheEntry {
+                prefix: prefix.to_string(),
+                identity: id.0,
+            })
+            .collect();
+        Ok(Response::new(BpfIpcacheListResponse { entries }))
+    }
+
+    async fn bpf_ct_list(
+        &self,
+        _: Request<BpfCtListRequest>,
+    ) -> Result<Response<BpfCtListResponse>, Status> {
+        let m = self.manager.lock().await;
+        let entries = m
+            .datapath()
+            .list_conntrack()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(|c| weir_agent_api::v1::CtEntry {
+                src: c.src.to_string(),
+                dst: c.dst.to_string(),
+                sport: u32::from(c.sport),
+                dport: u32::from(c.dport),
+                protocol: u32::from(c.protocol),
+                direction: dir_name(c.direction),
+                expires_ns: c.expires_ns,
+                packets: c.packets,
+                bytes: c.bytes,
+                flags: u32::from(c.flags),
+                proxy_port: u32::from(c.proxy_port),
+            })
+            .collect();
+        Ok(Response::new(BpfCtListResponse { entries }))
+    }
+}

@@ -15,7 +15,8 @@ use weir_agent::api::AgentApi;
 use weir_agent::manager::{Manager, ManagerConfig};
 use weir_agent::policy_source::{DirectorySource, PolicyEvent, PolicySource};
 use weir_agent_api::v1::{
-    endpoint_service_server::EndpointServiceServer, status_service_server::StatusServiceServer,
+    endpoint_service_server::EndpointServiceServer, inspect_service_server::InspectServiceServer,
+    status_service_server::StatusServiceServer,
 };
 use weir_datapath::Datapath;
 
@@ -50,6 +51,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -152,6 +154,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let api = AgentApi::new(manager.clone(), "aya");
     let router = tonic::transport::Server::builder()
         .add_service(EndpointServiceServer::new(api.clone()))
+        .add_service(InspectServiceServer::new(api.clone()))
         .add_service(StatusServiceServer::new(api));
     let shutdown = async {
         let mut term =

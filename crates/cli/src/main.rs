@@ -1,7 +1,9 @@
 //! `weir`: the command-line front end.
 
+mod inspect;
 mod policy;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -13,15 +15,32 @@ use clap::{Parser, Subcommand};
     about = "Identity-based network policy for Kubernetes, in eBPF"
 )]
 struct Cli {
+    /// The agent's API socket.
+    #[arg(long, global = true, default_value = weir_agent_api::DEFAULT_SOCKET_PATH)]
+    socket: PathBuf,
+    /// Print JSON instead of tables (commands that ask the agent).
+    #[arg(long = "json", global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate and test policies offline.
+    /// Validate and test policies offline; show the agent's policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// The agent's health, datapath backend, endpoints, policy revision and errors.
+    Status,
+    /// Endpoints the agent manages.
+    #[command(subcommand)]
+    Endpoint(inspect::ListOnly),
+    /// Security identities.
+    #[command(subcommand)]
+    Identity(inspect::ListOnly),
+    /// What the kernel holds: policy maps, ipcache, conntrack.
+    #[command(subcommand)]
+    Bpf(inspect::BpfCommand),
     /// Print the version and the datapath backend this binary carries.
     Version,
 }
@@ -35,9 +54,23 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Policy(policy::PolicyCommand::Get) => {
+            inspect::run(inspect::Query::Policies, &cli.socket, cli.json)
+        }
         Command::Policy(cmd) => policy::run(cmd),
+        Command::Status => inspect::run(inspect::Query::Status, &cli.socket, cli.json),
+        Command::Endpoint(inspect::ListOnly::List) => {
+            inspect::run(inspect::Query::Endpoints, &cli.socket, cli.json)
+        }
+        Command::Identity(inspect::ListOnly::List) => {
+            inspect::run(inspect::Query::Identities, &cli.socket, cli.json)
+        }
+        Command::Bpf(b) => inspect::run(inspect::Query::Bpf(b), &cli.socket, cli.json),
         Command::Version => {
-            println!("weir {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "weir {} (datapath backends: aya)",
+                env!("CARGO_PKG_VERSION")
+            );
             Ok(ExitCode::SUCCESS)
         }
     };

@@ -8,6 +8,8 @@ use clap::{Subcommand, ValueEnum};
 /// `weir policy ...`
 #[derive(Subcommand)]
 pub enum PolicyCommand {
+    /// The policies the running agent enforces, by file, with rejected files' errors.
+    Get,
     /// Parse and check policy files or directories; print every error (exit 1 on any).
     Validate {
         /// Files or directories (read recursively: .yaml, .yml, .json).
@@ -39,6 +41,7 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         PolicyCommand::Validate { paths } => validate(&paths),
         PolicyCommand::Test { scenarios, output } => test(&scenarios, output),
+        PolicyCommand::Get => anyhow::bail!("`weir policy get` asks the agent; handled in main"),
     }
 }
 
