@@ -1,7 +1,7 @@
 //! Commands that ask the running agent: `weir status`, `weir endpoint list`, `weir identity
 //! list`, `weir policy get`, `weir bpf ...`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -79,7 +79,7 @@ async fn connect(socket: &Path) -> anyhow::Result<Channel> {
 }
 
 /// Runs a query against the agent at `socket`; `json` selects machine-readable output.
-pub fn run(query: Query, socket: &PathBuf, json: bool) -> anyhow::Result<ExitCode> {
+pub fn run(query: Query, socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         let ch = connect(socket).await?;
         match query {
