@@ -184,7 +184,11 @@ impl DnsProxy {
         loop {
             let (stream, source) = match listener.accept().await {
                 Ok(x) => x,
-                Err(e) if is_transient(&e) => continue,
+                Err(e) if is_transient(&e) => {
+                    // Out of descriptors: give connections a moment to close.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
                 Err(e) => return e,
             };
             let server = match destinations.original_destination(&stream) {
@@ -537,7 +541,14 @@ impl DnsProxy {
             .map_err(|_| UpstreamError::Io)?;
         sock.connect(server).await.map_err(|_| UpstreamError::Io)?;
         sock.send(raw).await.map_err(|_| UpstreamError::Io)?;
-        let mut buf = vec![0u8; MAX_MESSAGE_LEN];
+        // Without EDNS a server answers in at most 512 bytes; a small buffer saves zeroing
+        // 64 KiB per query.
+        let size = if query.has_edns {
+            MAX_MESSAGE_LEN
+        } else {
+            4096
+        };
+        let mut buf = vec![0u8; size];
         loop {
             let n = sock.recv(&mut buf).await.map_err(|_| UpstreamError::Io)?;
             let data = buf.get(..n).unwrap_or_default();
