@@ -1,0 +1,622 @@
+//! The proxy: decide each query, forward the allowed ones to their original server, check
+//! and learn from the answer, release it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use hickory_proto::op::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use weir_identity::Identity;
+use weir_l7_proxy::{EndpointId, IdentityResolver, OriginalDestination};
+
+use crate::cache::NameCache;
+use crate::config::{DenyResponse, DnsProxyConfig};
+use crate::learn::{DnsLearner, Learned, LearnedIp};
+use crate::policy::{DnsDecision, DnsDenyReason, DnsPolicyStore, Transport};
+use crate::record::{DnsRecord, DnsRecordKind, DnsSink, DnsVerdict};
+use crate::stats::{Counters, DnsProxyStats};
+use crate::udp::DnsUdpSocket;
+use crate::wire::{
+    self, DnsMessage, MAX_MESSAGE_LEN, Mismatch, ParseError, rcode, resolve_chain, rtype,
+};
+
+/// Where a query came from and which server it was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryContext {
+    /// The client.
+    pub source: SocketAddr,
+    /// The DNS server the client addressed (the original destination): allowed queries go
+    /// there.
+    pub server: SocketAddr,
+    /// UDP or TCP.
+    pub transport: Transport,
+}
+
+/// The DNS proxy. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct DnsProxy {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: DnsProxyConfig,
+    policy: Arc<DnsPolicyStore>,
+    identities: Arc<dyn IdentityResolver>,
+    learner: Arc<dyn DnsLearner>,
+    cache: Arc<NameCache>,
+    sink: Arc<dyn DnsSink>,
+    counters: Counters,
+    permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for DnsProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsProxy")
+            .field("config", &self.shared.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A query that was allowed and awaits forwarding.
+struct Pending {
+    ctx: QueryContext,
+    raw: Vec<u8>,
+    query: DnsMessage,
+    msg: Message,
+    endpoint: EndpointId,
+    server_identity: Identity,
+    rule: Option<String>,
+    time: SystemTime,
+    started: Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What to do with a query after the policy decision.
+enum Step {
+    /// Answer at once (or drop, for `None`).
+    Reply(Option<Vec<u8>>),
+    /// Forward upstream.
+    Forward(Box<Pending>),
+}
+
+/// Why forwarding produced no answer.
+enum UpstreamError {
+    Timeout,
+    Io,
+}
+
+impl DnsProxy {
+    /// A proxy enforcing the snapshots published to `policy`, recording answers in `cache`
+    /// after `learner` applied them, and reporting to `sink`.
+    pub fn new(
+        config: DnsProxyConfig,
+        policy: Arc<DnsPolicyStore>,
+        identities: Arc<dyn IdentityResolver>,
+        learner: Arc<dyn DnsLearner>,
+        cache: Arc<NameCache>,
+        sink: Arc<dyn DnsSink>,
+    ) -> Self {
+        DnsProxy {
+            shared: Arc::new(Shared {
+                permits: Arc::new(Semaphore::new(config.max_outstanding.max(1))),
+                config,
+                policy,
+                identities,
+                learner,
+                cache,
+                sink,
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> DnsProxyStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// The name cache the proxy records answers in.
+    pub fn cache(&self) -> &Arc<NameCache> {
+        &self.shared.cache
+    }
+
+    /// Handles one query end to end and returns the bytes to send back (`None`: send
+    /// nothing). Transport-independent: the UDP and TCP servers use it, and so can tests.
+    pub async fn handle(&self, ctx: QueryContext, query: &[u8]) -> Option<Vec<u8>> {
+        match self.begin(ctx, query) {
+            Step::Reply(r) => r,
+            Step::Forward(p) => Some(self.finish(*p).await),
+        }
+    }
+
+    /// Serves DNS over UDP on `socket` until receiving fails for good. Denied and malformed
+    /// queries are answered inline; allowed ones are forwarded on their own task.
+    pub async fn serve_udp(&self, socket: DnsUdpSocket) -> io::Error {
+        let socket = Arc::new(socket);
+        let mut buf = vec![0u8; MAX_MESSAGE_LEN];
+        loop {
+            let (n, source, server) = match socket.recv(&mut buf).await {
+                Ok(x) => x,
+                // ICMP errors from earlier replies surface here on some kernels; keep going.
+                Err(e) if is_transient(&e) => continue,
+                Err(e) => return e,
+            };
+            let ctx = QueryContext {
+                source,
+                server,
+                transport: Transport::Udp,
+            };
+            let data = buf.get(..n).unwrap_or_default();
+            match self.begin(ctx, data) {
+                Step::Reply(None) => {}
+                Step::Reply(Some(r)) => {
+                    if let Err(e) = socket.reply(&r, source, server).await {
+                        tracing::debug!(error = %e, %source, "DNS reply failed");
+                    }
+                }
+                Step::Forward(p) => {
+                    let this = self.clone();
+                    let socket = socket.clone();
+                    tokio::spawn(async move {
+                        let r = this.finish(*p).await;
+                        if let Err(e) = socket.reply(&r, source, server).await {
+                            tracing::debug!(error = %e, %source, "DNS reply failed");
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Serves DNS over TCP on `listener` until accepting fails for good. Each connection's
+    /// original destination comes from `destinations` (transparent, NAT or static, as for
+    /// the HTTP proxy); queries on a connection are answered in order.
+    pub async fn serve_tcp(
+        &self,
+        listener: TcpListener,
+        destinations: Arc<dyn OriginalDestination>,
+    ) -> io::Error {
+        loop {
+            let (stream, source) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) if is_transient(&e) => {
+                    // Out of descriptors: give connections a moment to close.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                Err(e) => return e,
+            };
+            let server = match destinations.original_destination(&stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, %source, "no original destination; closing");
+                    continue;
+                }
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let ctx = QueryContext {
+                    source,
+                    server,
+                    transport: Transport::Tcp,
+                };
+                if let Err(e) = this.serve_tcp_connection(stream, ctx).await {
+                    tracing::debug!(error = %e, %source, "DNS TCP connection ended");
+                }
+            });
+        }
+    }
+
+    /// Serves one TCP client connection (length-prefixed messages) until it closes or idles.
+    pub async fn serve_tcp_connection(
+        &self,
+        mut stream: TcpStream,
+        ctx: QueryContext,
+    ) -> io::Result<()> {
+        let idle = self.shared.config.tcp_idle_timeout;
+        loop {
+            let msg = match tokio::time::timeout(idle, read_framed(&mut stream)).await {
+                Err(_) => return Ok(()),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Ok(r) => r?,
+            };
+            match self.handle(ctx, &msg).await {
+                Some(reply) => write_framed(&mut stream, &reply).await?,
+                // Nothing to say to a client that sends non-DNS: hang up.
+                None => return Ok(()),
+            }
+        }
+    }
+
+    fn begin(&self, ctx: QueryContext, raw: &[u8]) -> Step {
+        let sh = &self.shared;
+        Counters::inc(&sh.counters.queries);
+        let time = SystemTime::now();
+        let started = Instant::now();
+        let endpoint = sh.identities.local_endpoint(ctx.source.ip());
+        let server_identity = sh.identities.identity(ctx.server.ip());
+        let mut rec = DnsRecord {
+            time,
+            kind: DnsRecordKind::Query,
+            transport: ctx.transport,
+            endpoint,
+            source: ctx.source,
+            server: ctx.server,
+            server_identity,
+            id: wire::header_id(raw).unwrap_or(0),
+            query: String::new(),
+            qtypes: Vec::new(),
+            rcode: None,
+            ips: Vec::new(),
+            cnames: Vec::new(),
+            ttl: None,
+            verdict: DnsVerdict::Malformed,
+            rule: None,
+            latency: Duration::ZERO,
+        };
+        // Never answer something that is itself an answer (no reflection loops), nor
+        // something without a header to answer.
+        if raw.len() < 12 || wire::header_is_response(raw) {
+            Counters::inc(&sh.counters.dropped);
+            return Step::Reply(None);
+        }
+        let (query, msg) = match wire::decode(raw) {
+            Ok(x) => x,
+            Err(ParseError::TooShort(_)) => {
+                Counters::inc(&sh.counters.dropped);
+                return Step::Reply(None);
+            }
+            Err(_) => {
+                Counters::inc(&sh.counters.malformed);
+                return self.answer_now(rec, wire::header_only_reply(raw, rcode::FORMERR));
+            }
+        };
+        rec.query = query
+            .questions
+            .first()
+            .map(|q| q.name.clone())
+            .unwrap_or_default();
+        rec.qtypes = query
+            .questions
+            .iter()
+            .map(|q| wire::qtype_name(q.qtype))
+            .collect();
+        if query.opcode != 0 {
+            Counters::inc(&sh.counters.malformed);
+            return self.answer_now(rec, wire::reply(&msg, raw, rcode::NOTIMP));
+        }
+        let Some(question) = query
+            .questions
+            .first()
+            .filter(|_| query.questions.len() == 1)
+        else {
+            Counters::inc(&sh.counters.malformed);
+            return self.answer_now(rec, wire::reply(&msg, raw, rcode::FORMERR));
+        };
+        let decision = match endpoint {
+            _ if question.qclass != rtype::CLASS_IN => DnsDecision {
+                denied: Some(DnsDenyReason::UnsupportedClass),
+                rule: None,
+            },
+            None => DnsDecision {
+                denied: Some(DnsDenyReason::NoPolicy),
+                rule: None,
+            },
+            Some(ep) => sh.policy.load().decide(
+                ep,
+                server_identity,
+                ctx.transport,
+                ctx.server.port(),
+                &question.name,
+            ),
+        };
+        rec.rule = decision.rule.as_ref().map(|r| r.to_string());
+        let (Some(ep), None) = (endpoint, decision.denied) else {
+            let reason = decision.denied.unwrap_or(DnsDenyReason::NoPolicy);
+            Counters::inc(&sh.counters.denied);
+            rec.verdict = DnsVerdict::Denied(reason);
+            let code = match sh.config.deny_response {
+                DenyResponse::Refused => rcode::REFUSED,
+                DenyResponse::NameError => rcode::NXDOMAIN,
+            };
+            return self.answer_now(rec, wire::reply(&msg, raw, code));
+        };
+        let Ok(permit) = sh.permits.clone().try_acquire_owned() else {
+            Counters::inc(&sh.counters.overloaded);
+            rec.verdict = DnsVerdict::Error;
+            return self.answer_now(rec, wire::reply(&msg, raw, rcode::SERVFAIL));
+        };
+        rec.verdict = DnsVerdict::Forwarded;
+        let rule = rec.rule.clone();
+        sh.sink.record(rec);
+        Step::Forward(Box::new(Pending {
+            ctx,
+            raw: raw.to_vec(),
+            query,
+            msg,
+            endpoint: ep,
+            server_identity,
+            rule,
+            time,
+            started,
+            _permit: permit,
+        }))
+    }
+
+    /// Records the query and the proxy's own answer to it.
+    fn answer_now(&self, mut rec: DnsRecord, reply: Option<Vec<u8>>) -> Step {
+        let sink = &self.shared.sink;
+        sink.record(rec.clone());
+        rec.kind = DnsRecordKind::Response;
+        rec.rcode = reply
+            .as_deref()
+            .and_then(|r| r.get(3))
+            .map(|b| u16::from(b & 0x0f));
+        sink.record(rec);
+        Step::Reply(reply)
+    }
+
+    async fn finish(&self, p: Pending) -> Vec<u8> {
+        let sh = &self.shared;
+        let mut rec = DnsRecord {
+            time: p.time,
+            kind: DnsRecordKind::Response,
+            transport: p.ctx.transport,
+            endpoint: Some(p.endpoint),
+            source: p.ctx.source,
+            server: p.ctx.server,
+            server_identity: p.server_identity,
+            id: p.query.id,
+            query: p
+                .query
+                .questions
+                .first()
+                .map(|q| q.name.clone())
+                .unwrap_or_default(),
+            qtypes: p
+                .query
+                .questions
+                .iter()
+                .map(|q| wire::qtype_name(q.qtype))
+                .collect(),
+            rcode: None,
+            ips: Vec::new(),
+            cnames: Vec::new(),
+            ttl: None,
+            verdict: DnsVerdict::Forwarded,
+            rule: p.rule.clone(),
+            latency: Duration::ZERO,
+        };
+        Counters::inc(&sh.counters.forwarded);
+        let exchanged = tokio::time::timeout(
+            sh.config.upstream_timeout,
+            self.exchange(p.ctx, &p.raw, &p.query),
+        )
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout));
+        let (raw_answer, answer) = match exchanged {
+            Ok(x) => x,
+            Err(e) => {
+                Counters::inc(match e {
+                    UpstreamError::Timeout => &sh.counters.upstream_timeouts,
+                    UpstreamError::Io => &sh.counters.upstream_errors,
+                });
+                return self.fail(rec, &p, rcode::SERVFAIL);
+            }
+        };
+        rec.rcode = Some(answer.rcode);
+        if answer.rcode == rcode::NOERROR {
+            let res = resolve_chain(&rec.query, &answer.answers);
+            rec.ips = res.ips.iter().map(|(ip, _)| *ip).collect();
+            rec.ttl = res.ips.iter().map(|(_, t)| *t).min();
+            rec.cnames = res.names.iter().skip(1).cloned().collect();
+            if !res.ips.is_empty() {
+                let now = SystemTime::now();
+                let ips: Vec<LearnedIp> = res
+                    .ips
+                    .iter()
+                    .map(|&(ip, ttl)| LearnedIp {
+                        ip,
+                        ttl: sh.cache.effective_ttl(ttl),
+                    })
+                    .collect();
+                let selectors = sh
+                    .policy
+                    .load()
+                    .fqdn_selectors()
+                    .matching_any(res.names.iter().map(String::as_str));
+                if !selectors.is_empty() {
+                    let learned = Learned {
+                        endpoint: p.endpoint,
+                        name: rec.query.clone(),
+                        aliases: rec.cnames.clone(),
+                        ips: ips.clone(),
+                        selectors,
+                    };
+                    let r =
+                        tokio::time::timeout(sh.config.learn_timeout, sh.learner.learn(&learned))
+                            .await;
+                    match r {
+                        Ok(Ok(())) => Counters::inc(&sh.counters.learned),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, name = %rec.query, "learning failed; SERVFAIL");
+                            Counters::inc(&sh.counters.learn_failures);
+                            return self.fail(rec, &p, rcode::SERVFAIL);
+                        }
+                        Err(_) => {
+                            tracing::warn!(name = %rec.query, "learning timed out; SERVFAIL");
+                            Counters::inc(&sh.counters.learn_failures);
+                            return self.fail(rec, &p, rcode::SERVFAIL);
+                        }
+                    }
+                }
+                let pairs: Vec<_> = ips.iter().map(|l| (l.ip, l.ttl)).collect();
+                for name in &res.names {
+                    sh.cache.insert(p.endpoint, name, &pairs, now);
+                }
+            }
+        }
+        rec.latency = p.started.elapsed();
+        sh.sink.record(rec);
+        raw_answer
+    }
+
+    /// Answers the client with an error code of the proxy's own, recording it.
+    fn fail(&self, mut rec: DnsRecord, p: &Pending, code: u16) -> Vec<u8> {
+        rec.verdict = DnsVerdict::Error;
+        rec.rcode = Some(code);
+        rec.ips.clear();
+        rec.ttl = None;
+        rec.latency = p.started.elapsed();
+        self.shared.sink.record(rec);
+        wire::reply(&p.msg, &p.raw, code).unwrap_or_default()
+    }
+
+    /// Sends the client's query (bytes unchanged, so the answer carries the client's ID) to
+    /// its server and waits for the answer to exactly that query.
+    async fn exchange(
+        &self,
+        ctx: QueryContext,
+        raw: &[u8],
+        query: &DnsMessage,
+    ) -> Result<(Vec<u8>, DnsMessage), UpstreamError> {
+        match ctx.transport {
+            Transport::Udp => self.exchange_udp(ctx.server, raw, query).await,
+            Transport::Tcp => self.exchange_tcp(ctx.server, raw, query).await,
+        }
+    }
+
+    /// Checks one upstream message; `None` (counted) if it is not the awaited answer.
+    fn accept_answer(&self, query: &DnsMessage, data: &[u8]) -> Option<DnsMessage> {
+        let c = &self.shared.counters;
+        match wire::parse_message(data) {
+            Err(_) => {
+                Counters::inc(&c.malformed_answers);
+                None
+            }
+            Ok(answer) => match wire::check_answer(query, &answer) {
+                Ok(()) => Some(answer),
+                Err(Mismatch::NotAResponse | Mismatch::Id | Mismatch::Question) => {
+                    Counters::inc(&c.mismatched_answers);
+                    None
+                }
+            },
+        }
+    }
+
+    fn upstream_socket(&self, server: SocketAddr) -> io::Result<UdpSocket> {
+        let bind: SocketAddr = if server.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(server),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        if let Some(mark) = self.shared.config.upstream_mark {
+            s.set_mark(mark)?;
+        }
+        s.set_nonblocking(true)?;
+        s.bind(&bind.into())?;
+        UdpSocket::from_std(s.into())
+    }
+
+    async fn exchange_udp(
+        &self,
+        server: SocketAddr,
+        raw: &[u8],
+        query: &DnsMessage,
+    ) -> Result<(Vec<u8>, DnsMessage), UpstreamError> {
+        // A fresh socket per query: a random source port, and the kernel drops datagrams from
+        // anyone but the server once it is connected.
+        let sock = self
+            .upstream_socket(server)
+            .map_err(|_| UpstreamError::Io)?;
+        sock.connect(server).await.map_err(|_| UpstreamError::Io)?;
+        sock.send(raw).await.map_err(|_| UpstreamError::Io)?;
+        // Without EDNS a server answers in at most 512 bytes; a small buffer saves zeroing
+        // 64 KiB per query.
+        let size = if query.has_edns {
+            MAX_MESSAGE_LEN
+        } else {
+            4096
+        };
+        let mut buf = vec![0u8; size];
+        loop {
+            let n = sock.recv(&mut buf).await.map_err(|_| UpstreamError::Io)?;
+            let data = buf.get(..n).unwrap_or_default();
+            if let Some(answer) = self.accept_answer(query, data) {
+                buf.truncate(n);
+                return Ok((buf, answer));
+            }
+        }
+    }
+
+    async fn exchange_tcp(
+        &self,
+        server: SocketAddr,
+        raw: &[u8],
+        query: &DnsMessage,
+    ) -> Result<(Vec<u8>, DnsMessage), UpstreamError> {
+        let sock = if server.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|_| UpstreamError::Io)?;
+        if let Some(mark) = self.shared.config.upstream_mark {
+            socket2::SockRef::from(&sock)
+                .set_mark(mark)
+                .map_err(|_| UpstreamError::Io)?;
+        }
+        let mut stream = sock.connect(server).await.map_err(|_| UpstreamError::Io)?;
+        write_framed(&mut stream, raw)
+            .await
+            .map_err(|_| UpstreamError::Io)?;
+        loop {
+            let data = read_framed(&mut stream)
+                .await
+                .map_err(|_| UpstreamError::Io)?;
+            if let Some(answer) = self.accept_answer(query, &data) {
+                return Ok((data, answer));
+            }
+        }
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    ) || e.raw_os_error() == Some(libc::EMFILE)
+        || e.raw_os_error() == Some(libc::ENFILE)
+}
+
+/// Reads one length-prefixed DNS message.
+async fn read_framed(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let len = usize::from(stream.read_u16().await?);
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+/// Writes one length-prefixed DNS message.
+async fn write_framed(stream: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(msg.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "DNS message over 64 KiB"))?;
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(msg);
+    stream.write_all(&out).await
+}

@@ -1,0 +1,529 @@
+//! The DNS wire format. This is the only module that touches `hickory-proto`; everything it
+//! hands out is our own plain data, so hickory's API churn stays here.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::{DNSClass, RData, RecordType};
+
+/// The largest DNS message the proxy accepts (the TCP length prefix's limit).
+pub const MAX_MESSAGE_LEN: usize = 65_535;
+
+/// Length of the fixed DNS header.
+const HEADER_LEN: usize = 12;
+
+/// At most this many CNAME hops are followed in one answer (resolvers give up around 8–16).
+const MAX_CNAME_HOPS: usize = 16;
+
+/// The EDNS payload size advertised in replies the proxy makes itself (the DNS flag day value).
+const EDNS_PAYLOAD: u16 = 1232;
+
+/// Response codes the proxy uses.
+pub mod rcode {
+    /// No error.
+    pub const NOERROR: u16 = 0;
+    /// Format error: the query could not be understood.
+    pub const FORMERR: u16 = 1;
+    /// Server failure: upstream unreachable or timed out, or learning failed.
+    pub const SERVFAIL: u16 = 2;
+    /// Name error (NXDOMAIN): the optional answer to a denied query.
+    pub const NXDOMAIN: u16 = 3;
+    /// Not implemented: an opcode other than QUERY.
+    pub const NOTIMP: u16 = 4;
+    /// Refused: the default answer to a denied query.
+    pub const REFUSED: u16 = 5;
+
+    /// A short name for a response code, as flows show it.
+    pub fn name(code: u16) -> String {
+        match code {
+            NOERROR => "NOERROR".into(),
+            FORMERR => "FORMERR".into(),
+            SERVFAIL => "SERVFAIL".into(),
+            NXDOMAIN => "NXDOMAIN".into(),
+            NOTIMP => "NOTIMP".into(),
+            REFUSED => "REFUSED".into(),
+            other => format!("RCODE{other}"),
+        }
+    }
+}
+
+/// Record types and classes the proxy looks at.
+pub mod rtype {
+    /// IPv4 address.
+    pub const A: u16 = 1;
+    /// Canonical name.
+    pub const CNAME: u16 = 5;
+    /// IPv6 address.
+    pub const AAAA: u16 = 28;
+    /// The Internet class.
+    pub const CLASS_IN: u16 = 1;
+}
+
+/// A DNS message reduced to what the proxy needs. Names are lower-cased and fully qualified
+/// (trailing dot), as policy matching wants them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsMessage {
+    /// The message ID.
+    pub id: u16,
+    /// QR: whether this is a response.
+    pub is_response: bool,
+    /// The opcode (0 = QUERY).
+    pub opcode: u8,
+    /// The response code, including EDNS's extended bits.
+    pub rcode: u16,
+    /// TC: the answer was truncated.
+    pub truncated: bool,
+    /// Whether the message carries an EDNS OPT record.
+    pub has_edns: bool,
+    /// The question section.
+    pub questions: Vec<Question>,
+    /// The answer section (other sections are never learned from, so they are not kept).
+    pub answers: Vec<AnswerRecord>,
+}
+
+/// One question.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Question {
+    /// The name, lower-cased, with the trailing dot.
+    pub name: String,
+    /// QTYPE.
+    pub qtype: u16,
+    /// QCLASS.
+    pub qclass: u16,
+}
+
+/// One answer record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerRecord {
+    /// The owner name, lower-cased, with the trailing dot.
+    pub name: String,
+    /// The record's class.
+    pub class: u16,
+    /// Time to live, seconds.
+    pub ttl: u32,
+    /// What the record says.
+    pub data: AnswerData,
+}
+
+/// The part of a record's data the proxy uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerData {
+    /// An IPv4 address.
+    A(Ipv4Addr),
+    /// An IPv6 address.
+    Aaaa(Ipv6Addr),
+    /// A CNAME target, lower-cased, with the trailing dot.
+    Cname(String),
+    /// Any other record type (by number).
+    Other(u16),
+}
+
+/// Why bytes are not a DNS message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// Longer than [`MAX_MESSAGE_LEN`].
+    #[error("message of {0} bytes exceeds the 65535-byte limit")]
+    TooLong(usize),
+    /// Shorter than the 12-byte header.
+    #[error("message of {0} bytes is shorter than a DNS header")]
+    TooShort(usize),
+    /// The header is there but the rest does not decode (truncated record, bad name,
+    /// compression-pointer loop, bad counts, ...).
+    #[error("malformed DNS message: {0}")]
+    Malformed(String),
+}
+
+/// Parses one DNS message. **This is the proxy's parsing entry point**, the one the
+/// `dns_message` fuzz target drives: every byte string yields `Ok` or `Err`, never a panic.
+pub fn parse_message(bytes: &[u8]) -> Result<DnsMessage, ParseError> {
+    decode(bytes).map(|(m, _)| m)
+}
+
+/// Parses and keeps hickory's message too (to build replies that echo the question).
+pub(crate) fn decode(bytes: &[u8]) -> Result<(DnsMessage, Message), ParseError> {
+    if bytes.len() > MAX_MESSAGE_LEN {
+        return Err(ParseError::TooLong(bytes.len()));
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(ParseError::TooShort(bytes.len()));
+    }
+    let msg = Message::from_vec(bytes).map_err(|e| ParseError::Malformed(e.to_string()))?;
+    Ok((summarise(&msg), msg))
+}
+
+fn name_string(name: &hickory_proto::rr::Name) -> String {
+    let mut s = name.to_ascii();
+    s.make_ascii_lowercase();
+    if !s.ends_with('.') {
+        s.push('.');
+    }
+    s
+}
+
+fn summarise(msg: &Message) -> DnsMessage {
+    let md = &msg.metadata;
+    DnsMessage {
+        id: md.id,
+        is_response: md.message_type == MessageType::Response,
+        opcode: u8::from(md.op_code),
+        rcode: u16::from(md.response_code),
+        truncated: md.truncation,
+        has_edns: msg.edns.is_some(),
+        questions: msg
+            .queries
+            .iter()
+            .map(|q| Question {
+                name: name_string(q.name()),
+                qtype: u16::from(q.query_type()),
+                qclass: u16::from(q.query_class()),
+            })
+            .collect(),
+        answers: msg
+            .answers
+            .iter()
+            .map(|r| AnswerRecord {
+                name: name_string(&r.name),
+                class: u16::from(r.dns_class),
+                ttl: r.ttl,
+                data: match &r.data {
+                    RData::A(a) => AnswerData::A(a.0),
+                    RData::AAAA(a) => AnswerData::Aaaa(a.0),
+                    RData::CNAME(c) => AnswerData::Cname(name_string(&c.0)),
+                    other => AnswerData::Other(u16::from(other.record_type())),
+                },
+            })
+            .collect(),
+    }
+}
+
+/// The ID of a message that has at least a header.
+pub(crate) fn header_id(bytes: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]))
+}
+
+/// Whether a message with at least a header has QR set.
+pub(crate) fn header_is_response(bytes: &[u8]) -> bool {
+    bytes.get(2).is_some_and(|b| b & 0x80 != 0)
+}
+
+/// A header-only reply (no question) for a query that does not parse: ID, opcode and RD
+/// copied, QR set. `None` if there is no header to answer.
+pub(crate) fn header_only_reply(query: &[u8], code: u16) -> Option<Vec<u8>> {
+    if query.len() < HEADER_LEN {
+        return None;
+    }
+    let id = header_id(query)?;
+    let flags = query.get(2).copied().unwrap_or(0);
+    let mut out = Vec::with_capacity(HEADER_LEN);
+    out.extend_from_slice(&id.to_be_bytes());
+    // QR, the query's opcode and RD; AA, TC cleared.
+    out.push(0x80 | (flags & 0x78) | (flags & 0x01));
+    // RA set, Z/AD/CD cleared, the (4-bit) code.
+    out.push(0x80 | (code & 0x0f) as u8);
+    out.extend_from_slice(&[0; 8]);
+    Some(out)
+}
+
+/// A reply the proxy makes itself for a query that parsed: the query's ID, opcode, RD and
+/// question echoed, the given code, an OPT record if the query had one.
+pub(crate) fn reply(query: &Message, raw_query: &[u8], code: u16) -> Option<Vec<u8>> {
+    let md = &query.metadata;
+    let mut m = Message::response(md.id, md.op_code);
+    m.metadata.recursion_desired = md.recursion_desired;
+    m.metadata.recursion_available = true;
+    m.metadata.response_code = <ResponseCode as From<u16>>::from(code);
+    m.queries = query.queries.clone();
+    if query.edns.is_some() {
+        let mut e = Edns::new();
+        e.set_max_payload(EDNS_PAYLOAD);
+        m.edns = Some(e);
+    }
+    match m.to_vec() {
+        Ok(v) => Some(v),
+        // A question hickory cannot re-encode: fall back to the bare header.
+        Err(_) => header_only_reply(raw_query, code),
+    }
+}
+
+/// Builds a query (tests, benchmarks and tools; the proxy itself forwards clients' bytes).
+pub fn build_query(id: u16, name: &str, qtype: u16) -> Option<Vec<u8>> {
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    let name = hickory_proto::rr::Name::from_ascii(name).ok()?;
+    let mut q = hickory_proto::op::Query::query(name, RecordType::from(qtype));
+    q.set_query_class(DNSClass::IN);
+    m.queries.push(q);
+    m.to_vec().ok()
+}
+
+/// Why an upstream message is not the answer to the query the proxy forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mismatch {
+    NotAResponse,
+    Id,
+    Question,
+}
+
+/// Checks that `answer` answers `query`: same ID, QR set, exactly the same single question
+/// (names compared case-insensitively, since resolvers may randomise case).
+pub(crate) fn check_answer(query: &DnsMessage, answer: &DnsMessage) -> Result<(), Mismatch> {
+    if !answer.is_response {
+        return Err(Mismatch::NotAResponse);
+    }
+    if answer.id != query.id {
+        return Err(Mismatch::Id);
+    }
+    if answer.questions.len() != 1 || answer.questions.first() != query.questions.first() {
+        return Err(Mismatch::Question);
+    }
+    Ok(())
+}
+
+/// What an answer says about the query name: the CNAME chain and the addresses at its end.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolution {
+    /// The query name followed by each CNAME target, in chain order.
+    pub names: Vec<String>,
+    /// Addresses owned by a name of the chain, each with the smallest TTL along the way
+    /// (the address record's and the CNAMEs' that lead to it). No duplicates.
+    pub ips: Vec<(IpAddr, u32)>,
+}
+
+/// Follows the CNAME chain from `qname` through `answers` and collects the A/AAAA records of
+/// its names. Records of other names (unsolicited "extra" data) and of classes other than IN
+/// are ignored, so an answer cannot teach anything about a name that was not asked for.
+pub fn resolve_chain(qname: &str, answers: &[AnswerRecord]) -> Resolution {
+    let qname = qname.to_ascii_lowercase();
+    // (name, smallest CNAME TTL on the way to it)
+    let mut chain: Vec<(String, u32)> = vec![(qname, u32::MAX)];
+    for _ in 0..MAX_CNAME_HOPS {
+        let Some((last, ttl)) = chain.last().cloned() else {
+            break;
+        };
+        let next = answers.iter().find_map(|r| match &r.data {
+            AnswerData::Cname(target) if r.class == rtype::CLASS_IN && r.name == last => {
+                Some((target.clone(), ttl.min(r.ttl)))
+            }
+            _ => None,
+        });
+        match next {
+            Some((target, t)) if !chain.iter().any(|(n, _)| *n == target) => {
+                chain.push((target, t))
+            }
+            _ => break,
+        }
+    }
+    let mut seen = HashSet::new();
+    let mut ips = Vec::new();
+    for r in answers {
+        if r.class != rtype::CLASS_IN {
+            continue;
+        }
+        let ip = match r.data {
+            AnswerData::A(a) => IpAddr::V4(a),
+            AnswerData::Aaaa(a) => IpAddr::V6(a),
+            _ => continue,
+        };
+        let Some((_, chain_ttl)) = chain.iter().find(|(n, _)| *n == r.name) else {
+            continue;
+        };
+        if seen.insert(ip) {
+            ips.push((ip, r.ttl.min(*chain_ttl)));
+        }
+    }
+    Resolution {
+        names: chain.into_iter().map(|(n, _)| n).collect(),
+        ips,
+    }
+}
+
+/// The names of query types, as flows show them (`A`, `AAAA`, `TYPE65`...).
+pub(crate) fn qtype_name(qtype: u16) -> String {
+    RecordType::from(qtype).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(name: &str, ttl: u32, data: AnswerData) -> AnswerRecord {
+        AnswerRecord {
+            name: name.into(),
+            class: rtype::CLASS_IN,
+            ttl,
+            data,
+        }
+    }
+
+    #[test]
+    fn query_round_trip() {
+        let q = build_query(0x1234, "API.Stripe.com.", rtype::A).unwrap_or_default();
+        let m = parse_message(&q);
+        assert!(m.is_ok(), "{m:?}");
+        let m = m.unwrap_or_else(|_| unreachable!());
+        assert_eq!(m.id, 0x1234);
+        assert!(!m.is_response);
+        assert_eq!(
+            m.questions,
+            vec![Question {
+                name: "api.stripe.com.".into(),
+                qtype: rtype::A,
+                qclass: rtype::CLASS_IN
+            }]
+        );
+    }
+
+    #[test]
+    fn short_long_and_garbage() {
+        assert_eq!(parse_message(&[1, 2, 3]), Err(ParseError::TooShort(3)));
+        assert!(matches!(
+            parse_message(&vec![0; MAX_MESSAGE_LEN + 1]),
+            Err(ParseError::TooLong(_))
+        ));
+        // A header announcing one question, with nothing after it.
+        let truncated = [0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        assert!(matches!(
+            parse_message(&truncated),
+            Err(ParseError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn compression_pointer_loop_is_an_error() {
+        // Header with one question whose name is a pointer to itself (offset 12).
+        let mut m = vec![0, 7, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        assert!(matches!(parse_message(&m), Err(ParseError::Malformed(_))));
+        // Two pointers pointing at each other.
+        let mut m = vec![0, 7, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        m.extend_from_slice(&[0xc0, 14, 0xc0, 12, 0, 1, 0, 1]);
+        assert!(matches!(parse_message(&m), Err(ParseError::Malformed(_))));
+    }
+
+    #[test]
+    fn header_only_reply_copies_id_and_rd() {
+        let q = [0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 0xff];
+        let r = header_only_reply(&q, rcode::FORMERR).unwrap_or_default();
+        assert_eq!(r.len(), 12);
+        assert_eq!(&r[..2], &[0xab, 0xcd]);
+        assert_eq!(r[2], 0x81);
+        assert_eq!(r[3] & 0x0f, 1);
+        assert_eq!(header_only_reply(&q[..5], rcode::FORMERR), None);
+    }
+
+    #[test]
+    fn reply_echoes_question() {
+        let q = build_query(77, "evil-site.com.", rtype::AAAA).unwrap_or_default();
+        let (_, msg) = decode(&q).unwrap_or_else(|e| panic!("{e}"));
+        let r = reply(&msg, &q, rcode::REFUSED).unwrap_or_default();
+        let m = parse_message(&r).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.id, 77);
+        assert!(m.is_response);
+        assert_eq!(m.rcode, rcode::REFUSED);
+        assert_eq!(m.questions.len(), 1);
+        assert_eq!(m.questions[0].name, "evil-site.com.");
+    }
+
+    #[test]
+    fn chain_follows_cnames_and_ignores_others() {
+        let answers = vec![
+            rec(
+                "www.example.com.",
+                300,
+                AnswerData::Cname("edge.cdn.net.".into()),
+            ),
+            rec("edge.cdn.net.", 60, AnswerData::Cname("e1.cdn.net.".into())),
+            rec(
+                "e1.cdn.net.",
+                120,
+                AnswerData::A(Ipv4Addr::new(192, 0, 2, 1)),
+            ),
+            rec(
+                "e1.cdn.net.",
+                30,
+                AnswerData::A(Ipv4Addr::new(192, 0, 2, 2)),
+            ),
+            // Not on the chain: ignored.
+            rec("evil.com.", 999, AnswerData::A(Ipv4Addr::new(6, 6, 6, 6))),
+            AnswerRecord {
+                name: "e1.cdn.net.".into(),
+                class: 3,
+                ttl: 10,
+                data: AnswerData::A(Ipv4Addr::new(7, 7, 7, 7)),
+            },
+        ];
+        let r = resolve_chain("www.example.com.", &answers);
+        assert_eq!(
+            r.names,
+            vec!["www.example.com.", "edge.cdn.net.", "e1.cdn.net."]
+        );
+        assert_eq!(
+            r.ips,
+            vec![
+                (IpAddr::from([192, 0, 2, 1]), 60),
+                (IpAddr::from([192, 0, 2, 2]), 30)
+            ]
+        );
+    }
+
+    #[test]
+    fn cname_loop_terminates() {
+        let answers = vec![
+            rec("a.", 5, AnswerData::Cname("b.".into())),
+            rec("b.", 5, AnswerData::Cname("a.".into())),
+            rec("b.", 5, AnswerData::A(Ipv4Addr::LOCALHOST)),
+        ];
+        let r = resolve_chain("a.", &answers);
+        assert_eq!(r.names, vec!["a.", "b."]);
+        assert_eq!(r.ips.len(), 1);
+    }
+
+    #[test]
+    fn answer_must_match_question() {
+        let q = DnsMessage {
+            id: 1,
+            is_response: false,
+            opcode: 0,
+            rcode: 0,
+            truncated: false,
+            has_edns: false,
+            questions: vec![Question {
+                name: "a.".into(),
+                qtype: 1,
+                qclass: 1,
+            }],
+            answers: vec![],
+        };
+        let mut a = q.clone();
+        assert_eq!(check_answer(&q, &a), Err(Mismatch::NotAResponse));
+        a.is_response = true;
+        assert_eq!(check_answer(&q, &a), Ok(()));
+        a.id = 2;
+        assert_eq!(check_answer(&q, &a), Err(Mismatch::Id));
+        a.id = 1;
+        a.questions.push(a.questions[0].clone());
+        assert_eq!(check_answer(&q, &a), Err(Mismatch::Question));
+        a.questions.truncate(1);
+        a.questions[0].qtype = 28;
+        assert_eq!(check_answer(&q, &a), Err(Mismatch::Question));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = parse_message(&bytes);
+            let _ = header_only_reply(&bytes, rcode::FORMERR);
+        }
+
+        #[test]
+        fn mutated_queries_never_panic(pos in 0usize..40, val in proptest::num::u8::ANY) {
+            let mut q = build_query(9, "a.b.example.com.", rtype::A).unwrap_or_default();
+            if let Some(b) = q.get_mut(pos) { *b = val; }
+            if let Ok((m, msg)) = decode(&q) {
+                let _ = reply(&msg, &q, rcode::REFUSED);
+                let _ = resolve_chain(m.questions.first().map(|q| q.name.as_str()).unwrap_or("."), &m.answers);
+            }
+        }
+    }
+}
