@@ -213,6 +213,15 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
             TC_ACT_SHOT
         }
         Ok(proxy_port) => {
+            // Steer first: a connection the proxy cannot take is dropped and leaves neither a
+            // conntrack entry nor a fragment record behind for its later packets to ride on.
+            if let Err(reason) = steer_to_proxy(ctx, pkt, dir, proxy_port) {
+                if pkt.frag == 1 {
+                    let _ = WEIR_FRAGS.remove(&s.frag);
+                }
+                drop_packet(ctx, &ep, ifindex, dir, Some((pkt, remote)), reason);
+                return TC_ACT_SHOT;
+            }
             if pkt.trackable {
                 let mut entry = CtEntry {
                     expires_ns: 0,
@@ -228,10 +237,6 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
                 let _ = WEIR_CT.insert(&s.ct, &entry, 0);
             }
             remember_fragment(pkt, &s.frag);
-            if let Err(reason) = steer_to_proxy(ctx, pkt, dir, proxy_port) {
-                drop_packet(ctx, &ep, ifindex, dir, Some((pkt, remote)), reason);
-                return TC_ACT_SHOT;
-            }
             let kind = if proxy_port != 0 {
                 event_kind::REDIRECT_NEW
             } else {
@@ -632,7 +637,8 @@ fn parse(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, u8> {
         let mut next = ip[6];
         let mut off = ETH_HLEN + 40;
         let mut done = false;
-        for _ in 0..MAX_EXT_HEADERS {
+        // One more round than headers allowed: the last one reads the L4 protocol.
+        for _ in 0..=MAX_EXT_HEADERS {
             match next {
                 // Hop-by-hop, routing, destination options: length in 8-octet units, minus one.
                 0 | 43 | 60 => {
@@ -716,8 +722,9 @@ fn parse(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, u8> {
                 // Other ICMP types are judged by policy on their type, packet by packet.
                 p.trackable = false;
             }
-            // IPv6 neighbour discovery (RS, RA, NS, NA, redirect) is link plumbing, always allowed.
-            if v6 && (133..=137).contains(&ty) {
+            // IPv6 neighbour discovery (RS, RA, NS, NA, redirect) is link plumbing, always
+            // allowed; fragmented ND is not genuine (RFC 6980) and goes through policy.
+            if v6 && (133..=137).contains(&ty) && p.frag == 0 {
                 p.bypass = true;
             }
         }
