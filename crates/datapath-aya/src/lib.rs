@@ -27,6 +27,7 @@
 
 mod loader;
 pub mod packet;
+pub mod replay;
 mod testrun;
 
 pub use loader::{AyaDatapath, LoadError};
