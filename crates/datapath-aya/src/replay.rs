@@ -182,6 +182,11 @@ impl Replayer {
         &self.dp
     }
 
+    /// The loaded datapath, for direct map updates (benchmarks).
+    pub fn datapath_mut(&mut self) -> &mut AyaDatapath {
+        &mut self.dp
+    }
+
     /// Where the private bpffs is mounted.
     pub fn bpffs(&self) -> &Path {
         &self._fs.dir
