@@ -10,7 +10,9 @@
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple},
     cty::c_void,
-    helpers::{bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release},
+    helpers::{
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release,
+    },
     macros::{classifier, map},
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::TcContext,
@@ -105,19 +107,51 @@ pub fn weir_to_pod(mut ctx: TcContext) -> i32 {
     handle(&mut ctx, direction::INGRESS)
 }
 
+/// Copies a 16-byte address as two 8-byte moves. Plain array assignments compile to calls
+/// of a byte-at-a-time `memmove`/`memset` on the BPF target, which showed up as a tenth of the
+/// per-packet cost in profiles.
+#[inline(always)]
+fn copy16(dst: &mut [u8; 16], src: &[u8; 16]) {
+    let s = src.as_ptr().cast::<u64>();
+    let d = dst.as_mut_ptr().cast::<u64>();
+    // SAFETY: both arrays are 16 bytes; unaligned reads and writes of two u64 stay inside them.
+    unsafe {
+        let a = core::ptr::read_unaligned(s);
+        let b = core::ptr::read_unaligned(s.add(1));
+        core::ptr::write_unaligned(d, a);
+        core::ptr::write_unaligned(d.add(1), b);
+    }
+}
+
+/// Zeroes a 16-byte address that starts on an 8-byte boundary, with volatile stores so that
+/// LLVM cannot merge them with neighbouring zero stores into a `memset` call.
+///
+/// # Safety
+/// `dst` must be 8-aligned.
+#[inline(always)]
+unsafe fn zero16(dst: *mut [u8; 16]) {
+    let d = dst.cast::<u64>();
+    // SAFETY: the caller guarantees alignment; both words lie inside the array.
+    unsafe {
+        core::ptr::write_volatile(d, 0);
+        core::ptr::write_volatile(d.add(1), 0);
+    }
+}
+
 /// Does nothing: the baseline the verdict-cost benchmark subtracts (test-run harness overhead).
 #[classifier]
 pub fn weir_empty(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// What the parser learned about a packet.
-#[repr(C)]
+/// What the parser learned about a packet. The addresses come first and the struct is
+/// 8-aligned so that they can be zeroed with aligned volatile stores (see [`zero16`]).
+#[repr(C, align(8))]
 struct Packet {
-    family: u8,
-    protocol: u8,
     saddr: [u8; 16],
     daddr: [u8; 16],
+    family: u8,
+    protocol: u8,
     /// Conntrack ports, network order.
     sport_be: u16,
     dport_be: u16,
@@ -165,8 +199,8 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
     if pkt.bypass {
         return pass(ctx, 0, ct_state::UNTRACKED_PASS);
     }
-    s.frag.saddr = pkt.saddr;
-    s.frag.daddr = pkt.daddr;
+    copy16(&mut s.frag.saddr, &pkt.saddr);
+    copy16(&mut s.frag.daddr, &pkt.daddr);
     s.frag.id = pkt.frag_id;
     s.frag.protocol = pkt.protocol;
     s.frag.family = pkt.family;
@@ -189,8 +223,10 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
         return TC_ACT_SHOT;
     }
 
+    // Conntrack lifetimes are seconds: the coarse clock (no TSC read, which costs ~20 ns in a
+    // VM) is precise enough.
     // SAFETY: a helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let len = u64::from(ctx.len());
     if pkt.trackable {
         set_ct_key(&mut s.ct, pkt, dir, false);
@@ -355,14 +391,14 @@ fn steer_to_proxy(ctx: &mut TcContext, pkt: &Packet, dir: u8, proxy_port: u16) -
 #[inline(always)]
 fn set_ct_key(k: &mut CtKey, pkt: &Packet, dir: u8, reverse: bool) {
     if reverse {
-        k.saddr = pkt.daddr;
-        k.daddr = pkt.saddr;
+        copy16(&mut k.saddr, &pkt.daddr);
+        copy16(&mut k.daddr, &pkt.saddr);
         k.sport_be = pkt.dport_be;
         k.dport_be = pkt.sport_be;
         k.direction = dir ^ 1;
     } else {
-        k.saddr = pkt.saddr;
-        k.daddr = pkt.daddr;
+        copy16(&mut k.saddr, &pkt.saddr);
+        copy16(&mut k.daddr, &pkt.daddr);
         k.sport_be = pkt.sport_be;
         k.dport_be = pkt.dport_be;
         k.direction = dir;
@@ -477,8 +513,8 @@ fn emit(
                 (*p).tcp_flags = pk.tcp_flags;
                 (*p).sport = u16::from_be(pk.sport_be);
                 (*p).dport = pk.policy_port;
-                (*p).saddr = pk.saddr;
-                (*p).daddr = pk.daddr;
+                copy16(&mut (*p).saddr, &pk.saddr);
+                copy16(&mut (*p).daddr, &pk.daddr);
                 if dir == direction::EGRESS {
                     (*p).src_identity = ep.identity;
                     (*p).dst_identity = remote;
@@ -491,12 +527,14 @@ fn emit(
                 (*p).family = 0;
                 (*p).protocol = 0;
                 (*p).tcp_flags = 0;
-                (*p).sport = 0;
-                (*p).dport = 0;
-                (*p).saddr = [0; 16];
-                (*p).daddr = [0; 16];
-                (*p).src_identity = 0;
-                (*p).dst_identity = 0;
+                // Volatile, so that the zero stores stay stores (no `memset` call). Ring records
+                // are 8-aligned and the addresses sit at offsets 40 and 56.
+                core::ptr::write_volatile(&raw mut (*p).sport, 0);
+                core::ptr::write_volatile(&raw mut (*p).dport, 0);
+                core::ptr::write_volatile(&raw mut (*p).src_identity, 0);
+                core::ptr::write_volatile(&raw mut (*p).dst_identity, 0);
+                zero16(&raw mut (*p).saddr);
+                zero16(&raw mut (*p).daddr);
             }
         }
     }
@@ -546,11 +584,19 @@ fn remote_identity(ctx: &mut TcContext, pkt: &Packet, dir: u8) -> u32 {
 
 #[inline(always)]
 fn lookup_identity(fam: u8, addr: &[u8; 16]) -> u32 {
-    let data = IpcacheKey {
-        family: fam,
-        pad: [0; 3],
-        addr: *addr,
+    // Built as five words: a field-by-field literal zeroes `pad` with a `memset` call.
+    let w = |i: usize| {
+        u32::from_ne_bytes([
+            addr.get(i).copied().unwrap_or(0),
+            addr.get(i + 1).copied().unwrap_or(0),
+            addr.get(i + 2).copied().unwrap_or(0),
+            addr.get(i + 3).copied().unwrap_or(0),
+        ])
     };
+    let words: [u32; 5] = [u32::from(fam), w(0), w(4), w(8), w(12)];
+    // SAFETY: `IpcacheKey` is repr(C), 20 bytes, alignment 4, plain bytes: family at byte 0
+    // (the low byte of the first word on this little-endian target), zero padding, address.
+    let data: IpcacheKey = unsafe { core::mem::transmute(words) };
     // A host entry is the longest possible match: no need for the trie.
     // SAFETY: the value is copied out at once; userspace writes whole entries.
     if let Some(v) = unsafe { WEIR_IPCACHE_HOSTS.get(&data) } {
@@ -654,12 +700,19 @@ fn parse(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, u8> {
     let proto = u16::from_be_bytes(ethertype);
     p.family = 0;
     p.protocol = 0;
-    p.saddr = [0; 16];
-    p.daddr = [0; 16];
-    p.sport_be = 0;
-    p.dport_be = 0;
-    p.policy_port = 0;
-    p.tcp_flags = 0;
+    // SAFETY: `Packet` is 8-aligned and starts with the two addresses.
+    unsafe {
+        zero16(&raw mut p.saddr);
+        zero16(&raw mut p.daddr);
+    }
+    // Volatile: adjacent zero stores would otherwise become a byte-loop `memset` call.
+    // SAFETY: pointers to fields of a live, exclusively borrowed struct.
+    unsafe {
+        core::ptr::write_volatile(&raw mut p.sport_be, 0);
+        core::ptr::write_volatile(&raw mut p.dport_be, 0);
+        core::ptr::write_volatile(&raw mut p.policy_port, 0);
+        core::ptr::write_volatile(&raw mut p.tcp_flags, 0);
+    }
     p.trackable = true;
     p.bypass = false;
     p.frag = 0;
@@ -691,8 +744,10 @@ fn parse(ctx: &TcContext, p: &mut Packet) -> Result<Parsed, u8> {
             return Err(drop_reason::INVALID_PACKET);
         }
         p.family = family::V6;
-        p.saddr = load(ctx, ETH_HLEN + 8)?;
-        p.daddr = load(ctx, ETH_HLEN + 24)?;
+        let a: [u8; 16] = load(ctx, ETH_HLEN + 8)?;
+        copy16(&mut p.saddr, &a);
+        let a: [u8; 16] = load(ctx, ETH_HLEN + 24)?;
+        copy16(&mut p.daddr, &a);
         let mut next = ip[6];
         let mut off = ETH_HLEN + 40;
         let mut done = false;
