@@ -2,13 +2,14 @@
 //! a named endpoint with its own policy map, against a given ipcache: the kernel half of
 //! `weir policy test --datapath aya` and of the scenario corpus tests.
 //!
-//! Everything lives on a private bpffs mounted on a fresh temporary directory and is gone when
-//! the [`Replayer`] drops: nothing is attached to any interface.
+//! The programs are loaded through a private bpffs mounted on a fresh temporary directory and
+//! unmounted right after loading; they live as long as the [`Replayer`] holds their fds, and
+//! nothing is attached to any interface.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ipnet::IpNet;
 use weir_datapath::{Datapath, DatapathError, EndpointId, Verdict};
@@ -150,9 +151,7 @@ pub fn kernel_expectation(
 /// Loaded programs on a private bpffs, with named endpoints whose maps can be replaced.
 #[derive(Debug)]
 pub struct Replayer {
-    // Field order: the datapath (and its map fds) closes before the bpffs unmounts.
     dp: AyaDatapath,
-    _fs: PrivateBpffs,
     endpoints: BTreeMap<String, EndpointId>,
     ipcache: BTreeSet<(IpNet, Identity)>,
     /// Source port / ICMP id of the next packet: each replay is a new connection.
@@ -168,9 +167,12 @@ impl Replayer {
         }
         let fs = PrivateBpffs::mount()?;
         let dp = AyaDatapath::load(&fs.dir.join("weir"))?;
+        // The process's fds keep programs and maps alive; the pins are not needed any more.
+        // Unmount now, so that nothing stays behind even if the process is killed (a closed
+        // pipe kills `weir policy test ... | head`).
+        drop(fs);
         Ok(Self {
             dp,
-            _fs: fs,
             endpoints: BTreeMap::new(),
             ipcache: BTreeSet::new(),
             next_port: 20000,
@@ -185,11 +187,6 @@ impl Replayer {
     /// The loaded datapath, for direct map updates (benchmarks).
     pub fn datapath_mut(&mut self) -> &mut AyaDatapath {
         &mut self.dp
-    }
-
-    /// Where the private bpffs is mounted.
-    pub fn bpffs(&self) -> &Path {
-        &self._fs.dir
     }
 
     /// Makes the kernel ipcache hold exactly `entries` (adds first, then removals).
