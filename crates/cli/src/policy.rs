@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Subcommand, ValueEnum};
 
+mod kernel;
+
 /// `weir policy ...`
 #[derive(Subcommand)]
 pub enum PolicyCommand {
@@ -24,7 +26,20 @@ pub enum PolicyCommand {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// Also run every L3/L4 flow as a real packet through a kernel datapath
+        /// (`aya`: the loaded eBPF programs with BPF_PROG_TEST_RUN; needs root; text output).
+        #[arg(long, value_enum, default_value_t = DatapathChoice::None)]
+        datapath: DatapathChoice,
     },
+}
+
+/// Where `weir policy test` judges flows.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DatapathChoice {
+    /// Offline only: the compiler's decision and the L7 matchers.
+    None,
+    /// Also the eBPF programs, through BPF_PROG_TEST_RUN on a private bpffs.
+    Aya,
 }
 
 /// How results are printed.
@@ -40,7 +55,21 @@ pub enum Output {
 pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         PolicyCommand::Validate { paths } => validate(&paths),
-        PolicyCommand::Test { scenarios, output } => test(&scenarios, output),
+        PolicyCommand::Test {
+            scenarios,
+            output,
+            datapath: DatapathChoice::None,
+        } => test(&scenarios, output),
+        PolicyCommand::Test {
+            scenarios,
+            output,
+            datapath: DatapathChoice::Aya,
+        } => {
+            if matches!(output, Output::Json) {
+                anyhow::bail!("--datapath aya prints text only; drop --output json");
+            }
+            kernel::test(&scenario_files(&scenarios)?)
+        }
         PolicyCommand::Get => anyhow::bail!("`weir policy get` asks the agent; handled in main"),
     }
 }
@@ -112,7 +141,7 @@ fn test(paths: &[PathBuf], output: Output) -> anyhow::Result<ExitCode> {
 }
 
 /// Files named directly, and the `.yaml`/`.yml` files of directories (not recursive), sorted.
-fn scenario_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+pub(crate) fn scenario_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {

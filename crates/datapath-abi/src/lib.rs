@@ -16,10 +16,18 @@ use core::mem::{offset_of, size_of};
 
 /// Map names, as the loader finds them in the object file and pins them.
 pub mod map_name {
-    /// Global policy LPM trie: [`PolicyKey`](crate::PolicyKey) → [`PolicyValue`](crate::PolicyValue).
+    /// Global policy LPM trie for entries with a partial protocol/port prefix (1–23 bits):
+    /// [`PolicyKey`](crate::PolicyKey) → [`PolicyValue`](crate::PolicyValue).
     pub const POLICY: &str = "WEIR_POLICY";
-    /// ipcache LPM trie: [`IpcacheKey`](crate::IpcacheKey) → [`IpcacheValue`](crate::IpcacheValue).
+    /// Global policy hash for exact entries (24 bits: protocol and port) and L3-only entries
+    /// (0 bits, `direction | POLICY_L3_ONLY`): the common entries, looked up in constant time.
+    pub const POLICY_EXACT: &str = "WEIR_POLICY_EXACT";
+    /// ipcache LPM trie for prefixes shorter than a host address:
+    /// [`IpcacheKey`](crate::IpcacheKey) → [`IpcacheValue`](crate::IpcacheValue).
     pub const IPCACHE: &str = "WEIR_IPCACHE";
+    /// ipcache hash for host addresses (/32, /128: pods, nodes, learned DNS answers), consulted
+    /// first: [`IpcacheKey`](crate::IpcacheKey) → [`IpcacheValue`](crate::IpcacheValue).
+    pub const IPCACHE_HOSTS: &str = "WEIR_IPCACHE_HOSTS";
     /// Endpoint hash: ifindex (`u32`) → [`EndpointInfo`](crate::EndpointInfo).
     pub const ENDPOINTS: &str = "WEIR_ENDPOINTS";
     /// Conntrack LRU hash: [`CtKey`](crate::CtKey) → [`CtEntry`](crate::CtEntry).
@@ -38,14 +46,18 @@ pub mod program_name {
     pub const FROM_POD: &str = "weir_from_pod";
     /// Attached to tc egress of the host-side veth: packets entering the pod (ingress policy).
     pub const TO_POD: &str = "weir_to_pod";
+    /// Returns TC_ACT_OK and nothing else: the same-run baseline of verdict-cost benchmarks.
+    pub const EMPTY: &str = "weir_empty";
 }
 
 /// Map sizes.
 pub mod capacity {
-    /// Policy entries over all endpoints.
+    /// Partial-prefix policy entries over all endpoints.
     pub const POLICY: u32 = 262_144;
-    /// ipcache prefixes.
-    pub const IPCACHE: u32 = 65_536;
+    /// Exact and L3-only policy entries over all endpoints.
+    pub const POLICY_EXACT: u32 = 262_144;
+    /// ipcache prefixes (Cilium's default is 512k; 256k holds a 100k-pod cluster dual-stack).
+    pub const IPCACHE: u32 = 262_144;
     /// Endpoints on the node.
     pub const ENDPOINTS: u32 = 4_096;
     /// Conntrack entries.
@@ -162,6 +174,9 @@ pub const IDENTITY_WORLD: u32 = 2;
 
 /// skb mark set on packets steered to a proxy: `MARK_MAGIC_TO_PROXY | proxy_port << 16`.
 pub const MARK_MAGIC_TO_PROXY: u32 = 0x0200;
+
+/// Set in [`PolicyKey::direction`] of an L3-only entry (prefix 0) in the exact policy hash.
+pub const POLICY_L3_ONLY: u8 = 0x80;
 
 /// Bits of the policy LPM prefix that cover endpoint, identity and direction.
 pub const POLICY_FIXED_PREFIX_BITS: u32 = 72;

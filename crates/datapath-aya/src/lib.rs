@@ -10,6 +10,13 @@
 //! a new process calling [`AyaDatapath::load`] with the same directory takes the maps over.
 //!
 //! Choices worth knowing:
+//! * Lookups cost the same at any map size: exact (protocol+port) and L3-only policy entries
+//!   live in a hash (`WEIR_POLICY_EXACT`), only partial port prefixes in the LPM trie; host
+//!   addresses of the ipcache live in a hash (`WEIR_IPCACHE_HOSTS`), shorter prefixes in the
+//!   trie. Each lookup takes the hash first (its answer is the longest possible match).
+//! * Headers are read straight from the linear packet data when they are there, through
+//!   `bpf_skb_load_bytes` otherwise; a pure TCP SYN skips the reply conntrack lookup; a full
+//!   event ring is detected before reserving (the lost event is counted).
 //! * Later IP fragments pass only if their first fragment passed (tracked by source,
 //!   destination, protocol and IP id); otherwise they drop with 175.
 //! * Truncated or malformed IPv4/IPv6/L4 headers drop with 134, more than 8 IPv6 extension
@@ -27,6 +34,7 @@
 
 mod loader;
 pub mod packet;
+pub mod replay;
 mod testrun;
 
 pub use loader::{AyaDatapath, LoadError};

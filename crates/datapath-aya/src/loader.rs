@@ -12,7 +12,7 @@ use aya::programs::{SchedClassifier, tc::TcError};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use tokio::io::unix::AsyncFd;
-use weir_datapath::encode;
+use weir_datapath::encode::{self, PolicySlot};
 use weir_datapath::{
     Counters, CtRecord, Datapath, DatapathError, DatapathEvent, EndpointAttachment, EndpointId,
 };
@@ -69,7 +69,9 @@ pub struct AyaDatapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     policy: LpmTrie<MapData, abi::PolicyKey, abi::PolicyValue>,
+    policy_exact: HashMap<MapData, abi::PolicyKey, abi::PolicyValue>,
     ipcache: LpmTrie<MapData, abi::IpcacheKey, abi::IpcacheValue>,
+    ipcache_hosts: HashMap<MapData, abi::IpcacheKey, abi::IpcacheValue>,
     endpoints: HashMap<MapData, u32, abi::EndpointInfo>,
     conntrack: HashMap<MapData, abi::CtKey, abi::CtEntry>,
     counters: PerCpuArray<MapData, u64>,
@@ -97,7 +99,11 @@ impl AyaDatapath {
             .default_map_pin_directory(pin_dir)
             .load(EBPF_OBJECT)
             .map_err(|e| load_err("eBPF object", e))?;
-        for name in [abi::program_name::FROM_POD, abi::program_name::TO_POD] {
+        for name in [
+            abi::program_name::FROM_POD,
+            abi::program_name::TO_POD,
+            abi::program_name::EMPTY,
+        ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| load_err(name, "missing from object"))?
@@ -119,8 +125,12 @@ impl AyaDatapath {
         };
         let policy = LpmTrie::try_from(take(abi::map_name::POLICY)?)
             .map_err(|e| load_err("policy map", e))?;
+        let policy_exact = HashMap::try_from(take(abi::map_name::POLICY_EXACT)?)
+            .map_err(|e| load_err("exact policy map", e))?;
         let ipcache = LpmTrie::try_from(take(abi::map_name::IPCACHE)?)
             .map_err(|e| load_err("ipcache map", e))?;
+        let ipcache_hosts = HashMap::try_from(take(abi::map_name::IPCACHE_HOSTS)?)
+            .map_err(|e| load_err("ipcache host map", e))?;
         let endpoints = HashMap::try_from(take(abi::map_name::ENDPOINTS)?)
             .map_err(|e| load_err("endpoint map", e))?;
         let conntrack = HashMap::try_from(take(abi::map_name::CONNTRACK)?)
@@ -133,7 +143,9 @@ impl AyaDatapath {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             policy,
+            policy_exact,
             ipcache,
+            ipcache_hosts,
             endpoints,
             conntrack,
             counters,
@@ -207,15 +219,23 @@ impl AyaDatapath {
             .policy
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| {
-                let data = k.data();
-                data.endpoint_id == endpoint.0
-            })
+            .filter(|k| k.data().endpoint_id == endpoint.0)
             .collect();
         for k in keys {
             self.policy
                 .remove(&k)
                 .map_err(|e| be("policy map remove", e))?;
+        }
+        let keys: Vec<abi::PolicyKey> = self
+            .policy_exact
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.endpoint_id == endpoint.0)
+            .collect();
+        for k in keys {
+            self.policy_exact
+                .remove(&k)
+                .map_err(|e| be("exact policy map remove", e))?;
         }
         Ok(())
     }
@@ -327,24 +347,33 @@ impl Datapath for AyaDatapath {
         // Encode everything first so that a bad key changes nothing.
         let mut ups = Vec::with_capacity(diff.upserts.len());
         for (k, e) in &diff.upserts {
-            let (prefix, data) = encode::policy_key(endpoint, k)?;
             ups.push((
-                Key::new(prefix, data),
+                encode::policy_slot(endpoint, k)?,
                 encode::policy_value(&e.action, k.prefix_len, 0),
             ));
         }
         let mut rems = Vec::with_capacity(diff.removals.len());
         for k in &diff.removals {
-            let (prefix, data) = encode::policy_key(endpoint, k)?;
-            rems.push(Key::new(prefix, data));
+            rems.push(encode::policy_slot(endpoint, k)?);
         }
-        for (k, v) in &ups {
-            self.policy
-                .insert(k, *v, 0)
-                .map_err(|e| be("policy map insert", e))?;
+        for (slot, v) in &ups {
+            match slot {
+                PolicySlot::Exact(k) => self
+                    .policy_exact
+                    .insert(k, *v, 0)
+                    .map_err(|e| be("exact policy map insert", e))?,
+                PolicySlot::Trie(p, k) => self
+                    .policy
+                    .insert(&Key::new(*p, *k), *v, 0)
+                    .map_err(|e| be("policy map insert", e))?,
+            }
         }
-        for k in &rems {
-            match self.policy.remove(k) {
+        for slot in &rems {
+            let r = match slot {
+                PolicySlot::Exact(k) => self.policy_exact.remove(k),
+                PolicySlot::Trie(p, k) => self.policy.remove(&Key::new(*p, *k)),
+            };
+            match r {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(be("policy map remove", e)),
             }
@@ -353,19 +382,34 @@ impl Datapath for AyaDatapath {
     }
 
     fn upsert_ipcache(&mut self, prefix: IpNet, identity: Identity) -> Result<(), DatapathError> {
-        let (p, data) = encode::ipcache_key(&prefix.trunc());
+        let prefix = prefix.trunc();
+        let (p, data) = encode::ipcache_key(&prefix);
         let v = abi::IpcacheValue {
             identity: identity.get(),
             ..Default::default()
         };
-        self.ipcache
-            .insert(&Key::new(p, data), v, 0)
-            .map_err(|e| be("ipcache insert", e))
+        // Host addresses go to the hash (a /32 or /128 is always the longest match); the rest
+        // to the trie.
+        if prefix.prefix_len() == prefix.max_prefix_len() {
+            self.ipcache_hosts
+                .insert(data, v, 0)
+                .map_err(|e| be("ipcache host insert", e))
+        } else {
+            self.ipcache
+                .insert(&Key::new(p, data), v, 0)
+                .map_err(|e| be("ipcache insert", e))
+        }
     }
 
     fn remove_ipcache(&mut self, prefix: IpNet) -> Result<(), DatapathError> {
-        let (p, data) = encode::ipcache_key(&prefix.trunc());
-        match self.ipcache.remove(&Key::new(p, data)) {
+        let prefix = prefix.trunc();
+        let (p, data) = encode::ipcache_key(&prefix);
+        let r = if prefix.prefix_len() == prefix.max_prefix_len() {
+            self.ipcache_hosts.remove(&data)
+        } else {
+            self.ipcache.remove(&Key::new(p, data))
+        };
+        match r {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(be("ipcache remove", e)),
         }
@@ -383,6 +427,13 @@ impl Datapath for AyaDatapath {
                 out.insert(key, encode::policy_action_from_abi(&v));
             }
         }
+        for item in self.policy_exact.iter() {
+            let (k, v) = item.map_err(|e| be("exact policy map iterate", e))?;
+            let (ep, key) = encode::policy_exact_key_from_abi(&k);
+            if ep == endpoint {
+                out.insert(key, encode::policy_action_from_abi(&v));
+            }
+        }
         Ok(out)
     }
 
@@ -391,6 +442,15 @@ impl Datapath for AyaDatapath {
         for item in self.ipcache.iter() {
             let (k, v) = item.map_err(|e| be("ipcache iterate", e))?;
             if let Some(net) = encode::ipcache_key_from_abi(k.prefix_len(), &k.data()) {
+                out.push((net, Identity(v.identity)));
+            }
+        }
+        for item in self.ipcache_hosts.iter() {
+            let (k, v) = item.map_err(|e| be("ipcache host iterate", e))?;
+            let bits = if k.family == abi::family::V4 { 32 } else { 128 };
+            if let Some(net) =
+                encode::ipcache_key_from_abi(abi::IPCACHE_FIXED_PREFIX_BITS + bits, &k)
+            {
                 out.push((net, Identity(v.identity)));
             }
         }

@@ -26,6 +26,8 @@ pub enum HookDirection {
     FromPod,
     /// `weir_to_pod`: the packet enters the pod (ingress policy).
     ToPod,
+    /// `weir_empty`: returns at once (benchmark baseline).
+    Empty,
 }
 
 /// Conntrack state the program saw.
@@ -78,6 +80,7 @@ impl AyaDatapath {
         let name = match hook {
             HookDirection::FromPod => abi::program_name::FROM_POD,
             HookDirection::ToPod => abi::program_name::TO_POD,
+            HookDirection::Empty => abi::program_name::EMPTY,
         };
         let prog = self.program(name)?;
         let ctx_in = [0u8; SKB_CTX_LEN];

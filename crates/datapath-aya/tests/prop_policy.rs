@@ -1,5 +1,7 @@
-//! Property: for random MapStates and random packets, the kernel's verdict equals the oracle's
-//! (today `weir_datapath::reference::decide`; the compiler's `decide` plugs into `ORACLE`).
+//! Property: for random MapStates and random packets (IPv4 and IPv6, TCP/UDP/SCTP/ICMP, IPv6
+//! extension headers, fragments, truncated and malformed headers), the kernel's verdict equals
+//! the compiler's `decide` for well-formed first packets, and a malformed packet never passes:
+//! it drops with the reason that names what is wrong with it.
 
 mod common;
 
@@ -9,22 +11,30 @@ use std::net::IpAddr;
 use common::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-use weir_datapath::Datapath;
-use weir_datapath::Verdict;
-use weir_datapath::reference::{self, FlowKey};
-use weir_datapath_aya::packet::PacketSpec;
+use weir_datapath::{Datapath, Flow, Verdict, expected_verdict};
+use weir_datapath_aya::packet::{ExtHeader, Fragment, PacketSpec};
 use weir_datapath_aya::{AyaDatapath, HookDirection};
 use weir_identity::Identity;
 use weir_policy_compiler::{EntryAction, MapState, PolicyKey};
 use weir_policy_model::Direction;
 
-/// The oracle the kernel must agree with.
-const ORACLE: fn(&MapState, &FlowKey) -> Verdict = reference::decide;
+/// The oracle the kernel must agree with: the compiler's `decide`.
+const ORACLE: fn(&MapState, &Flow) -> Verdict = expected_verdict;
 
-/// Remote addresses and the identities the ipcache gives them.
-const REMOTES: [(&str, u32); 3] = [("10.0.1.5", 300), ("10.0.2.5", 301), ("192.0.2.1", 2)];
-const PROTOS: [u8; 3] = [6, 17, 1];
-const PORTS: [u16; 6] = [0, 8, 53, 80, 443, 8080];
+/// Remote addresses and the identities the ipcache gives them (2 = world, not in the ipcache).
+const REMOTES: [(&str, u32); 6] = [
+    ("10.0.1.5", 300),
+    ("10.0.2.5", 301),
+    ("192.0.2.1", 2),
+    ("fd00:1::5", 300),
+    ("fd00:2::5", 301),
+    ("2001:db8::1", 2),
+];
+const POD4: &str = "10.0.0.1";
+const POD6: &str = "fd00::1";
+/// Protocols of keys; probes use 1 for ICMP and turn it into 58 over IPv6.
+const PROTOS: [u8; 5] = [6, 17, 1, 58, 132];
+const PORTS: [u16; 7] = [0, 8, 53, 80, 128, 443, 8080];
 
 fn arb_key() -> impl Strategy<Value = PolicyKey> {
     (
@@ -65,28 +75,77 @@ fn arb_map() -> impl Strategy<Value = MapState> {
     prop::collection::vec((arb_key(), arb_action()), 0..12).prop_map(|v| map(&v))
 }
 
+/// How the packet is built.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    /// A well-formed first packet.
+    Plain,
+    /// IPv6 only: this many extension headers before L4 (more than 8 is invalid).
+    Ext(u8),
+    /// Cut inside the IP or L4 header, at this fraction (0–255) of the header length.
+    Truncated(u8),
+    /// First fragment (judged by policy), then a later fragment of the same datagram.
+    FirstThenLater,
+    /// A later fragment whose first fragment was never seen.
+    LoneLater,
+    /// IPv4 header length below 20 bytes.
+    BadIhl,
+    /// An IP version nibble that does not match the Ethernet type.
+    BadVersion,
+    /// A TCP data offset below 5 words.
+    BadTcpOffset,
+    /// An Ethernet type that is neither IPv4, IPv6 nor ARP.
+    UnknownEthertype,
+}
+
 #[derive(Debug, Clone)]
 struct Probe {
     remote: usize,
     egress: bool,
     proto: u8,
     port: u16,
+    shape: Shape,
+}
+
+fn arb_shape() -> impl Strategy<Value = Shape> {
+    prop_oneof![
+        8 => Just(Shape::Plain),
+        2 => (1u8..=10).prop_map(Shape::Ext),
+        2 => any::<u8>().prop_map(Shape::Truncated),
+        2 => Just(Shape::FirstThenLater),
+        1 => Just(Shape::LoneLater),
+        1 => Just(Shape::BadIhl),
+        1 => Just(Shape::BadVersion),
+        1 => Just(Shape::BadTcpOffset),
+        1 => Just(Shape::UnknownEthertype),
+    ]
 }
 
 fn arb_probe() -> impl Strategy<Value = Probe> {
     (
         0..REMOTES.len(),
         prop::bool::ANY,
-        prop::sample::select(PROTOS.to_vec()),
+        prop::sample::select(vec![6u8, 17, 1, 132]),
         prop_oneof![prop::sample::select(PORTS.to_vec()), any::<u16>()],
+        arb_shape(),
     )
-        .prop_map(|(remote, egress, proto, port)| Probe {
+        .prop_map(|(remote, egress, proto, port, shape)| Probe {
             remote,
             egress,
             proto,
             // ICMP carries the type in one byte.
             port: if proto == 1 { port & 0xff } else { port },
+            shape,
         })
+}
+
+/// Length of the L4 header the parser needs.
+fn l4_len(proto: u8) -> usize {
+    match proto {
+        6 => 20,
+        132 => 12,
+        _ => 8,
+    }
 }
 
 #[test]
@@ -97,7 +156,8 @@ fn kernel_matches_oracle() {
     let (_fs, mut dp) = load_for_test_run();
     for (addr, id) in REMOTES {
         if id != 2 {
-            dp.upsert_ipcache(format!("{addr}/32").parse().unwrap(), Identity(id))
+            let bits = if addr.contains(':') { 128 } else { 32 };
+            dp.upsert_ipcache(format!("{addr}/{bits}").parse().unwrap(), Identity(id))
                 .unwrap();
         }
     }
@@ -105,7 +165,7 @@ fn kernel_matches_oracle() {
     let seq = Cell::new(1u16);
     let seen = RefCell::new(std::collections::BTreeMap::<String, usize>::new());
     let mut runner = TestRunner::new(Config {
-        cases: 96,
+        cases: 128,
         failure_persistence: None,
         ..Config::default()
     });
@@ -116,43 +176,15 @@ fn kernel_matches_oracle() {
                 let mut dp = dp.borrow_mut();
                 install(&mut dp, 1, &m);
                 for p in &probes {
-                    let (addr, id) = REMOTES[p.remote];
-                    let remote: IpAddr = addr.parse().unwrap();
-                    let pod: IpAddr = "10.0.0.1".parse().unwrap();
-                    // A fresh source port / echo id per packet keeps conntrack out of the way.
+                    // A fresh source port / echo id / fragment id per packet keeps conntrack
+                    // and fragment tracking out of the way.
                     let s = seq.get().wrapping_add(1).max(1);
                     seq.set(s);
-                    let (src, dst, hook, dir) = if p.egress {
-                        (pod, remote, HookDirection::FromPod, Direction::Egress)
-                    } else {
-                        (remote, pod, HookDirection::ToPod, Direction::Ingress)
-                    };
-                    let spec = match p.proto {
-                        6 => PacketSpec::tcp(src, dst, s, p.port, 0x02),
-                        17 => PacketSpec::udp(src, dst, s, p.port),
-                        _ => PacketSpec::icmp(src, dst, p.port as u8, s),
-                    };
-                    let got = run(&dp, hook, &spec)?;
-                    let flow = FlowKey {
-                        remote: Identity(id),
-                        direction: dir,
-                        protocol: p.proto,
-                        port: p.port,
-                    };
-                    let mut want = ORACLE(&m, &flow);
-                    // A TCP redirect leaving the pod is steered to the proxy's socket; test runs
-                    // have no proxy listening, so the kernel fails closed (178).
-                    if p.egress && p.proto == 6 && matches!(want, Verdict::Redirect { .. }) {
-                        want = Verdict::Drop { reason: 178 };
-                    }
-                    prop_assert_eq!(got, want, "map {:?} flow {:?}", m, flow);
+                    let got = check_probe(&dp, &m, p, s)?;
                     let kind = match got {
                         Verdict::Drop { reason } => format!("drop {reason}"),
-                        other => format!("{other:?}")
-                            .split([' ', '{'])
-                            .next()
-                            .unwrap_or("")
-                            .to_string(),
+                        Verdict::Allow => "Allow".into(),
+                        Verdict::Redirect { .. } => "Redirect".into(),
                     };
                     *seen.borrow_mut().entry(kind).or_default() += 1;
                 }
@@ -162,7 +194,9 @@ fn kernel_matches_oracle() {
         .unwrap();
     let seen = seen.into_inner();
     eprintln!("verdicts seen: {seen:?}");
-    for k in ["Allow", "Redirect", "drop 133", "drop 181"] {
+    for k in [
+        "Allow", "Redirect", "drop 133", "drop 181", "drop 134", "drop 156", "drop 175", "drop 139",
+    ] {
         assert!(
             seen.get(k).copied().unwrap_or(0) > 0,
             "no {k} verdicts in {seen:?}"
@@ -170,8 +204,155 @@ fn kernel_matches_oracle() {
     }
 }
 
+/// Runs one probe (two packets for `FirstThenLater`) and checks it; returns the verdict of the
+/// last packet.
+fn check_probe(
+    dp: &AyaDatapath,
+    m: &MapState,
+    p: &Probe,
+    s: u16,
+) -> Result<Verdict, TestCaseError> {
+    let (addr, id) = REMOTES[p.remote];
+    let remote: IpAddr = addr.parse().unwrap();
+    let v6 = remote.is_ipv6();
+    let pod: IpAddr = if v6 { POD6 } else { POD4 }.parse().unwrap();
+    let (src, dst, hook, dir) = if p.egress {
+        (pod, remote, HookDirection::FromPod, Direction::Egress)
+    } else {
+        (remote, pod, HookDirection::ToPod, Direction::Ingress)
+    };
+    let protocol = if p.proto == 1 && v6 { 58 } else { p.proto };
+    let mut spec = match p.proto {
+        6 => PacketSpec::tcp(src, dst, s, p.port, 0x02),
+        17 => PacketSpec::udp(src, dst, s, p.port),
+        132 => PacketSpec::new(
+            src,
+            dst,
+            weir_datapath_aya::packet::L4::Sctp {
+                sport: s,
+                dport: p.port,
+            },
+        ),
+        _ => PacketSpec::icmp(src, dst, p.port as u8, s),
+    };
+    let flow = Flow {
+        remote: Identity(id),
+        direction: dir,
+        protocol,
+        port: p.port,
+    };
+    let mut policy = ORACLE(m, &flow);
+    // A TCP redirect leaving the pod is steered to the proxy's socket; test runs have no proxy
+    // listening, so the kernel fails closed (178).
+    if p.egress && protocol == 6 && matches!(policy, Verdict::Redirect { .. }) {
+        policy = Verdict::Drop { reason: 178 };
+    }
+    // IPv6 neighbour discovery is link plumbing: it passes without policy, as in Cilium, unless
+    // fragmented (RFC 6980: never genuine), when policy judges it.
+    if protocol == 58 && (133..=137).contains(&p.port) && !matches!(p.shape, Shape::FirstThenLater)
+    {
+        policy = Verdict::Allow;
+    }
+    let ip_len = if v6 { 40 } else { 20 };
+    let want = match p.shape {
+        Shape::Plain => policy,
+        Shape::Ext(n) => {
+            if !v6 {
+                policy
+            } else {
+                let kinds = [ExtHeader::HopByHop, ExtHeader::DestOpts, ExtHeader::Routing];
+                spec.ipv6_ext = (0..n).map(|i| kinds[usize::from(i) % 3]).collect();
+                if n > 8 {
+                    Verdict::Drop { reason: 156 }
+                } else {
+                    policy
+                }
+            }
+        }
+        Shape::Truncated(f) => {
+            // Test runs refuse frames whose IP header is cut (the kernel checks it before the
+            // program runs), so the cut lands inside the L4 header.
+            let l4 = 14 + ip_len;
+            spec.truncate_to = Some(l4 + l4_len(p.proto) * usize::from(f) / 256);
+            Verdict::Drop { reason: 134 }
+        }
+        Shape::FirstThenLater => {
+            spec.fragment = Some(Fragment {
+                offset: 0,
+                more: true,
+                id: u32::from(s),
+            });
+            let first = run(dp, hook, &spec)?;
+            prop_assert_eq!(
+                first,
+                policy,
+                "first fragment, flow {:?}, map {:?}",
+                flow,
+                m
+            );
+            spec.fragment = Some(Fragment {
+                offset: 8,
+                more: false,
+                id: u32::from(s),
+            });
+            // A later fragment carries no ports: it passes only as part of a datagram whose
+            // first fragment passed.
+            if matches!(first, Verdict::Drop { .. }) {
+                Verdict::Drop { reason: 175 }
+            } else {
+                Verdict::Allow
+            }
+        }
+        Shape::LoneLater => {
+            spec.fragment = Some(Fragment {
+                offset: 8,
+                more: true,
+                id: u32::from(s) | 0x0100_0000,
+            });
+            Verdict::Drop { reason: 175 }
+        }
+        Shape::BadIhl | Shape::BadVersion | Shape::BadTcpOffset | Shape::UnknownEthertype => {
+            let mut frame = spec.build();
+            let want = match p.shape {
+                Shape::BadIhl if !v6 => {
+                    frame[14] = 0x44;
+                    Verdict::Drop { reason: 134 }
+                }
+                Shape::BadTcpOffset if p.proto == 6 => {
+                    frame[14 + ip_len + 12] = 0x40;
+                    Verdict::Drop { reason: 134 }
+                }
+                Shape::UnknownEthertype => {
+                    frame[12] = 0x88;
+                    frame[13] = 0xb5;
+                    Verdict::Drop { reason: 139 }
+                }
+                _ => {
+                    // Version nibble contradicting the Ethernet type.
+                    frame[14] = if v6 { 0x45 } else { 0x65 };
+                    Verdict::Drop { reason: 134 }
+                }
+            };
+            let got = run_frame(dp, hook, &frame)?;
+            prop_assert_eq!(got, want, "{:?} of {:?}", p.shape, spec);
+            return Ok(got);
+        }
+    };
+    let got = run(dp, hook, &spec)?;
+    prop_assert_eq!(got, want, "{:?}: map {:?} flow {:?}", p.shape, m, flow);
+    Ok(got)
+}
+
 fn run(dp: &AyaDatapath, hook: HookDirection, spec: &PacketSpec) -> Result<Verdict, TestCaseError> {
-    dp.test_run(hook, &spec.build(), 1)
+    run_frame(dp, hook, &spec.build())
+}
+
+fn run_frame(
+    dp: &AyaDatapath,
+    hook: HookDirection,
+    frame: &[u8],
+) -> Result<Verdict, TestCaseError> {
+    dp.test_run(hook, frame, 1)
         .map(|o| o.verdict)
         .map_err(|e| TestCaseError::fail(e.to_string()))
 }

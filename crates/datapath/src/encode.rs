@@ -60,6 +60,41 @@ pub fn policy_key(
     ))
 }
 
+/// Where a policy entry lives in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicySlot {
+    /// The exact hash (`POLICY_EXACT`), under this key: 24-bit entries as they are, L3-only
+    /// entries with [`abi::POLICY_L3_ONLY`] in the direction byte.
+    Exact(abi::PolicyKey),
+    /// The LPM trie (`POLICY`), under this prefix length and key: partial prefixes.
+    Trie(u32, abi::PolicyKey),
+}
+
+/// The map and key of a policy entry of `endpoint`.
+pub fn policy_slot(endpoint: EndpointId, key: &PolicyKey) -> Result<PolicySlot, DatapathError> {
+    let (prefix, mut data) = policy_key(endpoint, key)?;
+    Ok(match key.prefix_len {
+        24 => PolicySlot::Exact(data),
+        0 => {
+            data.direction |= abi::POLICY_L3_ONLY;
+            PolicySlot::Exact(data)
+        }
+        _ => PolicySlot::Trie(prefix, data),
+    })
+}
+
+/// Decodes a key of the exact policy hash back into the endpoint and compiler key.
+pub fn policy_exact_key_from_abi(data: &abi::PolicyKey) -> (EndpointId, PolicyKey) {
+    let mut d = *data;
+    let prefix = if d.direction & abi::POLICY_L3_ONLY != 0 {
+        d.direction &= !abi::POLICY_L3_ONLY;
+        abi::POLICY_FIXED_PREFIX_BITS
+    } else {
+        abi::POLICY_FIXED_PREFIX_BITS + 24
+    };
+    policy_key_from_abi(prefix, &d)
+}
+
 /// Decodes a policy trie key back into the endpoint and compiler key.
 pub fn policy_key_from_abi(prefix: u32, data: &abi::PolicyKey) -> (EndpointId, PolicyKey) {
     let prefix_len = prefix.saturating_sub(abi::POLICY_FIXED_PREFIX_BITS).min(24) as u8;
@@ -229,6 +264,33 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn policy_slots_route_by_prefix_and_round_trip() {
+        let k = |prefix_len, protocol, port| PolicyKey {
+            identity: Identity(300),
+            direction: Direction::Egress,
+            protocol,
+            port,
+            prefix_len,
+        };
+        for key in [k(24, 6, 80), k(0, 0, 0)] {
+            let PolicySlot::Exact(d) = policy_slot(EndpointId(3), &key).unwrap() else {
+                panic!("{key:?} not exact");
+            };
+            assert_eq!(policy_exact_key_from_abi(&d), (EndpointId(3), key));
+        }
+        let l3 = policy_slot(EndpointId(3), &k(0, 0, 0)).unwrap();
+        let exact = policy_slot(EndpointId(3), &k(24, 0, 0)).unwrap();
+        assert_ne!(
+            l3, exact,
+            "L3-only and protocol-0/port-0 exact keys must differ"
+        );
+        assert!(matches!(
+            policy_slot(EndpointId(3), &k(8, 6, 0)).unwrap(),
+            PolicySlot::Trie(80, _)
+        ));
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! An in-memory datapath for unit tests of the layers above. It enforces nothing; it records
-//! what the agent asked for and answers [`FakeDatapath::verdict`] with the reference rule.
+//! what the agent asked for and answers [`FakeDatapath::verdict`] with the compiler's `decide`.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use weir_identity::{Identity, ReservedIdentity};
-use weir_policy_compiler::{EntryAction, MapState, MapStateDiff, PolicyEntry, PolicyKey};
+use weir_policy_compiler::{EntryAction, Flow, MapState, MapStateDiff, PolicyEntry, PolicyKey};
 
-use crate::reference::{self, FlowKey};
+use crate::expected_verdict;
 use crate::{
     Counters, CtRecord, Datapath, DatapathError, DatapathEvent, EndpointAttachment, EndpointId,
     Verdict,
@@ -46,10 +46,10 @@ impl FakeDatapath {
     }
 
     /// The verdict the kernel would give a new flow of `endpoint`.
-    pub fn verdict(&self, endpoint: EndpointId, flow: &FlowKey) -> Verdict {
+    pub fn verdict(&self, endpoint: EndpointId, flow: &Flow) -> Verdict {
         match self.policy.get(&endpoint) {
-            Some(m) => reference::decide(m, flow),
-            None => reference::decide(&MapState::default(), flow),
+            Some(m) => expected_verdict(m, flow),
+            None => expected_verdict(&MapState::default(), flow),
         }
     }
 }
@@ -175,7 +175,7 @@ mod tests {
             removals: vec![],
         };
         dp.apply_policy_diff(EndpointId(1), &diff).unwrap();
-        let flow = FlowKey {
+        let flow = Flow {
             remote: Identity(300),
             direction: Direction::Ingress,
             protocol: 6,

@@ -4,15 +4,18 @@
 //! unit tests only).
 //!
 //! [`encode`] holds the translation between compiler types and the kernel ABI, shared by every
-//! kernel backend; [`reference`] is a plain-Rust model of the kernel's policy lookup.
+//! kernel backend; [`expected_verdict`] is the verdict a backend must give (the compiler's
+//! `decide`).
 
 pub mod encode;
 mod fake;
-pub mod reference;
+mod oracle;
 mod types;
 
 pub use fake::FakeDatapath;
+pub use oracle::expected_verdict;
 pub use types::*;
+pub use weir_policy_compiler::Flow;
 
 use ipnet::IpNet;
 use weir_identity::Identity;

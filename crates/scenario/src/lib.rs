@@ -9,7 +9,12 @@
 //! ```
 
 mod format;
+mod kernel;
 mod run;
 
 pub use format::*;
+pub use kernel::{
+    HOST_V4, HOST_V6, KernelProbe, KernelProbeError, ProbeSide, REMOTE_NODE_V4, REMOTE_NODE_V6,
+    kernel_probes,
+};
 pub use run::{FlowResult, Outcome, ScenarioRun, run_scenario};

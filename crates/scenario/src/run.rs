@@ -119,7 +119,7 @@ pub fn run_scenario(s: &Scenario) -> ScenarioRun {
 }
 
 /// Parses the policies object by object; maps error positions into the scenario file.
-fn load_policies(s: &Scenario, run: &mut ScenarioRun) -> Vec<Policy> {
+pub(crate) fn load_policies(s: &Scenario, run: &mut ScenarioRun) -> Vec<Policy> {
     let shift = |mut e: ParseError| {
         if e.location.line > 0 {
             e.location.line += s.policies.line_offset;
@@ -174,7 +174,7 @@ fn load_policies(s: &Scenario, run: &mut ScenarioRun) -> Vec<Policy> {
     policies
 }
 
-fn describe(f: &FlowSpec) -> String {
+pub(crate) fn describe(f: &FlowSpec) -> String {
     let mut d = format!("{} -> {} {}", f.from, f.to, f.proto);
     match f.proto {
         FlowProto::Icmp => d.push_str(&format!(" type {}", f.port)),
@@ -194,7 +194,7 @@ fn describe(f: &FlowSpec) -> String {
 }
 
 /// The cluster of a scenario: identities, the compiler, learned DNS answers.
-struct World<'s> {
+pub(crate) struct World<'s> {
     scenario: &'s Scenario,
     compiler: Compiler,
     allocator: InMemoryAllocator,
@@ -209,7 +209,7 @@ struct World<'s> {
 }
 
 impl<'s> World<'s> {
-    fn new(s: &'s Scenario, policies: Vec<Policy>) -> Self {
+    pub(crate) fn new(s: &'s Scenario, policies: Vec<Policy>) -> Self {
         let mut compiler = Compiler::new(CompilerConfig::default());
         let mut allocator = InMemoryAllocator::new();
         let filter = LabelFilter::default();
@@ -309,7 +309,41 @@ impl<'s> World<'s> {
         }
     }
 
-    fn ip_identity(&self, ip: IpAddr) -> Identity {
+    /// What the node's ipcache holds now: CIDR identities, then pod addresses, then learned
+    /// DNS answers (a later, same-prefix entry wins, as `ip_identity` prefers them), plus the
+    /// addresses given to `host` and `remote-node`.
+    pub(crate) fn ipcache(
+        &self,
+        host: &[IpAddr],
+        remote_node: &[IpAddr],
+    ) -> Vec<(IpNet, Identity)> {
+        let mut m: BTreeMap<IpNet, Identity> = BTreeMap::new();
+        for (p, id) in &self.cidrs {
+            m.insert(p.trunc(), *id);
+        }
+        for ep in &self.scenario.endpoints {
+            if let Some(info) = self.endpoints.get(&ep.name) {
+                m.insert(IpNet::from(ep.ip), info.identity);
+            }
+        }
+        for (ip, id) in &self.learned {
+            m.insert(IpNet::from(*ip), *id);
+        }
+        for ip in host {
+            m.insert(IpNet::from(*ip), ReservedIdentity::Host.into());
+        }
+        for ip in remote_node {
+            m.insert(IpNet::from(*ip), ReservedIdentity::RemoteNode.into());
+        }
+        m.into_iter().collect()
+    }
+
+    /// A pod's identity, if it has one.
+    pub(crate) fn endpoint_identity(&self, name: &str) -> Option<Identity> {
+        self.endpoints.get(name).map(|e| e.identity)
+    }
+
+    pub(crate) fn ip_identity(&self, ip: IpAddr) -> Identity {
         if let Some(id) = self.learned.get(&ip) {
             return *id;
         }
@@ -326,7 +360,7 @@ impl<'s> World<'s> {
             .unwrap_or(Identity::from(ReservedIdentity::World))
     }
 
-    fn peer_identity(&self, p: &Peer) -> Identity {
+    pub(crate) fn peer_identity(&self, p: &Peer) -> Identity {
         match p {
             Peer::Endpoint(n) => self
                 .endpoints
@@ -339,7 +373,7 @@ impl<'s> World<'s> {
         }
     }
 
-    fn is_ipv6(&self, p: &Peer) -> bool {
+    pub(crate) fn is_ipv6(&self, p: &Peer) -> bool {
         match p {
             Peer::Endpoint(n) => self
                 .scenario
@@ -351,7 +385,7 @@ impl<'s> World<'s> {
         }
     }
 
-    fn policy_of(&self, name: &str) -> Option<EndpointPolicy> {
+    pub(crate) fn policy_of(&self, name: &str) -> Option<EndpointPolicy> {
         self.endpoints.get(name).map(|ep| self.compiler.compile(ep))
     }
 
@@ -395,7 +429,7 @@ impl<'s> World<'s> {
 
     /// The source asks the cluster DNS for `name`; learn the answer if a DNS rule let the
     /// query through the proxy.
-    fn resolve(&mut self, from: &Peer, name: &str) {
+    pub(crate) fn resolve(&mut self, from: &Peer, name: &str) {
         let servers: Vec<String> = self
             .scenario
             .endpoints
@@ -464,7 +498,7 @@ impl<'s> World<'s> {
     }
 
     /// A new connection (or request) from `flow.from` to `flow.to`.
-    fn connect(&mut self, flow: &FlowSpec) -> (Outcome, String) {
+    pub(crate) fn connect(&mut self, flow: &FlowSpec) -> (Outcome, String) {
         let src = self.peer_identity(&flow.from);
         let dst = self.peer_identity(&flow.to);
         let v6 = self.is_ipv6(&flow.from) || self.is_ipv6(&flow.to);

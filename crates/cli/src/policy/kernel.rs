@@ -1,0 +1,173 @@
+//! `weir policy test --datapath aya`: every new connection of the scenarios as a real packet
+//! through the loaded eBPF programs (BPF_PROG_TEST_RUN, on a private bpffs that is unmounted at
+//! the end), compared with the expectation. The L7 part of a redirected flow (HTTP, DNS) is the
+//! proxies' job and is checked offline; replies are conntrack's and are checked offline too.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use weir_datapath::Verdict;
+use weir_datapath_aya::replay::{ReplayPacket, Replayer, kernel_expectation};
+use weir_scenario::{DenyReason, Expect, KernelProbe, Outcome, ScenarioRun};
+
+/// Runs the scenarios through the kernel; prints one line per flow and the totals.
+pub fn test(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let mut passed = 0usize;
+    let mut failed = 0usize;
+    for f in files {
+        let name = f.display().to_string();
+        let scenario = match std::fs::read_to_string(f)
+            .map_err(|e| vec![format!("{name}: {e}")])
+            .and_then(|t| {
+                weir_scenario::parse_scenario(&name, &t)
+                    .map_err(|es| es.iter().map(ToString::to_string).collect())
+            }) {
+            Ok(s) => s,
+            Err(errors) => {
+                for e in errors {
+                    println!("ERROR {e}");
+                    failed += 1;
+                }
+                continue;
+            }
+        };
+        // A fresh load per scenario: no policy or conntrack state carries over.
+        let mut replayer = Replayer::new()?;
+        let run = weir_scenario::run_scenario(&scenario);
+        println!("# {} ({}) through the aya datapath", run.name, run.file);
+        for e in &run.errors {
+            println!("ERROR {e}");
+        }
+        failed += run.errors.len();
+        let probes = match weir_scenario::kernel_probes(&scenario) {
+            Ok(p) => p,
+            Err(e) => {
+                println!("ERROR {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        let (p, f) = run_one(&mut replayer, &run, &probes)?;
+        passed += p;
+        failed += f;
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn run_one(
+    r: &mut Replayer,
+    run: &ScenarioRun,
+    probes: &[KernelProbe],
+) -> anyhow::Result<(usize, usize)> {
+    let (mut passed, mut failed) = (0, 0);
+    for flow in &run.flows {
+        let expected = match (flow.expected, flow.expected_reason) {
+            (Expect::Allow, _) => "allow".to_string(),
+            (Expect::Deny, Some(why)) => format!("deny ({})", why.as_str()),
+            (Expect::Deny, None) => "deny".to_string(),
+        };
+        let Some(probe) = probes.iter().find(|p| p.line == flow.line) else {
+            // A reply: conntrack's business, checked offline.
+            let ok = flow.passed;
+            println!(
+                "{} {}:{} {}: expected {expected}, got {} (reply, checked offline)",
+                if ok { "PASS" } else { "FAIL" },
+                run.file,
+                flow.line,
+                flow.flow,
+                flow.actual
+            );
+            if ok {
+                passed += 1
+            } else {
+                failed += 1
+            }
+            continue;
+        };
+        r.sync_ipcache(&probe.ipcache)?;
+        let packet = ReplayPacket {
+            src: probe.src,
+            dst: probe.dst,
+            protocol: probe.protocol,
+            port: probe.port,
+        };
+        let mut notes = Vec::new();
+        let mut kernel_agrees = true;
+        let mut kernel_drop: Option<u8> = None;
+        let mut redirected = false;
+        for side in &probe.sides {
+            r.sync_policy(&side.endpoint, &side.map_state)?;
+            let got = r.run(&side.endpoint, side.identity, side.direction, &packet)?;
+            let decided: Verdict = side.expected.into();
+            let want = kernel_expectation(decided, side.direction, &packet);
+            let agrees = got.verdict == want;
+            kernel_agrees &= agrees;
+            let dir = match side.direction {
+                weir_policy_model::Direction::Egress => "egress",
+                weir_policy_model::Direction::Ingress => "ingress",
+            };
+            let shown = match (decided, got.verdict) {
+                (Verdict::Redirect { proxy_port }, Verdict::Drop { .. }) if agrees => {
+                    format!("redirect to proxy port {proxy_port} (SYN to the proxy socket)")
+                }
+                (_, Verdict::Allow) => "forward".to_string(),
+                (_, Verdict::Redirect { proxy_port }) => {
+                    format!("redirect to proxy port {proxy_port}")
+                }
+                (_, Verdict::Drop { reason }) => format!("drop {reason}"),
+            };
+            notes.push(format!(
+                "{dir} {}: {shown}{}",
+                side.endpoint,
+                if agrees {
+                    String::new()
+                } else {
+                    format!(" (decide says {want:?})")
+                }
+            ));
+            match decided {
+                Verdict::Drop { reason } if agrees => {
+                    kernel_drop.get_or_insert(reason);
+                }
+                Verdict::Redirect { .. } => redirected = true,
+                _ => {}
+            }
+        }
+        if probe.sides.is_empty() {
+            notes.push("no local endpoint judges it".into());
+        }
+        // The flow's outcome at L3/L4 is the kernel's; past a redirect, the proxy's (offline).
+        let actual = match kernel_drop {
+            Some(reason) if reason == weir_policy_compiler::DROP_POLICY_DENY => {
+                Outcome::Deny(DenyReason::PolicyDeny)
+            }
+            Some(_) => Outcome::Deny(DenyReason::PolicyDenied),
+            None if redirected => {
+                notes.push(format!("L7 checked offline: {}", flow.actual));
+                flow.actual
+            }
+            None => Outcome::Allow,
+        };
+        let matches = match (flow.expected, actual) {
+            (Expect::Allow, Outcome::Allow) => true,
+            (Expect::Deny, Outcome::Deny(why)) => flow.expected_reason.is_none_or(|w| w == why),
+            _ => false,
+        };
+        let ok = matches && kernel_agrees;
+        println!(
+            "{} {}:{} {}: expected {expected}, got {actual}: kernel {}",
+            if ok { "PASS" } else { "FAIL" },
+            run.file,
+            flow.line,
+            flow.flow,
+            notes.join("; ")
+        );
+        if ok { passed += 1 } else { failed += 1 }
+    }
+    Ok((passed, failed))
+}
