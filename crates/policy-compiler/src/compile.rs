@@ -220,66 +220,88 @@ impl EndpointPolicy {
     }
 }
 
-/// Accumulates everything that lands on one key.
-#[derive(Debug, Default)]
-struct Acc {
-    deny: BTreeSet<Arc<RuleRef>>,
-    is_deny: bool,
-    allow: BTreeSet<Arc<RuleRef>>,
-    /// (priority, proxy port) of the best redirect.
-    redirect: Option<(u8, u16)>,
+/// No rule: a synthesised entry (allow-all of an unenforced direction, host access).
+const NO_RULE: u32 = u32::MAX;
+
+/// One (key, contribution) pair. Rules are carried as contribution indices while building, so
+/// that gathering costs a push; they become `Arc<RuleRef>` sets once per key in
+/// [`Builder::finish`].
+#[derive(Debug, Clone, Copy)]
+struct Item {
+    key: PolicyKey,
+    rule: u32,
+    action: EntryAction,
 }
 
-impl Acc {
-    fn entry(self) -> PolicyEntry {
-        if self.is_deny {
-            return PolicyEntry {
-                action: EntryAction::Deny,
-                derived_from: self.deny,
-            };
+/// Collects (key, rule, action) triples and folds them per key.
+#[derive(Default)]
+struct Builder {
+    items: Vec<Item>,
+}
+
+impl Builder {
+    fn add(&mut self, key: PolicyKey, action: EntryAction, rule: u32) {
+        self.items.push(Item { key, rule, action });
+    }
+
+    /// Folds the items of each key into its entry: deny wins, allows union, the redirect with
+    /// the highest priority is taken. `rules` are the contributions the indices point into.
+    fn finish(mut self, rules: &[Contribution]) -> BTreeMap<PolicyKey, PolicyEntry> {
+        self.items.sort_unstable_by_key(|a| (a.key, a.rule));
+        let mut out = Vec::new();
+        let mut rest = self.items.as_slice();
+        while let Some(first) = rest.first() {
+            let n = rest
+                .iter()
+                .position(|i| i.key != first.key)
+                .unwrap_or(rest.len());
+            let (group, tail) = rest.split_at(n);
+            out.push((first.key, fold(group, rules)));
+            rest = tail;
         }
-        let action = match self.redirect {
+        // Sorted input: the map is bulk-built.
+        out.into_iter().collect()
+    }
+}
+
+/// The entry of one key from its items (all with that key, sorted by rule).
+fn fold(group: &[Item], rules: &[Contribution]) -> PolicyEntry {
+    let is_deny = group.iter().any(|i| i.action.is_deny());
+    let mut derived_from = BTreeSet::new();
+    let mut redirect: Option<(u8, u16)> = None;
+    let mut last = NO_RULE;
+    for i in group {
+        if i.action.is_deny() != is_deny {
+            continue;
+        }
+        if let EntryAction::Redirect {
+            proxy_port,
+            priority,
+        } = i.action
+        {
+            redirect = redirect.max(Some((priority, proxy_port)));
+        }
+        if i.rule != last
+            && let Some(r) = rules.get(i.rule as usize)
+        {
+            derived_from.insert(r.rule.clone());
+        }
+        last = i.rule;
+    }
+    let action = if is_deny {
+        EntryAction::Deny
+    } else {
+        match redirect {
             Some((priority, proxy_port)) => EntryAction::Redirect {
                 proxy_port,
                 priority,
             },
             None => EntryAction::Allow,
-        };
-        PolicyEntry {
-            action,
-            derived_from: self.allow,
         }
-    }
-}
-
-#[derive(Default)]
-struct Builder {
-    accs: HashMap<PolicyKey, Acc>,
-}
-
-impl Builder {
-    fn add(&mut self, key: PolicyKey, action: EntryAction, rule: Option<&Arc<RuleRef>>) {
-        let acc = self.accs.entry(key).or_default();
-        match action {
-            EntryAction::Deny => {
-                acc.is_deny = true;
-                acc.deny.extend(rule.cloned());
-            }
-            EntryAction::Allow => {
-                acc.allow.extend(rule.cloned());
-            }
-            EntryAction::Redirect {
-                proxy_port,
-                priority,
-            } => {
-                acc.allow.extend(rule.cloned());
-                acc.redirect = acc.redirect.max(Some((priority, proxy_port)));
-            }
-        }
-    }
-
-    fn finish(self) -> BTreeMap<PolicyKey, PolicyEntry> {
-        self.accs.into_iter().map(|(k, a)| (k, a.entry())).collect()
+    };
+    PolicyEntry {
+        action,
+        derived_from,
     }
 }
 
@@ -594,12 +616,13 @@ impl Compiler {
         }
     }
 
-    fn add_keys(&self, b: &mut Builder, c: &Contribution, id: Identity, keys: &[L4Key]) {
+    fn add_keys(&self, b: &mut Builder, c: &Contribution, ci: usize, id: Identity, keys: &[L4Key]) {
+        let rule = u32::try_from(ci).unwrap_or(NO_RULE);
         for k in keys {
             b.add(
                 k.key(id, c.direction),
                 self.action_for(c.deny, k.l7.as_ref()),
-                Some(&c.rule),
+                rule,
             );
         }
     }
@@ -612,7 +635,7 @@ impl Compiler {
         // Identities selected by each contribution (`None`: wildcard).
         let mut selected: Vec<Option<Rc<[Identity]>>> = Vec::new();
         if !plan.never {
-            for c in &plan.contributions {
+            for (ci, c) in plan.contributions.iter().enumerate() {
                 let ids = c.peers.as_ref().map(|peers| match peers.as_slice() {
                     [one] => eval.eval(one),
                     many => {
@@ -626,17 +649,17 @@ impl Compiler {
                 match &ids {
                     None => {
                         let keys = self.keys_for(c, Identity::ANY);
-                        self.add_keys(&mut b, c, Identity::ANY, &keys);
+                        self.add_keys(&mut b, c, ci, Identity::ANY, &keys);
                     }
                     Some(ids) => {
                         if let L4::Fixed(keys) = &c.l4 {
                             for &id in ids.iter() {
-                                self.add_keys(&mut b, c, id, keys);
+                                self.add_keys(&mut b, c, ci, id, keys);
                             }
                         } else {
                             for &id in ids.iter() {
                                 let keys = self.keys_for(c, id);
-                                self.add_keys(&mut b, c, id, &keys);
+                                self.add_keys(&mut b, c, ci, id, &keys);
                             }
                         }
                     }
@@ -645,7 +668,7 @@ impl Compiler {
             }
         }
         self.add_synthetic(&mut b, &plan, None);
-        let mut entries = b.finish();
+        let mut entries = b.finish(&plan.contributions);
         resolve_denies(&mut entries, &[]);
         let l7 = if plan.never {
             L7Policy::default()
@@ -670,7 +693,11 @@ impl Compiler {
         let want = |id: Identity| only.is_none_or(|o| o == id);
         for dir in [Direction::Ingress, Direction::Egress] {
             if !plan.enforced[dir_index(dir)] && want(Identity::ANY) {
-                b.add(PolicyKey::l3(Identity::ANY, dir), EntryAction::Allow, None);
+                b.add(
+                    PolicyKey::l3(Identity::ANY, dir),
+                    EntryAction::Allow,
+                    NO_RULE,
+                );
             }
         }
         let host = Identity::from(ReservedIdentity::Host);
@@ -678,7 +705,7 @@ impl Compiler {
             b.add(
                 PolicyKey::l3(host, Direction::Ingress),
                 EntryAction::Allow,
-                None,
+                NO_RULE,
             );
         }
     }
@@ -837,14 +864,14 @@ impl Compiler {
                 {
                     member[i] = true;
                     let keys = self.keys_for(c, id);
-                    self.add_keys(&mut b, c, id, &keys);
+                    self.add_keys(&mut b, c, i, id, &keys);
                 }
             }
         }
         if info.is_some() {
             self.add_synthetic(&mut b, &plan, Some(id));
         }
-        let mut entries = b.finish();
+        let mut entries = b.finish(&plan.contributions);
         let wildcard_denies: Vec<(PolicyKey, PolicyEntry)> = policy
             .map_state
             .entries_for_identity(Identity::ANY)
