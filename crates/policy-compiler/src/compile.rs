@@ -492,6 +492,17 @@ impl Compiler {
         self.identities.upsert(id, labels, named_ports);
     }
 
+    /// [`Compiler::upsert_identity`] with labels the caller already holds behind an `Arc` (the
+    /// allocator's), so they are stored once rather than copied.
+    pub fn upsert_identity_shared(
+        &mut self,
+        id: Identity,
+        labels: Arc<LabelSet>,
+        named_ports: NamedPorts,
+    ) {
+        self.identities.upsert_shared(id, labels, named_ports);
+    }
+
     /// Removes an identity (reserved ones stay); then call [`Compiler::update_identity`].
     pub fn remove_identity(&mut self, id: Identity) -> bool {
         self.identities.remove(id)
