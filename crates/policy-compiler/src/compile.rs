@@ -80,11 +80,11 @@ pub struct EndpointInfo {
 
 /// One protocol/port prefix produced by a peer rule, with its L7 rules if any.
 #[derive(Debug, Clone)]
-struct L4Key {
-    protocol: u8,
-    port: u16,
-    prefix_len: u8,
-    l7: Option<Arc<L7Rules>>,
+pub(crate) struct L4Key {
+    pub(crate) protocol: u8,
+    pub(crate) port: u16,
+    pub(crate) prefix_len: u8,
+    pub(crate) l7: Option<Arc<L7Rules>>,
 }
 
 impl L4Key {
@@ -101,7 +101,7 @@ impl L4Key {
 
 /// The L4 part of a contribution.
 #[derive(Debug, Clone)]
-enum L4 {
+pub(crate) enum L4 {
     /// Resolved once (no named ports needing the peer's ports).
     Fixed(Vec<L4Key>),
     /// Egress with named ports: resolved against each selected identity's named ports.
@@ -110,31 +110,69 @@ enum L4 {
 
 /// One peer rule of a rule that selects the endpoint.
 #[derive(Debug, Clone)]
-struct Contribution {
-    direction: Direction,
-    deny: bool,
-    rule: Arc<RuleRef>,
+pub(crate) struct Contribution {
+    pub(crate) direction: Direction,
+    pub(crate) deny: bool,
+    pub(crate) rule: Arc<RuleRef>,
     /// `None`: the identity wildcard.
-    peers: Option<Vec<Peer>>,
-    l4: L4,
+    pub(crate) peers: Option<Vec<Peer>>,
+    pub(crate) l4: L4,
+}
+
+/// What one policy says for one endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct PolicyPart {
+    /// How many contributions it adds (they are contiguous in [`Plan::contributions`]).
+    pub(crate) len: usize,
+    /// Whether a selecting rule enables default deny, per direction.
+    pub(crate) default_deny: [bool; 2],
+    /// Whether a selecting rule has rules or enforcement, per direction (it is then listed in
+    /// `selected_by`).
+    pub(crate) has_rules: [bool; 2],
 }
 
 /// What the rules say for one endpoint before identities come in.
 #[derive(Debug, Clone, Default)]
-struct Plan {
-    never: bool,
-    enforced: [bool; 2],
-    selected_by: [Vec<PolicyName>; 2],
-    contributions: Vec<Contribution>,
+pub(crate) struct Plan {
+    pub(crate) never: bool,
+    pub(crate) enforced: [bool; 2],
+    pub(crate) selected_by: [Vec<PolicyName>; 2],
+    /// In policy-name order, then rule order: the order a fresh compile produces.
+    pub(crate) contributions: Vec<Arc<Contribution>>,
+    /// The policies with a rule selecting the endpoint.
+    pub(crate) policies: BTreeMap<PolicyName, PolicyPart>,
+    /// The endpoint it was planned for.
+    pub(crate) endpoint: Option<EndpointInfo>,
 }
 
 impl Plan {
     /// Whether identity changes can alter wildcard entries or the set of L7 ports (then the
     /// incremental path recompiles).
-    fn needs_full_recompile(&self) -> bool {
+    pub(crate) fn needs_full_recompile(&self) -> bool {
         self.contributions
             .iter()
             .any(|c| matches!(c.l4, L4::PerPeer(..)))
+    }
+
+    /// Fills `enforced` and `selected_by` from the policy parts.
+    pub(crate) fn summarise(&mut self, mode: EnforcementMode) {
+        let mut default_deny = [false; 2];
+        self.selected_by = [Vec::new(), Vec::new()];
+        for (name, part) in &self.policies {
+            for (di, listed) in self.selected_by.iter_mut().enumerate() {
+                if part.has_rules.get(di).copied().unwrap_or(false) {
+                    listed.push(name.clone());
+                }
+            }
+            for (d, p) in default_deny.iter_mut().zip(part.default_deny) {
+                *d |= p;
+            }
+        }
+        self.enforced = match mode {
+            EnforcementMode::Default => default_deny,
+            EnforcementMode::Always => [true; 2],
+            EnforcementMode::Never => [false; 2],
+        };
     }
 }
 
@@ -143,7 +181,7 @@ type L7Port = (Direction, u8, u16);
 /// Identities that get the same L7 rules (or none) on one port.
 type IdGroup = (Option<Arc<L7Rules>>, BTreeSet<Identity>);
 
-fn dir_index(d: Direction) -> usize {
+pub(crate) fn dir_index(d: Direction) -> usize {
     match d {
         Direction::Ingress => 0,
         Direction::Egress => 1,
@@ -168,7 +206,12 @@ pub struct EndpointPolicy {
     pub map_state: MapState,
     /// The L7 rules for redirected ports.
     pub l7: L7Policy,
-    plan: Arc<Plan>,
+    pub(crate) plan: Arc<Plan>,
+    /// Every (key, contribution) pair before folding, sorted by key then contribution: what
+    /// an incremental update re-folds for the keys it touches.
+    pub(crate) items: Arc<Vec<Item>>,
+    /// The keys that are denies before deny resolution.
+    pub(crate) deny_keys: Arc<BTreeSet<PolicyKey>>,
 }
 
 impl PartialEq for EndpointPolicy {
@@ -221,22 +264,23 @@ impl EndpointPolicy {
 }
 
 /// No rule: a synthesised entry (allow-all of an unenforced direction, host access).
-const NO_RULE: u32 = u32::MAX;
+pub(crate) const NO_RULE: u32 = u32::MAX;
 
 /// One (key, contribution) pair. Rules are carried as contribution indices while building, so
 /// that gathering costs a push; they become `Arc<RuleRef>` sets once per key in
 /// [`Builder::finish`].
-#[derive(Debug, Clone, Copy)]
-struct Item {
-    key: PolicyKey,
-    rule: u32,
-    action: EntryAction,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Item {
+    pub(crate) key: PolicyKey,
+    /// Index into [`Plan::contributions`], or [`NO_RULE`].
+    pub(crate) rule: u32,
+    pub(crate) action: EntryAction,
 }
 
 /// Collects (key, rule, action) triples and folds them per key.
 #[derive(Default)]
-struct Builder {
-    items: Vec<Item>,
+pub(crate) struct Builder {
+    pub(crate) items: Vec<Item>,
 }
 
 impl Builder {
@@ -246,7 +290,10 @@ impl Builder {
 
     /// Folds the items of each key into its entry: deny wins, allows union, the redirect with
     /// the highest priority is taken. `rules` are the contributions the indices point into.
-    fn finish(mut self, rules: &[Contribution]) -> BTreeMap<PolicyKey, PolicyEntry> {
+    fn finish(
+        mut self,
+        rules: &[Arc<Contribution>],
+    ) -> (BTreeMap<PolicyKey, PolicyEntry>, Vec<Item>) {
         self.items.sort_unstable_by_key(|a| (a.key, a.rule));
         let mut out = Vec::new();
         let mut rest = self.items.as_slice();
@@ -260,12 +307,12 @@ impl Builder {
             rest = tail;
         }
         // Sorted input: the map is bulk-built.
-        out.into_iter().collect()
+        (out.into_iter().collect(), self.items)
     }
 }
 
 /// The entry of one key from its items (all with that key, sorted by rule).
-fn fold(group: &[Item], rules: &[Contribution]) -> PolicyEntry {
+pub(crate) fn fold(group: &[Item], rules: &[Arc<Contribution>]) -> PolicyEntry {
     let is_deny = group.iter().any(|i| i.action.is_deny());
     let mut derived_from = BTreeSet::new();
     let mut redirect: Option<(u8, u16)> = None;
@@ -446,9 +493,9 @@ fn named_lookup(ports: &NamedPorts, name: &str) -> Vec<(u8, u16)> {
 /// Compiles policies and identities into endpoint policies.
 #[derive(Debug, Clone, Default)]
 pub struct Compiler {
-    config: CompilerConfig,
-    repo: PolicyRepository,
-    identities: IdentityTable,
+    pub(crate) config: CompilerConfig,
+    pub(crate) repo: PolicyRepository,
+    pub(crate) identities: IdentityTable,
 }
 
 impl Compiler {
@@ -508,7 +555,7 @@ impl Compiler {
         self.identities.remove(id)
     }
 
-    fn action_for(&self, deny: bool, l7: Option<&Arc<L7Rules>>) -> EntryAction {
+    pub(crate) fn action_for(&self, deny: bool, l7: Option<&Arc<L7Rules>>) -> EntryAction {
         if deny {
             return EntryAction::Deny;
         }
@@ -528,81 +575,95 @@ impl Compiler {
     fn plan(&self, ep: &EndpointInfo) -> Plan {
         let mut plan = Plan {
             never: self.config.enforcement == EnforcementMode::Never,
+            endpoint: Some(ep.clone()),
             ..Plan::default()
         };
-        let mut default_deny = [false; 2];
         for policy in self.repo.iter() {
-            for rule in policy
-                .rules
-                .iter()
-                .filter(|r| r.subject.matches(&ep.labels))
-            {
-                for (dir, sections) in [
-                    (Direction::Ingress, &rule.ingress),
-                    (Direction::Egress, &rule.egress),
+            if let Some(part) = self.plan_policy(policy, ep, &mut plan.contributions) {
+                plan.policies.insert(policy.name.clone(), part);
+            }
+        }
+        plan.summarise(self.config.enforcement);
+        plan
+    }
+
+    /// The contributions of one policy's rules that select `ep`, appended to `out`; `None` if
+    /// no rule selects it.
+    pub(crate) fn plan_policy(
+        &self,
+        policy: &Policy,
+        ep: &EndpointInfo,
+        out: &mut Vec<Arc<Contribution>>,
+    ) -> Option<PolicyPart> {
+        let mut part = PolicyPart::default();
+        let mut selected = false;
+        let start = out.len();
+        for rule in policy
+            .rules
+            .iter()
+            .filter(|r| r.subject.matches(&ep.labels))
+        {
+            selected = true;
+            for (dir, sections) in [
+                (Direction::Ingress, &rule.ingress),
+                (Direction::Egress, &rule.egress),
+            ] {
+                let di = dir_index(dir);
+                if sections.enforcement == Enforcement::DefaultDeny
+                    && let Some(d) = part.default_deny.get_mut(di)
+                {
+                    *d = true;
+                }
+                let has_rules = sections.enforcement != Enforcement::None
+                    || !sections.allow.is_empty()
+                    || !sections.deny.is_empty();
+                if has_rules && let Some(h) = part.has_rules.get_mut(di) {
+                    *h = true;
+                }
+                let (allow_sec, deny_sec) = match dir {
+                    Direction::Ingress => (Section::Ingress, Section::IngressDeny),
+                    Direction::Egress => (Section::Egress, Section::EgressDeny),
+                };
+                for (deny, section, list) in [
+                    (false, allow_sec, &sections.allow),
+                    (true, deny_sec, &sections.deny),
                 ] {
-                    let di = dir_index(dir);
-                    if sections.enforcement == Enforcement::DefaultDeny {
-                        default_deny[di] = true;
-                    }
-                    let listed = &mut plan.selected_by[di];
-                    let has_rules = sections.enforcement != Enforcement::None
-                        || !sections.allow.is_empty()
-                        || !sections.deny.is_empty();
-                    if has_rules && listed.last() != Some(&policy.name) {
-                        listed.push(policy.name.clone());
-                    }
-                    let (allow_sec, deny_sec) = match dir {
-                        Direction::Ingress => (Section::Ingress, Section::IngressDeny),
-                        Direction::Egress => (Section::Egress, Section::EgressDeny),
-                    };
-                    for (deny, section, list) in [
-                        (false, allow_sec, &sections.allow),
-                        (true, deny_sec, &sections.deny),
-                    ] {
-                        for pr in list.iter().filter(|pr| !pr.allows_nothing()) {
-                            let rule_ref = Arc::new(RuleRef {
-                                policy: rule.origin.clone(),
-                                spec: rule.spec,
-                                multi_spec: rule.multi_spec,
-                                section,
-                                index: pr.index,
-                            });
-                            let peers = match &pr.peers {
-                                Peers::Any => None,
-                                Peers::List(l) if l.iter().any(peer_is_wildcard) => None,
-                                Peers::List(l) => Some(l.clone()),
-                            };
-                            let l7s = port_l7s(pr);
-                            let l4 = if dir == Direction::Egress && has_named_port(pr) {
-                                L4::PerPeer(pr.clone(), l7s)
-                            } else {
-                                L4::Fixed(resolve_l4(pr, &l7s, &|n| {
-                                    named_lookup(&ep.named_ports, n)
-                                }))
-                            };
-                            plan.contributions.push(Contribution {
-                                direction: dir,
-                                deny,
-                                rule: rule_ref,
-                                peers,
-                                l4,
-                            });
-                        }
+                    for pr in list.iter().filter(|pr| !pr.allows_nothing()) {
+                        let rule_ref = Arc::new(RuleRef {
+                            policy: rule.origin.clone(),
+                            spec: rule.spec,
+                            multi_spec: rule.multi_spec,
+                            section,
+                            index: pr.index,
+                        });
+                        let peers = match &pr.peers {
+                            Peers::Any => None,
+                            Peers::List(l) if l.iter().any(peer_is_wildcard) => None,
+                            Peers::List(l) => Some(l.clone()),
+                        };
+                        let l7s = port_l7s(pr);
+                        let l4 = if dir == Direction::Egress && has_named_port(pr) {
+                            L4::PerPeer(pr.clone(), l7s)
+                        } else {
+                            L4::Fixed(resolve_l4(pr, &l7s, &|n| named_lookup(&ep.named_ports, n)))
+                        };
+                        out.push(Arc::new(Contribution {
+                            direction: dir,
+                            deny,
+                            rule: rule_ref,
+                            peers,
+                            l4,
+                        }));
                     }
                 }
             }
         }
-        plan.enforced = match self.config.enforcement {
-            EnforcementMode::Default => default_deny,
-            EnforcementMode::Always => [true; 2],
-            EnforcementMode::Never => [false; 2],
-        };
-        plan
+        part.len = out.len() - start;
+        selected.then_some(part)
     }
 
     /// The L4 keys of a contribution for one identity (or the wildcard).
-    fn keys_for(&self, c: &Contribution, id: Identity) -> Vec<L4Key> {
+    pub(crate) fn keys_for(&self, c: &Contribution, id: Identity) -> Vec<L4Key> {
         match &c.l4 {
             L4::Fixed(k) => k.clone(),
             L4::PerPeer(pr, l7s) => {
@@ -627,7 +688,14 @@ impl Compiler {
         }
     }
 
-    fn add_keys(&self, b: &mut Builder, c: &Contribution, ci: usize, id: Identity, keys: &[L4Key]) {
+    pub(crate) fn add_keys(
+        &self,
+        b: &mut Builder,
+        c: &Contribution,
+        ci: usize,
+        id: Identity,
+        keys: &[L4Key],
+    ) {
         let rule = u32::try_from(ci).unwrap_or(NO_RULE);
         for k in keys {
             b.add(
@@ -679,7 +747,12 @@ impl Compiler {
             }
         }
         self.add_synthetic(&mut b, &plan, None);
-        let mut entries = b.finish(&plan.contributions);
+        let (mut entries, items) = b.finish(&plan.contributions);
+        let deny_keys: BTreeSet<PolicyKey> = entries
+            .iter()
+            .filter(|(_, e)| e.action.is_deny())
+            .map(|(k, _)| *k)
+            .collect();
         resolve_denies(&mut entries, &[]);
         let l7 = if plan.never {
             L7Policy::default()
@@ -695,12 +768,14 @@ impl Compiler {
             map_state: MapState { entries },
             l7,
             plan,
+            items: Arc::new(items),
+            deny_keys: Arc::new(deny_keys),
         }
     }
 
     /// Allow-all for unenforced directions and host access. With `only`, just the entries of
     /// that identity.
-    fn add_synthetic(&self, b: &mut Builder, plan: &Plan, only: Option<Identity>) {
+    pub(crate) fn add_synthetic(&self, b: &mut Builder, plan: &Plan, only: Option<Identity>) {
         let want = |id: Identity| only.is_none_or(|o| o == id);
         for dir in [Direction::Ingress, Direction::Egress] {
             if !plan.enforced[dir_index(dir)] && want(Identity::ANY) {
@@ -882,7 +957,22 @@ impl Compiler {
         if info.is_some() {
             self.add_synthetic(&mut b, &plan, Some(id));
         }
-        let mut entries = b.finish(&plan.contributions);
+        let (mut entries, mut id_items) = b.finish(&plan.contributions);
+        // Keep the pre-fold items and deny keys in step, for later policy updates.
+        let items = Arc::make_mut(&mut policy.items);
+        let lo = items.partition_point(|i| i.key.identity < id);
+        let hi = items.partition_point(|i| i.key.identity <= id);
+        if lo <= hi && hi <= items.len() {
+            items.splice(lo..hi, id_items.drain(..));
+        }
+        let deny_keys = Arc::make_mut(&mut policy.deny_keys);
+        deny_keys.retain(|k| k.identity != id);
+        deny_keys.extend(
+            entries
+                .iter()
+                .filter(|(_, e)| e.action.is_deny())
+                .map(|(k, _)| *k),
+        );
         let wildcard_denies: Vec<(PolicyKey, PolicyEntry)> = policy
             .map_state
             .entries_for_identity(Identity::ANY)

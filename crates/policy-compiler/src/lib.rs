@@ -13,6 +13,7 @@ mod identities;
 mod l7;
 mod mapstate;
 mod peers;
+mod policy_update;
 mod repository;
 
 pub use compile::{
