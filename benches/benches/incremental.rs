@@ -1,6 +1,7 @@
 //! Incremental latency: one new identity reaching one endpoint's map (allocate, add to the
 //! compiler, `update_identity`, diff ready), measured one update at a time so that p50 and p99
-//! come out. Same-run baseline: a full compile of the same endpoint.
+//! come out; then one changed policy reaching the map (`update_policy`). Same-run baseline: a
+//! full compile of the same endpoint.
 //!
 //! Prints `FIGURE <name> <value>` lines for `bench/control-plane.sh`.
 
@@ -10,6 +11,7 @@ use std::time::Instant;
 use weir_benches::{loaded_compiler, median, namespaces, percentile};
 use weir_identity::{IdentityAllocator, LabelFilter, pod_identity_labels};
 use weir_policy_compiler::NamedPorts;
+use weir_policy_model::{Policy, parse_policies};
 
 const SEED: u64 = 0x5EED;
 
@@ -63,6 +65,30 @@ fn run(rules: usize, identities: usize, samples: usize) {
         black_box(compiler.update_identity(&ep, &mut policy, a.identity));
         let _ = cluster.allocator.release(a.identity);
     }
+    // One changed policy (one port flips between two values) → map diff, one at a time.
+    let mut pol_us = Vec::new();
+    if let Some((a, b)) = changed_policy_versions() {
+        let name = a.name.clone();
+        compiler.upsert_policy(a.clone());
+        compiler.update_policy(&ep, &mut policy, &name);
+        for k in 0..samples / 2 {
+            let next = if k % 2 == 0 { b.clone() } else { a.clone() };
+            let t = Instant::now();
+            compiler.upsert_policy(next);
+            let diff = compiler.update_policy(&ep, &mut policy, &name);
+            pol_us.push(t.elapsed().as_secs_f64() * 1e6);
+            black_box(diff);
+        }
+    }
+    pol_us.sort_by(f64::total_cmp);
+    println!(
+        "FIGURE changed_policy_p50_us_{tag} {:.1}",
+        percentile(&pol_us, 50.0)
+    );
+    println!(
+        "FIGURE changed_policy_p99_us_{tag} {:.1}",
+        percentile(&pol_us, 99.0)
+    );
     lat_us.sort_by(f64::total_cmp);
     let p50 = percentile(&lat_us, 50.0);
     let p99 = percentile(&lat_us, 99.0);
@@ -79,6 +105,18 @@ fn run(rules: usize, identities: usize, samples: usize) {
         "FIGURE new_identity_p99_over_full_compile_{tag} {:.5}",
         p99 / full_us
     );
+}
+
+/// Two versions of one extra policy selecting the endpoint; they differ in one port.
+fn changed_policy_versions() -> Option<(Policy, Policy)> {
+    let doc = |port: u16| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: changing\n  namespace: ns0\nspec:\n  endpointSelector:\n    matchLabels:\n      app: app0\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        app: app3\n    toPorts:\n    - ports:\n      - port: \"{port}\"\n        protocol: TCP\n"
+        )
+    };
+    let a = parse_policies("a.yaml", &doc(7001)).ok()?.pop()?;
+    let b = parse_policies("b.yaml", &doc(7002)).ok()?.pop()?;
+    Some((a, b))
 }
 
 fn main() {

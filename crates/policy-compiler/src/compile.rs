@@ -88,7 +88,7 @@ pub(crate) struct L4Key {
 }
 
 impl L4Key {
-    fn key(&self, identity: Identity, direction: Direction) -> PolicyKey {
+    pub(crate) fn key(&self, identity: Identity, direction: Direction) -> PolicyKey {
         PolicyKey::new(
             identity,
             direction,
@@ -114,6 +114,8 @@ pub(crate) struct Contribution {
     pub(crate) direction: Direction,
     pub(crate) deny: bool,
     pub(crate) rule: Arc<RuleRef>,
+    /// The policy it comes from.
+    pub(crate) owner: Arc<PolicyName>,
     /// `None`: the identity wildcard.
     pub(crate) peers: Option<Vec<Peer>>,
     pub(crate) l4: L4,
@@ -122,8 +124,8 @@ pub(crate) struct Contribution {
 /// What one policy says for one endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct PolicyPart {
-    /// How many contributions it adds (they are contiguous in [`Plan::contributions`]).
-    pub(crate) len: usize,
+    /// The slots of its contributions in [`Plan::contributions`], in rule order.
+    pub(crate) slots: Vec<u32>,
     /// Whether a selecting rule enables default deny, per direction.
     pub(crate) default_deny: [bool; 2],
     /// Whether a selecting rule has rules or enforcement, per direction (it is then listed in
@@ -137,8 +139,11 @@ pub(crate) struct Plan {
     pub(crate) never: bool,
     pub(crate) enforced: [bool; 2],
     pub(crate) selected_by: [Vec<PolicyName>; 2],
-    /// In policy-name order, then rule order: the order a fresh compile produces.
-    pub(crate) contributions: Vec<Arc<Contribution>>,
+    /// Contributions by slot. A fresh plan fills them in policy-name order, then rule order;
+    /// policy updates reuse and free slots, so that items and L7 origins keep their numbers.
+    pub(crate) contributions: Vec<Option<Arc<Contribution>>>,
+    /// Empty slots of `contributions`.
+    pub(crate) free: Vec<u32>,
     /// The policies with a rule selecting the endpoint.
     pub(crate) policies: BTreeMap<PolicyName, PolicyPart>,
     /// The endpoint it was planned for.
@@ -151,6 +156,7 @@ impl Plan {
     pub(crate) fn needs_full_recompile(&self) -> bool {
         self.contributions
             .iter()
+            .flatten()
             .any(|c| matches!(c.l4, L4::PerPeer(..)))
     }
 
@@ -207,9 +213,9 @@ pub struct EndpointPolicy {
     /// The L7 rules for redirected ports.
     pub l7: L7Policy,
     pub(crate) plan: Arc<Plan>,
-    /// Every (key, contribution) pair before folding, sorted by key then contribution: what
-    /// an incremental update re-folds for the keys it touches.
-    pub(crate) items: Arc<Vec<Item>>,
+    /// Every (key, contribution) pair before folding, per remote identity, sorted by key then
+    /// contribution: what an incremental update re-folds for the keys it touches.
+    pub(crate) items: Arc<BTreeMap<Identity, Vec<Item>>>,
     /// The keys that are denies before deny resolution.
     pub(crate) deny_keys: Arc<BTreeSet<PolicyKey>>,
 }
@@ -292,7 +298,7 @@ impl Builder {
     /// the highest priority is taken. `rules` are the contributions the indices point into.
     fn finish(
         mut self,
-        rules: &[Arc<Contribution>],
+        rules: &[Option<Arc<Contribution>>],
     ) -> (BTreeMap<PolicyKey, PolicyEntry>, Vec<Item>) {
         self.items.sort_unstable_by_key(|a| (a.key, a.rule));
         let mut out = Vec::new();
@@ -312,7 +318,7 @@ impl Builder {
 }
 
 /// The entry of one key from its items (all with that key, sorted by rule).
-pub(crate) fn fold(group: &[Item], rules: &[Arc<Contribution>]) -> PolicyEntry {
+pub(crate) fn fold(group: &[Item], rules: &[Option<Arc<Contribution>>]) -> PolicyEntry {
     let is_deny = group.iter().any(|i| i.action.is_deny());
     let mut derived_from = BTreeSet::new();
     let mut redirect: Option<(u8, u16)> = None;
@@ -329,7 +335,7 @@ pub(crate) fn fold(group: &[Item], rules: &[Arc<Contribution>]) -> PolicyEntry {
             redirect = redirect.max(Some((priority, proxy_port)));
         }
         if i.rule != last
-            && let Some(r) = rules.get(i.rule as usize)
+            && let Some(Some(r)) = rules.get(i.rule as usize)
         {
             derived_from.insert(r.rule.clone());
         }
@@ -350,6 +356,18 @@ pub(crate) fn fold(group: &[Item], rules: &[Arc<Contribution>]) -> PolicyEntry {
         action,
         derived_from,
     }
+}
+
+/// Splits items sorted by key into per-identity runs.
+fn by_identity(items: Vec<Item>) -> BTreeMap<Identity, Vec<Item>> {
+    let mut out: Vec<(Identity, Vec<Item>)> = Vec::new();
+    for i in items {
+        match out.last_mut() {
+            Some((id, v)) if *id == i.key.identity => v.push(i),
+            _ => out.push((i.key.identity, vec![i])),
+        }
+    }
+    out.into_iter().collect()
 }
 
 /// Turns every non-deny entry covered by a deny (in `entries` or in `extra_denies`) into a
@@ -578,8 +596,15 @@ impl Compiler {
             endpoint: Some(ep.clone()),
             ..Plan::default()
         };
+        let mut own = Vec::new();
         for policy in self.repo.iter() {
-            if let Some(part) = self.plan_policy(policy, ep, &mut plan.contributions) {
+            own.clear();
+            if let Some(mut part) = self.plan_policy(policy, ep, &mut own) {
+                for c in own.drain(..) {
+                    part.slots
+                        .push(u32::try_from(plan.contributions.len()).unwrap_or(NO_RULE));
+                    plan.contributions.push(Some(c));
+                }
                 plan.policies.insert(policy.name.clone(), part);
             }
         }
@@ -597,7 +622,7 @@ impl Compiler {
     ) -> Option<PolicyPart> {
         let mut part = PolicyPart::default();
         let mut selected = false;
-        let start = out.len();
+        let owner = Arc::new(policy.name.clone());
         for rule in policy
             .rules
             .iter()
@@ -651,6 +676,7 @@ impl Compiler {
                             direction: dir,
                             deny,
                             rule: rule_ref,
+                            owner: owner.clone(),
                             peers,
                             l4,
                         }));
@@ -658,7 +684,6 @@ impl Compiler {
                 }
             }
         }
-        part.len = out.len() - start;
         selected.then_some(part)
     }
 
@@ -715,6 +740,10 @@ impl Compiler {
         let mut selected: Vec<Option<Rc<[Identity]>>> = Vec::new();
         if !plan.never {
             for (ci, c) in plan.contributions.iter().enumerate() {
+                let Some(c) = c else {
+                    selected.push(None);
+                    continue;
+                };
                 let ids = c.peers.as_ref().map(|peers| match peers.as_slice() {
                     [one] => eval.eval(one),
                     many => {
@@ -768,7 +797,7 @@ impl Compiler {
             map_state: MapState { entries },
             l7,
             plan,
-            items: Arc::new(items),
+            items: Arc::new(by_identity(items)),
             deny_keys: Arc::new(deny_keys),
         }
     }
@@ -801,6 +830,7 @@ impl Compiler {
         let keys_of = |c: &Contribution, id: Identity| -> Vec<L4Key> { self.keys_for(c, id) };
         let mut ports: BTreeSet<(Direction, u8, u16)> = BTreeSet::new();
         for (c, ids) in plan.contributions.iter().zip(selected) {
+            let Some(c) = c else { continue };
             if c.deny {
                 continue;
             }
@@ -832,6 +862,7 @@ impl Compiler {
             ports.range(lo..=hi).copied().collect()
         };
         for (i, (c, ids)) in plan.contributions.iter().zip(selected).enumerate() {
+            let Some(c) = c else { continue };
             if c.deny {
                 continue;
             }
@@ -943,6 +974,7 @@ impl Compiler {
         let mut member = vec![false; plan.contributions.len()];
         if let (Some(info), false) = (info, plan.never) {
             for (i, c) in plan.contributions.iter().enumerate() {
+                let Some(c) = c else { continue };
                 let Some(peers) = &c.peers else { continue };
                 if peers
                     .iter()
@@ -960,10 +992,10 @@ impl Compiler {
         let (mut entries, mut id_items) = b.finish(&plan.contributions);
         // Keep the pre-fold items and deny keys in step, for later policy updates.
         let items = Arc::make_mut(&mut policy.items);
-        let lo = items.partition_point(|i| i.key.identity < id);
-        let hi = items.partition_point(|i| i.key.identity <= id);
-        if lo <= hi && hi <= items.len() {
-            items.splice(lo..hi, id_items.drain(..));
+        if id_items.is_empty() {
+            items.remove(&id);
+        } else {
+            items.insert(id, std::mem::take(&mut id_items));
         }
         let deny_keys = Arc::make_mut(&mut policy.deny_keys);
         deny_keys.retain(|k| k.identity != id);

@@ -3,15 +3,16 @@
 //! deny that changed. Cases where the change reaches further (enforcement flips, L7 ports,
 //! egress named ports) fall back to a full compile.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use weir_identity::Identity;
-use weir_policy_model::{Direction, PolicyName};
+use weir_policy_model::PolicyName;
 
 use crate::compile::{
-    Builder, Compiler, Contribution, EndpointInfo, EndpointPolicy, Item, L4, NO_RULE, Plan, fold,
+    Builder, Compiler, Contribution, EndpointInfo, EndpointPolicy, EnforcementMode, Item, L4,
+    NO_RULE, fold,
 };
 use crate::l7::{L7Contribution, L7Peers};
 use crate::mapstate::{
@@ -19,17 +20,25 @@ use crate::mapstate::{
 };
 use crate::peers::PeerEvaluator;
 
-/// The items of `key` in `items` (sorted by key).
-fn items_of<'a>(items: &'a [Item], key: &PolicyKey) -> &'a [Item] {
-    let lo = items.partition_point(|i| i.key < *key);
-    let hi = items.partition_point(|i| i.key <= *key);
-    items.get(lo..hi).unwrap_or(&[])
+/// Pre-fold items per remote identity, each run sorted by key then contribution.
+type Items = BTreeMap<Identity, Vec<Item>>;
+/// Contributions by slot.
+type Slots = [Option<Arc<Contribution>>];
+
+/// The items of `key`.
+fn items_of<'a>(items: &'a Items, key: &PolicyKey) -> &'a [Item] {
+    let Some(run) = items.get(&key.identity) else {
+        return &[];
+    };
+    let lo = run.partition_point(|i| i.key < *key);
+    let hi = run.partition_point(|i| i.key <= *key);
+    run.get(lo..hi).unwrap_or(&[])
 }
 
 /// The entry of `key` after deny resolution, from the items and the pre-resolution deny keys.
 fn resolved(
-    items: &[Item],
-    rules: &[Arc<Contribution>],
+    items: &Items,
+    rules: &Slots,
     deny_keys: &BTreeSet<PolicyKey>,
     key: &PolicyKey,
 ) -> Option<PolicyEntry> {
@@ -70,6 +79,39 @@ fn has_l7(c: &Contribution) -> bool {
     }
 }
 
+/// The identities each contribution selects (`None`: wildcard), evaluated now.
+fn evaluate<'a>(
+    eval: &mut PeerEvaluator<'a>,
+    own: &'a [Arc<Contribution>],
+) -> Vec<Option<Rc<[Identity]>>> {
+    own.iter()
+        .map(|c| {
+            c.peers.as_ref().map(|peers| match peers.as_slice() {
+                [one] => eval.eval(one),
+                many => {
+                    let mut v: Vec<Identity> =
+                        many.iter().flat_map(|p| eval.eval(p).to_vec()).collect();
+                    v.sort_unstable();
+                    v.dedup();
+                    v.into()
+                }
+            })
+        })
+        .collect()
+}
+
+/// The keys a contribution produces for its selected identities (fixed L4 only).
+fn keys_of(c: &Contribution, ids: &Option<Rc<[Identity]>>) -> Vec<PolicyKey> {
+    let L4::Fixed(keys) = &c.l4 else {
+        return Vec::new();
+    };
+    let one = [Identity::ANY];
+    let ids: &[Identity] = ids.as_deref().unwrap_or(&one);
+    ids.iter()
+        .flat_map(|&id| keys.iter().map(move |k| k.key(id, c.direction)))
+        .collect()
+}
+
 impl Compiler {
     /// Brings `policy` up to date after the policy `name` was added, changed or removed
     /// (call [`Compiler::upsert_policy`] / [`Compiler::remove_policy`] first); every other
@@ -83,118 +125,138 @@ impl Compiler {
         policy: &mut EndpointPolicy,
         name: &PolicyName,
     ) -> MapStateDiff {
-        let old_plan = policy.plan.clone();
-        if old_plan.never
-            || old_plan.endpoint.as_ref() != Some(ep)
-            || old_plan.needs_full_recompile()
-        {
+        let old = &policy.plan;
+        if old.never || old.endpoint.as_ref() != Some(ep) || old.needs_full_recompile() {
             return self.recompile(ep, policy);
         }
-        let start: usize = old_plan.policies.range(..name).map(|(_, p)| p.len).sum();
-        let old_len = old_plan.policies.get(name).map_or(0, |p| p.len);
-        let end = start + old_len;
+        let old_part = old.policies.get(name).cloned().unwrap_or_default();
+        let old_own: Vec<Arc<Contribution>> = old_part
+            .slots
+            .iter()
+            .filter_map(|s| old.contributions.get(*s as usize).cloned().flatten())
+            .collect();
         let mut new_own = Vec::new();
         let part = self
             .repo
             .get(name)
             .and_then(|p| self.plan_policy(p, ep, &mut new_own));
-        let mut plan = Plan {
-            never: old_plan.never,
-            enforced: old_plan.enforced,
-            selected_by: Default::default(),
-            contributions: Vec::new(),
-            policies: old_plan.policies.clone(),
-            endpoint: old_plan.endpoint.clone(),
+        let new_part = part.clone().unwrap_or_default();
+        // Enforcement with the new part in place of the old.
+        let mut default_deny = new_part.default_deny;
+        for (n, p) in &old.policies {
+            if n != name {
+                for (d, x) in default_deny.iter_mut().zip(p.default_deny) {
+                    *d |= x;
+                }
+            }
+        }
+        let enforced = match self.config.enforcement {
+            EnforcementMode::Default => default_deny,
+            EnforcementMode::Always => [true; 2],
+            EnforcementMode::Never => [false; 2],
         };
-        match part {
-            Some(p) => plan.policies.insert(name.clone(), p),
-            None => plan.policies.remove(name),
-        };
-        plan.summarise(self.config.enforcement);
-        let old_own = old_plan.contributions.get(start..end).unwrap_or(&[]);
-        if plan.enforced != old_plan.enforced
+        if enforced != old.enforced
+            || old_own.len() != old_part.slots.len()
             || old_own.iter().chain(&new_own).any(|c| has_l7(c))
-            || old_plan.contributions.len() < end
         {
             return self.recompile(ep, policy);
         }
-        let new_len = new_own.len();
-        let shift = |r: u32| -> u32 {
-            let r = r as usize;
-            if r >= end {
-                u32::try_from(r - old_len + new_len).unwrap_or(NO_RULE)
-            } else {
-                r as u32
-            }
-        };
-        plan.contributions = old_plan.contributions.get(..start).unwrap_or(&[]).to_vec();
-        plan.contributions.extend(new_own.iter().cloned());
-        plan.contributions.extend(
-            old_plan
-                .contributions
-                .get(end..)
-                .unwrap_or(&[])
-                .iter()
-                .cloned(),
-        );
+        let listing_changed = old_part.has_rules != new_part.has_rules;
 
-        // The new contributions' items, with their global indices.
-        let mut b = Builder::default();
+        // What the old and the new contributions select, with today's identities (which the
+        // endpoint policy is in step with).
         let mut eval = PeerEvaluator::new(&self.identities, &self.config.cluster_name);
-        let mut selected: Vec<Option<Rc<[Identity]>>> = Vec::new();
-        for (j, c) in new_own.iter().enumerate() {
-            let ids = c.peers.as_ref().map(|peers| match peers.as_slice() {
-                [one] => eval.eval(one),
-                many => {
-                    let mut v: Vec<Identity> =
-                        many.iter().flat_map(|p| eval.eval(p).to_vec()).collect();
-                    v.sort_unstable();
-                    v.dedup();
-                    v.into()
+        let old_sel = evaluate(&mut eval, &old_own);
+        let new_sel = evaluate(&mut eval, &new_own);
+        let mut touched: BTreeSet<PolicyKey> = BTreeSet::new();
+        for (c, ids) in old_own.iter().zip(&old_sel) {
+            touched.extend(keys_of(c, ids));
+        }
+
+        // New slots: the old ones first, then free ones, then fresh.
+        let plan = Arc::make_mut(&mut policy.plan);
+        for s in &old_part.slots {
+            if let Some(x) = plan.contributions.get_mut(*s as usize) {
+                *x = None;
+            }
+        }
+        let mut reuse: Vec<u32> = old_part.slots.iter().rev().copied().collect();
+        let mut slots = Vec::with_capacity(new_own.len());
+        for c in &new_own {
+            let slot = match reuse.pop().or_else(|| plan.free.pop()) {
+                Some(s) => s,
+                None => {
+                    plan.contributions.push(None);
+                    u32::try_from(plan.contributions.len() - 1).unwrap_or(NO_RULE)
                 }
-            });
-            selected.push(ids.clone());
+            };
+            if let Some(x) = plan.contributions.get_mut(slot as usize) {
+                *x = Some(c.clone());
+            }
+            slots.push(slot);
+        }
+        plan.free.extend(reuse);
+        match part {
+            Some(mut p) => {
+                p.slots = slots.clone();
+                plan.policies.insert(name.clone(), p);
+            }
+            None => {
+                plan.policies.remove(name);
+            }
+        }
+        if listing_changed {
+            plan.summarise(self.config.enforcement);
+            policy.selected_by_ingress = plan.selected_by[0].clone();
+            policy.selected_by_egress = plan.selected_by[1].clone();
+        }
+
+        // The new contributions' items, per identity.
+        let mut b = Builder::default();
+        for ((c, ids), &slot) in new_own.iter().zip(&new_sel).zip(&slots) {
             let L4::Fixed(keys) = &c.l4 else { continue };
-            match &ids {
-                None => self.add_keys(&mut b, c, start + j, Identity::ANY, keys),
+            match ids {
+                None => self.add_keys(&mut b, c, slot as usize, Identity::ANY, keys),
                 Some(ids) => {
                     for &id in ids.iter() {
-                        self.add_keys(&mut b, c, start + j, id, keys);
+                        self.add_keys(&mut b, c, slot as usize, id, keys);
                     }
                 }
             }
         }
-        let mut added = b.items;
-        added.sort_unstable_by_key(|i| (i.key, i.rule));
-
-        // Touched keys, and the merged items.
-        let own = |i: &Item| i.rule != NO_RULE && (start..end).contains(&(i.rule as usize));
-        let mut touched: BTreeSet<PolicyKey> = added.iter().map(|i| i.key).collect();
-        touched.extend(policy.items.iter().filter(|i| own(i)).map(|i| i.key));
-        let mut merged = Vec::with_capacity(policy.items.len() + added.len());
-        let mut add_iter = added.into_iter().peekable();
-        for i in policy.items.iter().filter(|i| !own(i)) {
-            let i = Item {
-                rule: if i.rule == NO_RULE {
-                    NO_RULE
-                } else {
-                    shift(i.rule)
-                },
-                ..*i
-            };
-            while let Some(a) = add_iter.next_if(|a| (a.key, a.rule) < (i.key, i.rule)) {
-                merged.push(a);
-            }
-            merged.push(i);
+        touched.extend(b.items.iter().map(|i| i.key));
+        let mut added: BTreeMap<Identity, Vec<Item>> = BTreeMap::new();
+        for i in b.items {
+            added.entry(i.key.identity).or_default().push(i);
         }
-        merged.extend(add_iter);
+        let gone: BTreeSet<u32> = old_part.slots.iter().copied().collect();
+        let ids: BTreeSet<Identity> = touched.iter().map(|k| k.identity).collect();
+        let items = Arc::make_mut(&mut policy.items);
+        for id in ids {
+            let mut run: Vec<Item> = items
+                .get(&id)
+                .map(|r| {
+                    r.iter()
+                        .filter(|i| !gone.contains(&i.rule))
+                        .copied()
+                        .collect()
+                })
+                .unwrap_or_default();
+            run.extend(added.remove(&id).unwrap_or_default());
+            run.sort_unstable_by_key(|i| (i.key, i.rule));
+            if run.is_empty() {
+                items.remove(&id);
+            } else {
+                items.insert(id, run);
+            }
+        }
 
         // Deny keys among the touched ones, and which of them changed.
-        let mut deny_keys = (*policy.deny_keys).clone();
+        let deny_keys = Arc::make_mut(&mut policy.deny_keys);
         let mut changed_denies = Vec::new();
         for k in &touched {
             let was = deny_keys.remove(k);
-            let is = items_of(&merged, k).iter().any(|i| i.action.is_deny());
+            let is = items_of(items, k).iter().any(|i| i.action.is_deny());
             if is {
                 deny_keys.insert(*k);
             }
@@ -225,7 +287,7 @@ impl Compiler {
 
         let mut diff = MapStateDiff::default();
         for k in &redo {
-            match resolved(&merged, &plan.contributions, &deny_keys, k) {
+            match resolved(items, &plan.contributions, deny_keys, k) {
                 Some(e) => {
                     if policy.map_state.get(k) != Some(&e) {
                         diff.upserts.push((*k, e));
@@ -240,24 +302,23 @@ impl Compiler {
         }
         policy.map_state.apply(&diff);
 
-        // L7 lists: drop the old contributions, renumber, insert the new ones in place.
-        let ports: Vec<(Direction, u8, u16)> = policy.l7.ports.keys().copied().collect();
-        for port in ports {
-            let Some(list) = policy.l7.ports.get_mut(&port) else {
-                continue;
-            };
-            list.retain(|c| c.origin == usize::MAX || !(start..end).contains(&c.origin));
+        // L7 lists: drop the old contributions, insert the new ones before the first entry
+        // of a later policy (the order a fresh compile lists them in).
+        for (port, list) in policy.l7.ports.iter_mut() {
+            list.retain(|c| c.origin == usize::MAX || !gone.contains(&(c.origin as u32)));
             let pos = list
                 .iter()
-                .position(|c| c.origin >= end)
+                .position(|c| {
+                    c.origin == usize::MAX
+                        || plan
+                            .contributions
+                            .get(c.origin)
+                            .and_then(|x| x.as_ref())
+                            .is_some_and(|x| *x.owner > *name)
+                })
                 .unwrap_or(list.len());
-            for c in list.iter_mut().filter(|c| c.origin != usize::MAX) {
-                if c.origin >= end {
-                    c.origin = c.origin - old_len + new_len;
-                }
-            }
             let mut fresh = Vec::new();
-            for (j, (c, ids)) in new_own.iter().zip(&selected).enumerate() {
+            for ((c, ids), &slot) in new_own.iter().zip(&new_sel).zip(&slots) {
                 let L4::Fixed(keys) = &c.l4 else { continue };
                 if c.deny || c.direction != port.0 {
                     continue;
@@ -267,32 +328,25 @@ impl Compiler {
                     Some(ids) => L7Peers::Set(ids.iter().copied().collect()),
                 };
                 for k in keys {
-                    let covers = if k.prefix_len == 0 {
-                        true
-                    } else {
-                        k.protocol == port.1 && (port.2 & port_mask(k.prefix_len)) == k.port
-                    };
+                    let covers = k.prefix_len == 0
+                        || (k.protocol == port.1 && (port.2 & port_mask(k.prefix_len)) == k.port);
                     if covers {
                         fresh.push(L7Contribution {
                             peers: peers.clone(),
                             rules: k.l7.clone(),
                             derived_from: Some(c.rule.clone()),
-                            origin: start + j,
+                            origin: slot as usize,
                         });
                     }
                 }
             }
-            let tail = list.split_off(pos.min(list.len()));
-            list.extend(fresh);
-            list.extend(tail);
+            if !fresh.is_empty() {
+                let tail = list.split_off(pos.min(list.len()));
+                list.extend(fresh);
+                list.extend(tail);
+            }
         }
-
-        policy.items = Arc::new(merged);
-        policy.deny_keys = Arc::new(deny_keys);
-        policy.selected_by_ingress = plan.selected_by[0].clone();
-        policy.selected_by_egress = plan.selected_by[1].clone();
         policy.revision = self.repo.revision();
-        policy.plan = Arc::new(plan);
         diff
     }
 }
