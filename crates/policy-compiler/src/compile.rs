@@ -17,6 +17,7 @@ use crate::mapstate::{
     EntryAction, MapState, MapStateDiff, PolicyEntry, PolicyKey, port_mask, port_range_prefixes,
     proto,
 };
+use crate::peer_index::PeerIndex;
 use crate::peers::{PeerEvaluator, peer_is_wildcard, peer_selects};
 use crate::repository::{PolicyRepository, Revision};
 
@@ -144,6 +145,8 @@ pub(crate) struct Plan {
     pub(crate) contributions: Vec<Option<Arc<Contribution>>>,
     /// Empty slots of `contributions`.
     pub(crate) free: Vec<u32>,
+    /// Slots by the labels their peers need, for identity updates.
+    pub(crate) index: PeerIndex,
     /// The policies with a rule selecting the endpoint.
     pub(crate) policies: BTreeMap<PolicyName, PolicyPart>,
     /// The endpoint it was planned for.
@@ -601,8 +604,10 @@ impl Compiler {
             own.clear();
             if let Some(mut part) = self.plan_policy(policy, ep, &mut own) {
                 for c in own.drain(..) {
-                    part.slots
-                        .push(u32::try_from(plan.contributions.len()).unwrap_or(NO_RULE));
+                    let slot = u32::try_from(plan.contributions.len()).unwrap_or(NO_RULE);
+                    plan.index
+                        .add(slot, c.peers.as_deref(), &self.config.cluster_name);
+                    part.slots.push(slot);
                     plan.contributions.push(Some(c));
                 }
                 plan.policies.insert(policy.name.clone(), part);
@@ -973,14 +978,24 @@ impl Compiler {
         let mut b = Builder::default();
         let mut member = vec![false; plan.contributions.len()];
         if let (Some(info), false) = (info, plan.never) {
-            for (i, c) in plan.contributions.iter().enumerate() {
-                let Some(c) = c else { continue };
+            // Only the contributions whose peers can select these labels.
+            let candidates: Box<dyn Iterator<Item = usize>> =
+                match plan.index.candidates(id, &info.labels) {
+                    Some(c) => Box::new(c.into_iter().map(|s| s as usize)),
+                    None => Box::new(0..plan.contributions.len()),
+                };
+            for i in candidates {
+                let Some(Some(c)) = plan.contributions.get(i) else {
+                    continue;
+                };
                 let Some(peers) = &c.peers else { continue };
                 if peers
                     .iter()
                     .any(|p| peer_selects(p, id, info, &self.config.cluster_name))
                 {
-                    member[i] = true;
+                    if let Some(m) = member.get_mut(i) {
+                        *m = true;
+                    }
                     let keys = self.keys_for(c, id);
                     self.add_keys(&mut b, c, i, id, &keys);
                 }

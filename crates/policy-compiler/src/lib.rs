@@ -12,6 +12,7 @@ mod decide;
 mod identities;
 mod l7;
 mod mapstate;
+mod peer_index;
 mod peers;
 mod policy_update;
 mod repository;

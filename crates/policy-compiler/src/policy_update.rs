@@ -176,8 +176,11 @@ impl Compiler {
         // New slots: the old ones first, then free ones, then fresh.
         let plan = Arc::make_mut(&mut policy.plan);
         for s in &old_part.slots {
-            if let Some(x) = plan.contributions.get_mut(*s as usize) {
-                *x = None;
+            if let Some(x) = plan.contributions.get_mut(*s as usize)
+                && let Some(c) = x.take()
+            {
+                plan.index
+                    .remove(*s, c.peers.as_deref(), &self.config.cluster_name);
             }
         }
         let mut reuse: Vec<u32> = old_part.slots.iter().rev().copied().collect();
@@ -192,6 +195,8 @@ impl Compiler {
             };
             if let Some(x) = plan.contributions.get_mut(slot as usize) {
                 *x = Some(c.clone());
+                plan.index
+                    .add(slot, c.peers.as_deref(), &self.config.cluster_name);
             }
             slots.push(slot);
         }
