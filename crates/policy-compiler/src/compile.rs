@@ -323,7 +323,9 @@ impl Builder {
 /// The entry of one key from its items (all with that key, sorted by rule).
 pub(crate) fn fold(group: &[Item], rules: &[Option<Arc<Contribution>>]) -> PolicyEntry {
     let is_deny = group.iter().any(|i| i.action.is_deny());
-    let mut derived_from = BTreeSet::new();
+    // Collected, then bulk-built: in a fresh plan slot order is rule order, so the sort
+    // inside `collect` sees a sorted run.
+    let mut derived_from = Vec::new();
     let mut redirect: Option<(u8, u16)> = None;
     let mut last = NO_RULE;
     for i in group {
@@ -340,7 +342,7 @@ pub(crate) fn fold(group: &[Item], rules: &[Option<Arc<Contribution>>]) -> Polic
         if i.rule != last
             && let Some(Some(r)) = rules.get(i.rule as usize)
         {
-            derived_from.insert(r.rule.clone());
+            derived_from.push(r.rule.clone());
         }
         last = i.rule;
     }
@@ -357,7 +359,7 @@ pub(crate) fn fold(group: &[Item], rules: &[Option<Arc<Contribution>>]) -> Polic
     };
     PolicyEntry {
         action,
-        derived_from,
+        derived_from: derived_from.into_iter().collect(),
     }
 }
 
@@ -627,13 +629,16 @@ impl Compiler {
     ) -> Option<PolicyPart> {
         let mut part = PolicyPart::default();
         let mut selected = false;
-        let owner = Arc::new(policy.name.clone());
+        let mut owner: Option<Arc<PolicyName>> = None;
         for rule in policy
             .rules
             .iter()
             .filter(|r| r.subject.matches(&ep.labels))
         {
             selected = true;
+            let owner = owner
+                .get_or_insert_with(|| Arc::new(policy.name.clone()))
+                .clone();
             for (dir, sections) in [
                 (Direction::Ingress, &rule.ingress),
                 (Direction::Egress, &rule.egress),
