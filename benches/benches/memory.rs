@@ -10,6 +10,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 use weir_benches::{CLUSTER, identity_labels, policies};
@@ -116,9 +117,13 @@ fn main() {
             continue;
         };
         let t1 = live();
-        compiler.upsert_identity(a.identity, labels.clone(), NamedPorts::new());
+        // The agent shares the allocator's labels with the compiler and the selector cache.
+        let shared = alloc
+            .shared_labels(a.identity)
+            .unwrap_or_else(|| Arc::new(labels.clone()));
+        compiler.upsert_identity_shared(a.identity, Arc::clone(&shared), NamedPorts::new());
         let t2 = live();
-        black_box(cache.add_identity(a.identity, labels.clone()));
+        black_box(cache.add_identity_shared(a.identity, shared));
         let t3 = live();
         ipcache.insert(
             IpAddr::V4(Ipv4Addr::from(0x0a80_0000 + i as u32)),

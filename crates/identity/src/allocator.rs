@@ -289,6 +289,13 @@ impl InMemoryAllocator {
         self.by_id.is_empty()
     }
 
+    /// The labels of an allocated (non-reserved) identity as the allocator holds them, to
+    /// share with the other tables that keep labels per identity (the compiler's, the
+    /// selector cache) instead of copying them.
+    pub fn shared_labels(&self, identity: Identity) -> Option<Arc<LabelSet>> {
+        self.by_id.get(&identity).map(|e| Arc::clone(&e.labels))
+    }
+
     /// Restores an identity a previous run allocated (from the agent's state directory), so
     /// the numbers already in the kernel's maps keep their meaning across restarts. The entry
     /// starts with no references: the first [`IdentityAllocator::allocate`] of the same labels

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -147,7 +148,7 @@ struct SelectorEntry {
 
 #[derive(Debug, Clone)]
 struct IdentityEntry {
-    labels: LabelSet,
+    labels: Arc<LabelSet>,
     prefixes: Vec<IpNet>,
 }
 
@@ -221,6 +222,16 @@ impl SelectorCache {
     /// Adds an identity, or replaces the labels of a known one, and returns how selections
     /// changed.
     pub fn add_identity(&mut self, identity: Identity, labels: LabelSet) -> Vec<SelectorChange> {
+        self.add_identity_shared(identity, Arc::new(labels))
+    }
+
+    /// [`SelectorCache::add_identity`] keeping a reference to labels the caller already holds
+    /// (the allocator's), so each identity's labels are stored once.
+    pub fn add_identity_shared(
+        &mut self,
+        identity: Identity,
+        labels: Arc<LabelSet>,
+    ) -> Vec<SelectorChange> {
         let prefixes = identity_prefixes(&labels);
         let mut changes = Vec::new();
         for (sid, e) in &mut self.selectors {
@@ -287,12 +298,12 @@ impl SelectorCache {
 
     /// The labels of a known identity.
     pub fn identity_labels(&self, identity: Identity) -> Option<&LabelSet> {
-        self.identities.get(&identity).map(|e| &e.labels)
+        self.identities.get(&identity).map(|e| &*e.labels)
     }
 
     /// Every known identity with its labels, in numeric order.
     pub fn identities(&self) -> impl Iterator<Item = (Identity, &LabelSet)> {
-        self.identities.iter().map(|(id, e)| (*id, &e.labels))
+        self.identities.iter().map(|(id, e)| (*id, &*e.labels))
     }
 }
 

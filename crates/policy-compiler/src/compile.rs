@@ -17,6 +17,7 @@ use crate::mapstate::{
     EntryAction, MapState, MapStateDiff, PolicyEntry, PolicyKey, port_mask, port_range_prefixes,
     proto,
 };
+use crate::peer_index::PeerIndex;
 use crate::peers::{PeerEvaluator, peer_is_wildcard, peer_selects};
 use crate::repository::{PolicyRepository, Revision};
 
@@ -80,15 +81,15 @@ pub struct EndpointInfo {
 
 /// One protocol/port prefix produced by a peer rule, with its L7 rules if any.
 #[derive(Debug, Clone)]
-struct L4Key {
-    protocol: u8,
-    port: u16,
-    prefix_len: u8,
-    l7: Option<Arc<L7Rules>>,
+pub(crate) struct L4Key {
+    pub(crate) protocol: u8,
+    pub(crate) port: u16,
+    pub(crate) prefix_len: u8,
+    pub(crate) l7: Option<Arc<L7Rules>>,
 }
 
 impl L4Key {
-    fn key(&self, identity: Identity, direction: Direction) -> PolicyKey {
+    pub(crate) fn key(&self, identity: Identity, direction: Direction) -> PolicyKey {
         PolicyKey::new(
             identity,
             direction,
@@ -101,7 +102,7 @@ impl L4Key {
 
 /// The L4 part of a contribution.
 #[derive(Debug, Clone)]
-enum L4 {
+pub(crate) enum L4 {
     /// Resolved once (no named ports needing the peer's ports).
     Fixed(Vec<L4Key>),
     /// Egress with named ports: resolved against each selected identity's named ports.
@@ -110,31 +111,77 @@ enum L4 {
 
 /// One peer rule of a rule that selects the endpoint.
 #[derive(Debug, Clone)]
-struct Contribution {
-    direction: Direction,
-    deny: bool,
-    rule: Arc<RuleRef>,
+pub(crate) struct Contribution {
+    pub(crate) direction: Direction,
+    pub(crate) deny: bool,
+    pub(crate) rule: Arc<RuleRef>,
+    /// The policy it comes from.
+    pub(crate) owner: Arc<PolicyName>,
     /// `None`: the identity wildcard.
-    peers: Option<Vec<Peer>>,
-    l4: L4,
+    pub(crate) peers: Option<Vec<Peer>>,
+    pub(crate) l4: L4,
+}
+
+/// What one policy says for one endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct PolicyPart {
+    /// The slots of its contributions in [`Plan::contributions`], in rule order.
+    pub(crate) slots: Vec<u32>,
+    /// Whether a selecting rule enables default deny, per direction.
+    pub(crate) default_deny: [bool; 2],
+    /// Whether a selecting rule has rules or enforcement, per direction (it is then listed in
+    /// `selected_by`).
+    pub(crate) has_rules: [bool; 2],
 }
 
 /// What the rules say for one endpoint before identities come in.
 #[derive(Debug, Clone, Default)]
-struct Plan {
-    never: bool,
-    enforced: [bool; 2],
-    selected_by: [Vec<PolicyName>; 2],
-    contributions: Vec<Contribution>,
+pub(crate) struct Plan {
+    pub(crate) never: bool,
+    pub(crate) enforced: [bool; 2],
+    pub(crate) selected_by: [Vec<PolicyName>; 2],
+    /// Contributions by slot. A fresh plan fills them in policy-name order, then rule order;
+    /// policy updates reuse and free slots, so that items and L7 origins keep their numbers.
+    pub(crate) contributions: Vec<Option<Arc<Contribution>>>,
+    /// Empty slots of `contributions`.
+    pub(crate) free: Vec<u32>,
+    /// Slots by the labels their peers need, for identity updates.
+    pub(crate) index: PeerIndex,
+    /// The policies with a rule selecting the endpoint.
+    pub(crate) policies: BTreeMap<PolicyName, PolicyPart>,
+    /// The endpoint it was planned for.
+    pub(crate) endpoint: Option<EndpointInfo>,
 }
 
 impl Plan {
     /// Whether identity changes can alter wildcard entries or the set of L7 ports (then the
     /// incremental path recompiles).
-    fn needs_full_recompile(&self) -> bool {
+    pub(crate) fn needs_full_recompile(&self) -> bool {
         self.contributions
             .iter()
+            .flatten()
             .any(|c| matches!(c.l4, L4::PerPeer(..)))
+    }
+
+    /// Fills `enforced` and `selected_by` from the policy parts.
+    pub(crate) fn summarise(&mut self, mode: EnforcementMode) {
+        let mut default_deny = [false; 2];
+        self.selected_by = [Vec::new(), Vec::new()];
+        for (name, part) in &self.policies {
+            for (di, listed) in self.selected_by.iter_mut().enumerate() {
+                if part.has_rules.get(di).copied().unwrap_or(false) {
+                    listed.push(name.clone());
+                }
+            }
+            for (d, p) in default_deny.iter_mut().zip(part.default_deny) {
+                *d |= p;
+            }
+        }
+        self.enforced = match mode {
+            EnforcementMode::Default => default_deny,
+            EnforcementMode::Always => [true; 2],
+            EnforcementMode::Never => [false; 2],
+        };
     }
 }
 
@@ -143,7 +190,7 @@ type L7Port = (Direction, u8, u16);
 /// Identities that get the same L7 rules (or none) on one port.
 type IdGroup = (Option<Arc<L7Rules>>, BTreeSet<Identity>);
 
-fn dir_index(d: Direction) -> usize {
+pub(crate) fn dir_index(d: Direction) -> usize {
     match d {
         Direction::Ingress => 0,
         Direction::Egress => 1,
@@ -168,7 +215,12 @@ pub struct EndpointPolicy {
     pub map_state: MapState,
     /// The L7 rules for redirected ports.
     pub l7: L7Policy,
-    plan: Arc<Plan>,
+    pub(crate) plan: Arc<Plan>,
+    /// Every (key, contribution) pair before folding, per remote identity, sorted by key then
+    /// contribution: what an incremental update re-folds for the keys it touches.
+    pub(crate) items: Arc<BTreeMap<Identity, Vec<Item>>>,
+    /// The keys that are denies before deny resolution.
+    pub(crate) deny_keys: Arc<BTreeSet<PolicyKey>>,
 }
 
 impl PartialEq for EndpointPolicy {
@@ -220,67 +272,107 @@ impl EndpointPolicy {
     }
 }
 
-/// Accumulates everything that lands on one key.
-#[derive(Debug, Default)]
-struct Acc {
-    deny: BTreeSet<Arc<RuleRef>>,
-    is_deny: bool,
-    allow: BTreeSet<Arc<RuleRef>>,
-    /// (priority, proxy port) of the best redirect.
-    redirect: Option<(u8, u16)>,
+/// No rule: a synthesised entry (allow-all of an unenforced direction, host access).
+pub(crate) const NO_RULE: u32 = u32::MAX;
+
+/// One (key, contribution) pair. Rules are carried as contribution indices while building, so
+/// that gathering costs a push; they become `Arc<RuleRef>` sets once per key in
+/// [`Builder::finish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Item {
+    pub(crate) key: PolicyKey,
+    /// Index into [`Plan::contributions`], or [`NO_RULE`].
+    pub(crate) rule: u32,
+    pub(crate) action: EntryAction,
 }
 
-impl Acc {
-    fn entry(self) -> PolicyEntry {
-        if self.is_deny {
-            return PolicyEntry {
-                action: EntryAction::Deny,
-                derived_from: self.deny,
-            };
+/// Collects (key, rule, action) triples and folds them per key.
+#[derive(Default)]
+pub(crate) struct Builder {
+    pub(crate) items: Vec<Item>,
+}
+
+impl Builder {
+    fn add(&mut self, key: PolicyKey, action: EntryAction, rule: u32) {
+        self.items.push(Item { key, rule, action });
+    }
+
+    /// Folds the items of each key into its entry: deny wins, allows union, the redirect with
+    /// the highest priority is taken. `rules` are the contributions the indices point into.
+    fn finish(
+        mut self,
+        rules: &[Option<Arc<Contribution>>],
+    ) -> (BTreeMap<PolicyKey, PolicyEntry>, Vec<Item>) {
+        self.items.sort_unstable_by_key(|a| (a.key, a.rule));
+        let mut out = Vec::new();
+        let mut rest = self.items.as_slice();
+        while let Some(first) = rest.first() {
+            let n = rest
+                .iter()
+                .position(|i| i.key != first.key)
+                .unwrap_or(rest.len());
+            let (group, tail) = rest.split_at(n);
+            out.push((first.key, fold(group, rules)));
+            rest = tail;
         }
-        let action = match self.redirect {
+        // Sorted input: the map is bulk-built.
+        (out.into_iter().collect(), self.items)
+    }
+}
+
+/// The entry of one key from its items (all with that key, sorted by rule).
+pub(crate) fn fold(group: &[Item], rules: &[Option<Arc<Contribution>>]) -> PolicyEntry {
+    let is_deny = group.iter().any(|i| i.action.is_deny());
+    // Collected, then bulk-built: in a fresh plan slot order is rule order, so the sort
+    // inside `collect` sees a sorted run.
+    let mut derived_from = Vec::new();
+    let mut redirect: Option<(u8, u16)> = None;
+    let mut last = NO_RULE;
+    for i in group {
+        if i.action.is_deny() != is_deny {
+            continue;
+        }
+        if let EntryAction::Redirect {
+            proxy_port,
+            priority,
+        } = i.action
+        {
+            redirect = redirect.max(Some((priority, proxy_port)));
+        }
+        if i.rule != last
+            && let Some(Some(r)) = rules.get(i.rule as usize)
+        {
+            derived_from.push(r.rule.clone());
+        }
+        last = i.rule;
+    }
+    let action = if is_deny {
+        EntryAction::Deny
+    } else {
+        match redirect {
             Some((priority, proxy_port)) => EntryAction::Redirect {
                 proxy_port,
                 priority,
             },
             None => EntryAction::Allow,
-        };
-        PolicyEntry {
-            action,
-            derived_from: self.allow,
         }
+    };
+    PolicyEntry {
+        action,
+        derived_from: derived_from.into_iter().collect(),
     }
 }
 
-#[derive(Default)]
-struct Builder {
-    accs: HashMap<PolicyKey, Acc>,
-}
-
-impl Builder {
-    fn add(&mut self, key: PolicyKey, action: EntryAction, rule: Option<&Arc<RuleRef>>) {
-        let acc = self.accs.entry(key).or_default();
-        match action {
-            EntryAction::Deny => {
-                acc.is_deny = true;
-                acc.deny.extend(rule.cloned());
-            }
-            EntryAction::Allow => {
-                acc.allow.extend(rule.cloned());
-            }
-            EntryAction::Redirect {
-                proxy_port,
-                priority,
-            } => {
-                acc.allow.extend(rule.cloned());
-                acc.redirect = acc.redirect.max(Some((priority, proxy_port)));
-            }
+/// Splits items sorted by key into per-identity runs.
+fn by_identity(items: Vec<Item>) -> BTreeMap<Identity, Vec<Item>> {
+    let mut out: Vec<(Identity, Vec<Item>)> = Vec::new();
+    for i in items {
+        match out.last_mut() {
+            Some((id, v)) if *id == i.key.identity => v.push(i),
+            _ => out.push((i.key.identity, vec![i])),
         }
     }
-
-    fn finish(self) -> BTreeMap<PolicyKey, PolicyEntry> {
-        self.accs.into_iter().map(|(k, a)| (k, a.entry())).collect()
-    }
+    out.into_iter().collect()
 }
 
 /// Turns every non-deny entry covered by a deny (in `entries` or in `extra_denies`) into a
@@ -424,9 +516,9 @@ fn named_lookup(ports: &NamedPorts, name: &str) -> Vec<(u8, u16)> {
 /// Compiles policies and identities into endpoint policies.
 #[derive(Debug, Clone, Default)]
 pub struct Compiler {
-    config: CompilerConfig,
-    repo: PolicyRepository,
-    identities: IdentityTable,
+    pub(crate) config: CompilerConfig,
+    pub(crate) repo: PolicyRepository,
+    pub(crate) identities: IdentityTable,
 }
 
 impl Compiler {
@@ -470,12 +562,23 @@ impl Compiler {
         self.identities.upsert(id, labels, named_ports);
     }
 
+    /// [`Compiler::upsert_identity`] with labels the caller already holds behind an `Arc` (the
+    /// allocator's), so they are stored once rather than copied.
+    pub fn upsert_identity_shared(
+        &mut self,
+        id: Identity,
+        labels: Arc<LabelSet>,
+        named_ports: NamedPorts,
+    ) {
+        self.identities.upsert_shared(id, labels, named_ports);
+    }
+
     /// Removes an identity (reserved ones stay); then call [`Compiler::update_identity`].
     pub fn remove_identity(&mut self, id: Identity) -> bool {
         self.identities.remove(id)
     }
 
-    fn action_for(&self, deny: bool, l7: Option<&Arc<L7Rules>>) -> EntryAction {
+    pub(crate) fn action_for(&self, deny: bool, l7: Option<&Arc<L7Rules>>) -> EntryAction {
         if deny {
             return EntryAction::Deny;
         }
@@ -495,81 +598,107 @@ impl Compiler {
     fn plan(&self, ep: &EndpointInfo) -> Plan {
         let mut plan = Plan {
             never: self.config.enforcement == EnforcementMode::Never,
+            endpoint: Some(ep.clone()),
             ..Plan::default()
         };
-        let mut default_deny = [false; 2];
+        let mut own = Vec::new();
         for policy in self.repo.iter() {
-            for rule in policy
-                .rules
-                .iter()
-                .filter(|r| r.subject.matches(&ep.labels))
-            {
-                for (dir, sections) in [
-                    (Direction::Ingress, &rule.ingress),
-                    (Direction::Egress, &rule.egress),
+            own.clear();
+            if let Some(mut part) = self.plan_policy(policy, ep, &mut own) {
+                for c in own.drain(..) {
+                    let slot = u32::try_from(plan.contributions.len()).unwrap_or(NO_RULE);
+                    plan.index
+                        .add(slot, c.peers.as_deref(), &self.config.cluster_name);
+                    part.slots.push(slot);
+                    plan.contributions.push(Some(c));
+                }
+                plan.policies.insert(policy.name.clone(), part);
+            }
+        }
+        plan.summarise(self.config.enforcement);
+        plan
+    }
+
+    /// The contributions of one policy's rules that select `ep`, appended to `out`; `None` if
+    /// no rule selects it.
+    pub(crate) fn plan_policy(
+        &self,
+        policy: &Policy,
+        ep: &EndpointInfo,
+        out: &mut Vec<Arc<Contribution>>,
+    ) -> Option<PolicyPart> {
+        let mut part = PolicyPart::default();
+        let mut selected = false;
+        let mut owner: Option<Arc<PolicyName>> = None;
+        for rule in policy
+            .rules
+            .iter()
+            .filter(|r| r.subject.matches(&ep.labels))
+        {
+            selected = true;
+            let owner = owner
+                .get_or_insert_with(|| Arc::new(policy.name.clone()))
+                .clone();
+            for (dir, sections) in [
+                (Direction::Ingress, &rule.ingress),
+                (Direction::Egress, &rule.egress),
+            ] {
+                let di = dir_index(dir);
+                if sections.enforcement == Enforcement::DefaultDeny
+                    && let Some(d) = part.default_deny.get_mut(di)
+                {
+                    *d = true;
+                }
+                let has_rules = sections.enforcement != Enforcement::None
+                    || !sections.allow.is_empty()
+                    || !sections.deny.is_empty();
+                if has_rules && let Some(h) = part.has_rules.get_mut(di) {
+                    *h = true;
+                }
+                let (allow_sec, deny_sec) = match dir {
+                    Direction::Ingress => (Section::Ingress, Section::IngressDeny),
+                    Direction::Egress => (Section::Egress, Section::EgressDeny),
+                };
+                for (deny, section, list) in [
+                    (false, allow_sec, &sections.allow),
+                    (true, deny_sec, &sections.deny),
                 ] {
-                    let di = dir_index(dir);
-                    if sections.enforcement == Enforcement::DefaultDeny {
-                        default_deny[di] = true;
-                    }
-                    let listed = &mut plan.selected_by[di];
-                    let has_rules = sections.enforcement != Enforcement::None
-                        || !sections.allow.is_empty()
-                        || !sections.deny.is_empty();
-                    if has_rules && listed.last() != Some(&policy.name) {
-                        listed.push(policy.name.clone());
-                    }
-                    let (allow_sec, deny_sec) = match dir {
-                        Direction::Ingress => (Section::Ingress, Section::IngressDeny),
-                        Direction::Egress => (Section::Egress, Section::EgressDeny),
-                    };
-                    for (deny, section, list) in [
-                        (false, allow_sec, &sections.allow),
-                        (true, deny_sec, &sections.deny),
-                    ] {
-                        for pr in list.iter().filter(|pr| !pr.allows_nothing()) {
-                            let rule_ref = Arc::new(RuleRef {
-                                policy: rule.origin.clone(),
-                                spec: rule.spec,
-                                multi_spec: rule.multi_spec,
-                                section,
-                                index: pr.index,
-                            });
-                            let peers = match &pr.peers {
-                                Peers::Any => None,
-                                Peers::List(l) if l.iter().any(peer_is_wildcard) => None,
-                                Peers::List(l) => Some(l.clone()),
-                            };
-                            let l7s = port_l7s(pr);
-                            let l4 = if dir == Direction::Egress && has_named_port(pr) {
-                                L4::PerPeer(pr.clone(), l7s)
-                            } else {
-                                L4::Fixed(resolve_l4(pr, &l7s, &|n| {
-                                    named_lookup(&ep.named_ports, n)
-                                }))
-                            };
-                            plan.contributions.push(Contribution {
-                                direction: dir,
-                                deny,
-                                rule: rule_ref,
-                                peers,
-                                l4,
-                            });
-                        }
+                    for pr in list.iter().filter(|pr| !pr.allows_nothing()) {
+                        let rule_ref = Arc::new(RuleRef {
+                            policy: rule.origin.clone(),
+                            spec: rule.spec,
+                            multi_spec: rule.multi_spec,
+                            section,
+                            index: pr.index,
+                        });
+                        let peers = match &pr.peers {
+                            Peers::Any => None,
+                            Peers::List(l) if l.iter().any(peer_is_wildcard) => None,
+                            Peers::List(l) => Some(l.clone()),
+                        };
+                        let l7s = port_l7s(pr);
+                        let l4 = if dir == Direction::Egress && has_named_port(pr) {
+                            L4::PerPeer(pr.clone(), l7s)
+                        } else {
+                            L4::Fixed(resolve_l4(pr, &l7s, &|n| named_lookup(&ep.named_ports, n)))
+                        };
+                        out.push(Arc::new(Contribution {
+                            direction: dir,
+                            deny,
+                            rule: rule_ref,
+                            owner: owner.clone(),
+                            peers,
+                            l4,
+                        }));
                     }
                 }
             }
         }
-        plan.enforced = match self.config.enforcement {
-            EnforcementMode::Default => default_deny,
-            EnforcementMode::Always => [true; 2],
-            EnforcementMode::Never => [false; 2],
-        };
-        plan
+        selected.then_some(part)
     }
 
     /// The L4 keys of a contribution for one identity (or the wildcard).
-    fn keys_for(&self, c: &Contribution, id: Identity) -> Vec<L4Key> {
+    pub(crate) fn keys_for(&self, c: &Contribution, id: Identity) -> Vec<L4Key> {
         match &c.l4 {
             L4::Fixed(k) => k.clone(),
             L4::PerPeer(pr, l7s) => {
@@ -594,12 +723,20 @@ impl Compiler {
         }
     }
 
-    fn add_keys(&self, b: &mut Builder, c: &Contribution, id: Identity, keys: &[L4Key]) {
+    pub(crate) fn add_keys(
+        &self,
+        b: &mut Builder,
+        c: &Contribution,
+        ci: usize,
+        id: Identity,
+        keys: &[L4Key],
+    ) {
+        let rule = u32::try_from(ci).unwrap_or(NO_RULE);
         for k in keys {
             b.add(
                 k.key(id, c.direction),
                 self.action_for(c.deny, k.l7.as_ref()),
-                Some(&c.rule),
+                rule,
             );
         }
     }
@@ -612,7 +749,11 @@ impl Compiler {
         // Identities selected by each contribution (`None`: wildcard).
         let mut selected: Vec<Option<Rc<[Identity]>>> = Vec::new();
         if !plan.never {
-            for c in &plan.contributions {
+            for (ci, c) in plan.contributions.iter().enumerate() {
+                let Some(c) = c else {
+                    selected.push(None);
+                    continue;
+                };
                 let ids = c.peers.as_ref().map(|peers| match peers.as_slice() {
                     [one] => eval.eval(one),
                     many => {
@@ -626,17 +767,17 @@ impl Compiler {
                 match &ids {
                     None => {
                         let keys = self.keys_for(c, Identity::ANY);
-                        self.add_keys(&mut b, c, Identity::ANY, &keys);
+                        self.add_keys(&mut b, c, ci, Identity::ANY, &keys);
                     }
                     Some(ids) => {
                         if let L4::Fixed(keys) = &c.l4 {
                             for &id in ids.iter() {
-                                self.add_keys(&mut b, c, id, keys);
+                                self.add_keys(&mut b, c, ci, id, keys);
                             }
                         } else {
                             for &id in ids.iter() {
                                 let keys = self.keys_for(c, id);
-                                self.add_keys(&mut b, c, id, &keys);
+                                self.add_keys(&mut b, c, ci, id, &keys);
                             }
                         }
                     }
@@ -645,7 +786,12 @@ impl Compiler {
             }
         }
         self.add_synthetic(&mut b, &plan, None);
-        let mut entries = b.finish();
+        let (mut entries, items) = b.finish(&plan.contributions);
+        let deny_keys: BTreeSet<PolicyKey> = entries
+            .iter()
+            .filter(|(_, e)| e.action.is_deny())
+            .map(|(k, _)| *k)
+            .collect();
         resolve_denies(&mut entries, &[]);
         let l7 = if plan.never {
             L7Policy::default()
@@ -661,16 +807,22 @@ impl Compiler {
             map_state: MapState { entries },
             l7,
             plan,
+            items: Arc::new(by_identity(items)),
+            deny_keys: Arc::new(deny_keys),
         }
     }
 
     /// Allow-all for unenforced directions and host access. With `only`, just the entries of
     /// that identity.
-    fn add_synthetic(&self, b: &mut Builder, plan: &Plan, only: Option<Identity>) {
+    pub(crate) fn add_synthetic(&self, b: &mut Builder, plan: &Plan, only: Option<Identity>) {
         let want = |id: Identity| only.is_none_or(|o| o == id);
         for dir in [Direction::Ingress, Direction::Egress] {
             if !plan.enforced[dir_index(dir)] && want(Identity::ANY) {
-                b.add(PolicyKey::l3(Identity::ANY, dir), EntryAction::Allow, None);
+                b.add(
+                    PolicyKey::l3(Identity::ANY, dir),
+                    EntryAction::Allow,
+                    NO_RULE,
+                );
             }
         }
         let host = Identity::from(ReservedIdentity::Host);
@@ -678,7 +830,7 @@ impl Compiler {
             b.add(
                 PolicyKey::l3(host, Direction::Ingress),
                 EntryAction::Allow,
-                None,
+                NO_RULE,
             );
         }
     }
@@ -688,6 +840,7 @@ impl Compiler {
         let keys_of = |c: &Contribution, id: Identity| -> Vec<L4Key> { self.keys_for(c, id) };
         let mut ports: BTreeSet<(Direction, u8, u16)> = BTreeSet::new();
         for (c, ids) in plan.contributions.iter().zip(selected) {
+            let Some(c) = c else { continue };
             if c.deny {
                 continue;
             }
@@ -719,6 +872,7 @@ impl Compiler {
             ports.range(lo..=hi).copied().collect()
         };
         for (i, (c, ids)) in plan.contributions.iter().zip(selected).enumerate() {
+            let Some(c) = c else { continue };
             if c.deny {
                 continue;
             }
@@ -829,22 +983,48 @@ impl Compiler {
         let mut b = Builder::default();
         let mut member = vec![false; plan.contributions.len()];
         if let (Some(info), false) = (info, plan.never) {
-            for (i, c) in plan.contributions.iter().enumerate() {
+            // Only the contributions whose peers can select these labels.
+            let candidates: Box<dyn Iterator<Item = usize>> =
+                match plan.index.candidates(id, &info.labels) {
+                    Some(c) => Box::new(c.into_iter().map(|s| s as usize)),
+                    None => Box::new(0..plan.contributions.len()),
+                };
+            for i in candidates {
+                let Some(Some(c)) = plan.contributions.get(i) else {
+                    continue;
+                };
                 let Some(peers) = &c.peers else { continue };
                 if peers
                     .iter()
                     .any(|p| peer_selects(p, id, info, &self.config.cluster_name))
                 {
-                    member[i] = true;
+                    if let Some(m) = member.get_mut(i) {
+                        *m = true;
+                    }
                     let keys = self.keys_for(c, id);
-                    self.add_keys(&mut b, c, id, &keys);
+                    self.add_keys(&mut b, c, i, id, &keys);
                 }
             }
         }
         if info.is_some() {
             self.add_synthetic(&mut b, &plan, Some(id));
         }
-        let mut entries = b.finish();
+        let (mut entries, mut id_items) = b.finish(&plan.contributions);
+        // Keep the pre-fold items and deny keys in step, for later policy updates.
+        let items = Arc::make_mut(&mut policy.items);
+        if id_items.is_empty() {
+            items.remove(&id);
+        } else {
+            items.insert(id, std::mem::take(&mut id_items));
+        }
+        let deny_keys = Arc::make_mut(&mut policy.deny_keys);
+        deny_keys.retain(|k| k.identity != id);
+        deny_keys.extend(
+            entries
+                .iter()
+                .filter(|(_, e)| e.action.is_deny())
+                .map(|(k, _)| *k),
+        );
         let wildcard_denies: Vec<(PolicyKey, PolicyEntry)> = policy
             .map_state
             .entries_for_identity(Identity::ANY)

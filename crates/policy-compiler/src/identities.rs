@@ -2,6 +2,7 @@
 //! inverted index so a selector is evaluated only against identities that can match it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use weir_identity::{Identity, Label, LabelSet, LabelSource, Operator, ReservedIdentity, Selector};
@@ -13,12 +14,34 @@ pub type NamedPorts = BTreeMap<String, (u8, u16)>;
 /// What the compiler knows about one identity.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IdentityInfo {
-    /// The identity's labels.
-    pub labels: LabelSet,
+    /// The identity's labels, shared with whoever else keeps them (the allocator, the
+    /// selector cache): see [`IdentityTable::upsert_shared`].
+    pub labels: Arc<LabelSet>,
     /// Named ports of the workloads with this identity (for egress named-port resolution).
     pub named_ports: NamedPorts,
     /// For CIDR identities: the most specific `cidr:` prefix among the labels.
     pub(crate) prefix: Option<IpNet>,
+    /// Whether the labels hold `reserved:world` (world entities and CIDR peers only select
+    /// such identities).
+    pub(crate) world: bool,
+}
+
+/// The identities holding labels of one key (without source), overall and per value.
+#[derive(Debug, Clone, Default)]
+struct KeyIndex {
+    all: BTreeSet<Identity>,
+    by_value: HashMap<String, BTreeSet<Identity>>,
+}
+
+/// A CIDR identity's place in the prefix index: (is IPv6, network address, prefix length), so
+/// that the prefixes inside a CIDR are one range of the index.
+type PrefixKey = (bool, u128, u8);
+
+fn prefix_key(n: &IpNet) -> PrefixKey {
+    match n {
+        IpNet::V4(v4) => (false, u128::from(u32::from(v4.network())), n.prefix_len()),
+        IpNet::V6(v6) => (true, u128::from(v6.network()), n.prefix_len()),
+    }
 }
 
 /// Identity → labels table with the indexes the peer evaluator needs. The reserved
@@ -26,10 +49,14 @@ pub struct IdentityInfo {
 #[derive(Debug, Clone)]
 pub struct IdentityTable {
     ids: BTreeMap<Identity, IdentityInfo>,
-    /// Label key (without source) → identities with a label of that key.
-    by_key: HashMap<String, BTreeSet<Identity>>,
-    /// (label key, value) → identities with such a label (any source).
-    by_key_value: HashMap<(String, String), BTreeSet<Identity>>,
+    /// Label key (without source) → identities with a label of that key (any source), and
+    /// per value. Nested so lookups borrow the caller's key and value.
+    by_key: HashMap<String, KeyIndex>,
+    /// Identities with a CIDR prefix, by prefix: a CIDR peer visits only the identities inside
+    /// it instead of every world identity.
+    by_prefix: BTreeSet<(PrefixKey, Identity)>,
+    /// Identities with `reserved:world` and no CIDR prefix (2, 9, 10, FQDN identities).
+    world_no_prefix: BTreeSet<Identity>,
 }
 
 impl Default for IdentityTable {
@@ -46,32 +73,58 @@ fn parse_cidr_label(key: &str) -> Option<IpNet> {
         .map(|n| n.trunc())
 }
 
+/// Whether `labels` hold `source:key=value`, without building a [`Label`].
+pub(crate) fn has_label(labels: &LabelSet, source: LabelSource, key: &str, value: &str) -> bool {
+    labels
+        .iter()
+        .any(|l| l.source == source && l.key == key && l.value == value)
+}
+
 impl IdentityTable {
     /// A table holding only the reserved identities.
     pub fn new() -> Self {
         let mut t = IdentityTable {
             ids: BTreeMap::new(),
             by_key: HashMap::new(),
-            by_key_value: HashMap::new(),
+            by_prefix: BTreeSet::new(),
+            world_no_prefix: BTreeSet::new(),
         };
         for r in ReservedIdentity::ALL {
-            t.insert_raw(Identity::from(r), r.labels(), NamedPorts::new());
+            t.insert_raw(Identity::from(r), Arc::new(r.labels()), NamedPorts::new());
         }
         t
     }
 
-    fn insert_raw(&mut self, id: Identity, labels: LabelSet, named_ports: NamedPorts) {
+    fn insert_raw(&mut self, id: Identity, labels: Arc<LabelSet>, named_ports: NamedPorts) {
         let prefix = labels
             .iter()
             .filter(|l| l.source == LabelSource::Cidr)
             .filter_map(|l| parse_cidr_label(&l.key))
             .max_by_key(|n| n.prefix_len());
+        let world = has_label(&labels, LabelSource::Reserved, "world", "");
         for l in labels.iter() {
-            self.by_key.entry(l.key.clone()).or_default().insert(id);
-            self.by_key_value
-                .entry((l.key.clone(), l.value.clone()))
-                .or_default()
-                .insert(id);
+            let k = match self.by_key.get_mut(l.key.as_str()) {
+                Some(k) => k,
+                None => self.by_key.entry(l.key.clone()).or_default(),
+            };
+            k.all.insert(id);
+            match k.by_value.get_mut(l.value.as_str()) {
+                Some(v) => {
+                    v.insert(id);
+                }
+                None => {
+                    k.by_value.insert(l.value.clone(), BTreeSet::from([id]));
+                }
+            }
+        }
+        match &prefix {
+            Some(p) => {
+                self.by_prefix.insert((prefix_key(p), id));
+            }
+            None if world => {
+                self.world_no_prefix.insert(id);
+            }
+            None => {}
         }
         self.ids.insert(
             id,
@@ -79,6 +132,7 @@ impl IdentityTable {
                 labels,
                 named_ports,
                 prefix,
+                world,
             },
         );
     }
@@ -86,28 +140,38 @@ impl IdentityTable {
     fn remove_raw(&mut self, id: Identity) -> Option<IdentityInfo> {
         let info = self.ids.remove(&id)?;
         for l in info.labels.iter() {
-            if let Some(s) = self.by_key.get_mut(&l.key) {
-                s.remove(&id);
-                if s.is_empty() {
-                    self.by_key.remove(&l.key);
+            let Some(k) = self.by_key.get_mut(l.key.as_str()) else {
+                continue;
+            };
+            k.all.remove(&id);
+            if let Some(v) = k.by_value.get_mut(l.value.as_str()) {
+                v.remove(&id);
+                if v.is_empty() {
+                    k.by_value.remove(l.value.as_str());
                 }
             }
-            let kv = (l.key.clone(), l.value.clone());
-            if let Some(s) = self.by_key_value.get_mut(&kv) {
-                s.remove(&id);
-                if s.is_empty() {
-                    self.by_key_value.remove(&kv);
-                }
+            if k.all.is_empty() {
+                self.by_key.remove(l.key.as_str());
             }
         }
+        if let Some(p) = &info.prefix {
+            self.by_prefix.remove(&(prefix_key(p), id));
+        }
+        self.world_no_prefix.remove(&id);
         Some(info)
     }
 
     /// Adds or replaces an identity. Reserved identities keep their fixed labels; only their
     /// named ports can be set.
     pub fn upsert(&mut self, id: Identity, labels: LabelSet, named_ports: NamedPorts) {
+        self.upsert_shared(id, Arc::new(labels), named_ports);
+    }
+
+    /// [`IdentityTable::upsert`] keeping a reference to labels the caller already holds (the
+    /// allocator's), so each identity's labels are stored once.
+    pub fn upsert_shared(&mut self, id: Identity, labels: Arc<LabelSet>, named_ports: NamedPorts) {
         let labels = match ReservedIdentity::from_identity(id) {
-            Some(r) => r.labels(),
+            Some(r) => Arc::new(r.labels()),
             None => labels,
         };
         self.remove_raw(id);
@@ -143,15 +207,35 @@ impl IdentityTable {
     }
 
     /// Identities holding exactly this label.
-    pub(crate) fn with_label(&self, label: &Label) -> impl Iterator<Item = Identity> + '_ {
-        let set = self
-            .by_key_value
-            .get(&(label.key.clone(), label.value.clone()));
-        let label = label.clone();
-        set.into_iter()
+    pub(crate) fn with_label<'a>(
+        &'a self,
+        label: &'a Label,
+    ) -> impl Iterator<Item = Identity> + 'a {
+        self.by_key
+            .get(label.key.as_str())
+            .and_then(|k| k.by_value.get(label.value.as_str()))
+            .into_iter()
             .flatten()
             .copied()
-            .filter(move |id| self.ids.get(id).is_some_and(|i| i.labels.contains(&label)))
+            .filter(move |id| self.ids.get(id).is_some_and(|i| i.labels.contains(label)))
+    }
+
+    /// Identities whose CIDR prefix lies inside `cidr` (no other test).
+    pub(crate) fn inside(&self, cidr: &IpNet) -> impl Iterator<Item = Identity> + '_ {
+        let (v6, lo, plen) = prefix_key(cidr);
+        let hi = match cidr {
+            IpNet::V4(v4) => u128::from(u32::from(v4.broadcast())),
+            IpNet::V6(v6) => u128::from(v6.broadcast()),
+        };
+        self.by_prefix
+            .range(((v6, lo, plen), Identity(0))..=((v6, hi, u8::MAX), Identity(u32::MAX)))
+            .filter(move |((_, _, p), _)| *p >= plen)
+            .map(|(_, id)| *id)
+    }
+
+    /// Identities with `reserved:world` and no CIDR prefix.
+    pub(crate) fn world_without_prefix(&self) -> impl Iterator<Item = Identity> + '_ {
+        self.world_no_prefix.iter().copied()
     }
 
     /// The identities a selector matches, sorted. Only identities that carry the key of the
@@ -164,7 +248,11 @@ impl IdentityTable {
                     let mut v: Vec<Identity> = r
                         .values
                         .iter()
-                        .filter_map(|val| self.by_key_value.get(&(r.key.key.clone(), val.clone())))
+                        .filter_map(|val| {
+                            self.by_key
+                                .get(r.key.key.as_str())
+                                .and_then(|k| k.by_value.get(val.as_str()))
+                        })
                         .flatten()
                         .copied()
                         .collect();
@@ -174,8 +262,8 @@ impl IdentityTable {
                 }
                 Operator::Exists => self
                     .by_key
-                    .get(&r.key.key)
-                    .map(|s| s.iter().copied().collect())
+                    .get(r.key.key.as_str())
+                    .map(|k| k.all.iter().copied().collect())
                     .unwrap_or_default(),
                 Operator::NotIn | Operator::DoesNotExist => continue,
             };

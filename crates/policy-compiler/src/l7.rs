@@ -27,8 +27,8 @@ impl L7Peers {
 }
 
 /// One allow that covers an L7 port: either L7 rules, or an L4 allow (which lets every request
-/// through: "L4 allow shadows L7").
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// through: "L4 allow shadows L7"). Equality ignores the internal origin number.
+#[derive(Debug, Clone)]
 pub struct L7Contribution {
     /// The remote identities it applies to.
     pub peers: L7Peers,
@@ -36,10 +36,18 @@ pub struct L7Contribution {
     pub rules: Option<Arc<L7Rules>>,
     /// The rule it comes from; `None` for synthesised host access.
     pub derived_from: Option<Arc<RuleRef>>,
-    /// Index of the compiler's contribution it came from (for incremental identity updates);
+    /// Slot of the compiler's contribution it came from (for incremental updates);
     /// `usize::MAX` for synthesised ones.
     pub(crate) origin: usize,
 }
+
+impl PartialEq for L7Contribution {
+    fn eq(&self, o: &Self) -> bool {
+        self.peers == o.peers && self.rules == o.rules && self.derived_from == o.derived_from
+    }
+}
+
+impl Eq for L7Contribution {}
 
 /// The union of the L7 rules that apply to one request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

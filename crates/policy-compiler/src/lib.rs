@@ -12,7 +12,9 @@ mod decide;
 mod identities;
 mod l7;
 mod mapstate;
+mod peer_index;
 mod peers;
+mod policy_update;
 mod repository;
 
 pub use compile::{

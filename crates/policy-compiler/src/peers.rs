@@ -12,7 +12,7 @@ use weir_identity::{Identity, Label, LabelSource, ReservedIdentity};
 use weir_l7_match::DnsRule;
 use weir_policy_model::{Entity, Peer};
 
-use crate::identities::{IdentityInfo, IdentityTable};
+use crate::identities::{IdentityInfo, IdentityTable, has_label};
 
 /// The `k8s:` label key that carries an endpoint's cluster name.
 pub const CLUSTER_LABEL_KEY: &str = "io.cilium.k8s.policy.cluster";
@@ -57,7 +57,7 @@ pub(crate) fn peer_selects(
     info: &IdentityInfo,
     cluster_name: &str,
 ) -> bool {
-    let world = || info.labels.contains(&world_label());
+    let world = || info.world;
     match peer {
         Peer::Endpoints(sel) => sel.matches(&info.labels),
         Peer::Entity(e) => match e {
@@ -90,9 +90,12 @@ pub(crate) fn peer_selects(
                 ]
                 .into_iter()
                 .any(|r| is(id, r))
-                    || info
-                        .labels
-                        .contains(&Label::k8s(CLUSTER_LABEL_KEY, cluster_name))
+                    || has_label(
+                        &info.labels,
+                        LabelSource::K8s,
+                        CLUSTER_LABEL_KEY,
+                        cluster_name,
+                    )
             }
             Entity::All | Entity::None => false,
         },
@@ -171,8 +174,10 @@ impl<'a> PeerEvaluator<'a> {
                         .filter(|id| !id.is_reserved() && test(*id)),
                 )
                 .collect(),
-            Peer::Cidr { .. } => table
-                .with_label(&world_label())
+            // Only identities inside the CIDR, or world ones without a prefix, can match.
+            Peer::Cidr { cidr, .. } => table
+                .inside(cidr)
+                .chain(table.world_without_prefix())
                 .filter(|id| test(*id))
                 .collect(),
             Peer::Fqdn(rule) => table

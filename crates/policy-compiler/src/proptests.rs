@@ -128,8 +128,9 @@ enum Op {
     AddIdentity(u8, u8, u8),
     AddCidr(u8, u8),
     RemoveIdentity(u8),
-    Upsert(u8, Vec<(u8, Side, Side)>),
-    Remove(u8),
+    /// Upsert a policy; `true`: through `update_policy`, else `recompile`.
+    Upsert(u8, Vec<(u8, Side, Side)>, bool),
+    Remove(u8, bool),
 }
 
 fn arb_op() -> impl Strategy<Value = Op> {
@@ -137,8 +138,13 @@ fn arb_op() -> impl Strategy<Value = Op> {
         (0u8..6, 0u8..3, 0u8..2).prop_map(|(i, a, n)| Op::AddIdentity(i, a, n)),
         (0u8..3, 0u8..4).prop_map(|(i, c)| Op::AddCidr(i, c)),
         (0u8..9).prop_map(Op::RemoveIdentity),
-        (0u8..3, prop::collection::vec(arb_rule(), 1..3)).prop_map(|(k, r)| Op::Upsert(k, r)),
-        (0u8..3).prop_map(Op::Remove),
+        (
+            0u8..3,
+            prop::collection::vec(arb_rule(), 1..3),
+            any::<bool>()
+        )
+            .prop_map(|(k, r, inc)| Op::Upsert(k, r, inc)),
+        (0u8..3, any::<bool>()).prop_map(|(k, inc)| Op::Remove(k, inc)),
     ]
 }
 
@@ -262,7 +268,7 @@ fn base_compiler() -> Compiler {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     /// (a) incremental updates equal a fresh compile, and their diffs rebuild the map;
     /// (c)+(d) every state agrees with the reference and keeps the deny invariant.
@@ -295,13 +301,15 @@ proptest! {
                     c.remove_identity(id);
                     c.update_identity(&ep, &mut p, id)
                 }
-                Op::Upsert(k, rules) => {
+                Op::Upsert(k, rules, inc) => {
+                    let name = cnp("p", &format!("pol{k}"));
                     c.upsert_policy(build_policy(k, &rules));
-                    c.recompile(&ep, &mut p)
+                    if inc { c.update_policy(&ep, &mut p, &name) } else { c.recompile(&ep, &mut p) }
                 }
-                Op::Remove(k) => {
-                    c.remove_policy(&cnp("p", &format!("pol{k}")));
-                    c.recompile(&ep, &mut p)
+                Op::Remove(k, inc) => {
+                    let name = cnp("p", &format!("pol{k}"));
+                    c.remove_policy(&name);
+                    if inc { c.update_policy(&ep, &mut p, &name) } else { c.recompile(&ep, &mut p) }
                 }
             };
             shadow.apply(&diff);
@@ -336,5 +344,58 @@ proptest! {
         prop_assert_eq!(&a.map_state, &b.map_state);
         prop_assert_eq!(a.ingress_enforced, b.ingress_enforced);
         prop_assert_eq!(a.egress_enforced, b.egress_enforced);
+    }
+
+    /// `update_policy` equals a fresh compile (and its diff rebuilds the map) when a base
+    /// policy keeps both directions enforced, so the incremental path is the one taken.
+    #[test]
+    fn policy_updates_equal_scratch(
+        app in 0u8..3, ns in 0u8..2,
+        ops in prop::collection::vec(arb_op(), 1..10),
+    ) {
+        let mut c = base_compiler();
+        let enforce = Side {
+            soft: false,
+            allow: vec![peer_rule(Peers::List(vec![]), vec![], vec![])],
+            deny: vec![],
+        };
+        c.upsert_policy(build_policy(9, &[(0, enforce.clone(), enforce)]));
+        let ep = endpoint(999, labels(app, ns));
+        let mut p = c.compile(&ep);
+        let mut shadow = p.map_state.clone();
+        for op in ops {
+            let diff = match op {
+                Op::AddIdentity(i, a, n) => {
+                    let id = op_identity(i);
+                    c.upsert_identity(id, labels(a, n), NamedPorts::new());
+                    c.update_identity(&ep, &mut p, id)
+                }
+                Op::AddCidr(i, k) => {
+                    let id = op_identity(6 + i);
+                    c.upsert_identity(id, cidr_labels(CIDRS[usize::from(k % 4)]), NamedPorts::new());
+                    c.update_identity(&ep, &mut p, id)
+                }
+                Op::RemoveIdentity(i) => {
+                    let id = op_identity(i);
+                    c.remove_identity(id);
+                    c.update_identity(&ep, &mut p, id)
+                }
+                Op::Upsert(k, rules, _) => {
+                    let name = cnp("p", &format!("pol{k}"));
+                    c.upsert_policy(build_policy(k, &rules));
+                    c.update_policy(&ep, &mut p, &name)
+                }
+                Op::Remove(k, _) => {
+                    let name = cnp("p", &format!("pol{k}"));
+                    c.remove_policy(&name);
+                    c.update_policy(&ep, &mut p, &name)
+                }
+            };
+            shadow.apply(&diff);
+            let fresh = c.compile(&ep);
+            prop_assert_eq!(&p, &fresh);
+            prop_assert_eq!(&shadow, &fresh.map_state);
+            prop_assert_eq!(p.map_state.deny_violations(), vec![]);
+        }
     }
 }

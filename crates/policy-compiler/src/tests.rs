@@ -66,7 +66,7 @@ fn ep(c: &Compiler, id: Identity) -> EndpointInfo {
     let labels = c
         .identities()
         .get(id)
-        .map(|i| i.labels.clone())
+        .map(|i| LabelSet::clone(&i.labels))
         .unwrap_or_default();
     endpoint(id.0, labels)
 }
@@ -532,7 +532,7 @@ fn named_ports_resolve_per_side() {
     np.insert("dns".into(), (proto::UDP, 53));
     c.upsert_identity(
         KUBE_DNS,
-        c.identities().get(KUBE_DNS).unwrap().labels.clone(),
+        LabelSet::clone(&c.identities().get(KUBE_DNS).unwrap().labels),
         np.clone(),
     );
     let named = |n: &str, protocol| PortRule {
@@ -592,7 +592,7 @@ fn named_ports_resolve_per_side() {
     // Incremental falls back to a recompile here and still matches.
     c.upsert_identity(
         KUBE_DNS,
-        c.identities().get(KUBE_DNS).unwrap().labels.clone(),
+        LabelSet::clone(&c.identities().get(KUBE_DNS).unwrap().labels),
         NamedPorts::new(),
     );
     c.update_identity(&e, &mut p, KUBE_DNS);
