@@ -1,5 +1,6 @@
 //! `weir`: the command-line front end.
 
+mod lab;
 mod policy;
 
 use std::process::ExitCode;
@@ -22,6 +23,9 @@ enum Command {
     /// Validate and test policies offline.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// A node, pods, a world and real traffic in private network namespaces.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
     /// Print the version and the datapath backend this binary carries.
     Version,
 }
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Policy(cmd) => policy::run(cmd),
+        Command::Lab(cmd) => lab::run(cmd),
         Command::Version => {
             println!("weir {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
