@@ -44,6 +44,9 @@ struct Args {
     /// JSON file with the labels of each namespace: {"production": {"env": "prod"}}.
     #[arg(long)]
     namespace_labels: Option<PathBuf>,
+    /// An address of this node (repeatable): it gets the `host` identity.
+    #[arg(long = "node-address")]
+    node_addresses: Vec<std::net::IpAddr>,
     /// How often the policy directory is checked, in milliseconds.
     #[arg(long, default_value_t = 200)]
     policy_poll_ms: u64,
@@ -103,6 +106,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cluster_name: args.cluster_name.clone(),
         namespace_labels,
         state_dir: Some(args.state_dir.clone()),
+        node_addresses: args.node_addresses.clone(),
         ..ManagerConfig::default()
     };
     let mut manager = Manager::new(config, datapath).context("starting the endpoint manager")?;

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use weir_datapath::{Datapath, DatapathError, EndpointAttachment, EndpointId};
-use weir_identity::Identity;
+use weir_identity::{Identity, ReservedIdentity};
 use weir_identity::{
     IdentityAllocator, InMemoryAllocator, Label, LabelFilter, LabelSet, cidr_labels,
     pod_identity_labels,
@@ -94,6 +94,9 @@ pub struct ManagerConfig {
     pub state_dir: Option<PathBuf>,
     /// Compiler settings (proxy ports, enforcement mode).
     pub compiler: CompilerConfig,
+    /// The node's own addresses: they map to the `host` identity (1) in the ipcache, so
+    /// traffic between pods and their node is `host` traffic, as in Cilium.
+    pub node_addresses: Vec<IpAddr>,
 }
 
 impl Default for ManagerConfig {
@@ -103,6 +106,7 @@ impl Default for ManagerConfig {
             namespace_labels: BTreeMap::new(),
             state_dir: None,
             compiler: CompilerConfig::default(),
+            node_addresses: Vec::new(),
         }
     }
 }
@@ -180,6 +184,10 @@ impl<D: Datapath> Manager<D> {
             files: BTreeMap::new(),
         };
         m.restore_identities()?;
+        for ip in m.config.node_addresses.clone() {
+            m.datapath
+                .upsert_ipcache(IpNet::from(ip), ReservedIdentity::Host.into())?;
+        }
         Ok(m)
     }
 
@@ -357,7 +365,7 @@ impl<D: Datapath> Manager<D> {
             .compiler
             .identities()
             .get(identity)
-            .is_some_and(|i| &i.labels == labels && i.named_ports == ports);
+            .is_some_and(|i| i.labels.as_ref() == labels && i.named_ports == ports);
         if known {
             return Ok(());
         }
@@ -452,10 +460,17 @@ impl<D: Datapath> Manager<D> {
             .map(|f| f.policies.iter().cloned().collect())
             .unwrap_or_default();
         let new: BTreeSet<PolicyName> = policies.iter().map(|p| p.name.clone()).collect();
+        let mut changed: Vec<PolicyName> = Vec::new();
         for gone in old.difference(&new) {
             self.compiler.remove_policy(gone);
+            changed.push(gone.clone());
         }
         for p in policies {
+            // Unchanged objects (the same file saved again) cost nothing.
+            if self.compiler.repository().get(&p.name) == Some(&p) {
+                continue;
+            }
+            changed.push(p.name.clone());
             self.compiler.upsert_policy(p);
         }
         self.files.insert(
@@ -465,8 +480,8 @@ impl<D: Datapath> Manager<D> {
                 error: None,
             },
         );
-        info!(file = %path.display(), revision = self.compiler.repository().revision().0, "policy file loaded");
-        self.regenerate()
+        info!(file = %path.display(), revision = self.compiler.repository().revision().0, changed = changed.len(), "policy file loaded");
+        self.regenerate(&changed)
     }
 
     /// Removes a file's policies.
@@ -478,11 +493,13 @@ impl<D: Datapath> Manager<D> {
             self.compiler.remove_policy(name);
         }
         info!(file = %path.display(), "policy file removed");
-        self.regenerate()
+        self.regenerate(&file.policies)
     }
 
-    /// Brings CIDR identities and every endpoint's map up to date with the policy repository.
-    fn regenerate(&mut self) -> Result<(), ManagerError> {
+    /// Brings CIDR identities and every endpoint's map up to date after the named policies
+    /// changed: only the entries those policies touch are recomputed (the compiler falls back
+    /// to a full compile where it must).
+    fn regenerate(&mut self, changed: &[PolicyName]) -> Result<(), ManagerError> {
         self.sync_cidr_identities()?;
         let ids: Vec<EndpointId> = self.endpoints.keys().copied().collect();
         for id in ids {
@@ -490,9 +507,11 @@ impl<D: Datapath> Manager<D> {
                 continue;
             };
             let info = ep.info();
-            let diff = self.compiler.recompile(&info, &mut ep.policy);
-            if !diff.is_empty() {
-                self.datapath.apply_policy_diff(id, &diff)?;
+            for name in changed {
+                let diff = self.compiler.update_policy(&info, &mut ep.policy, name);
+                if !diff.is_empty() {
+                    self.datapath.apply_policy_diff(id, &diff)?;
+                }
             }
         }
         Ok(())

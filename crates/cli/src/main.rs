@@ -1,6 +1,7 @@
 //! `weir`: the command-line front end.
 
 mod inspect;
+mod lab;
 mod policy;
 
 use std::path::PathBuf;
@@ -41,6 +42,9 @@ enum Command {
     /// What the kernel holds: policy maps, ipcache, conntrack.
     #[command(subcommand)]
     Bpf(inspect::BpfCommand),
+    /// A node, pods, a world and real traffic in private network namespaces.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
     /// Print the version and the datapath backend this binary carries.
     Version,
 }
@@ -66,6 +70,7 @@ fn main() -> ExitCode {
             inspect::run(inspect::Query::Identities, &cli.socket, cli.json)
         }
         Command::Bpf(b) => inspect::run(inspect::Query::Bpf(b), &cli.socket, cli.json),
+        Command::Lab(cmd) => lab::run(cmd),
         Command::Version => {
             println!(
                 "weir {} (datapath backends: aya)",

@@ -35,6 +35,9 @@ pub enum IpamError {
     /// The network name cannot name a directory safely.
     #[error("invalid network name {0:?}")]
     InvalidNetworkName(String),
+    /// A requested address (`CNI_ARGS` `IP=`) is outside the pool, the gateway, or taken.
+    #[error("requested address {0} is not available")]
+    Unavailable(Ipv4Addr),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> IpamError + '_ {
@@ -142,6 +145,31 @@ impl Ipam {
         Err(IpamError::Exhausted(self.subnet))
     }
 
+    /// Reserves exactly `wanted` for (`container_id`, `ifname`), as host-local's
+    /// `IP=` argument does; a repeated ADD with the same address succeeds.
+    pub fn allocate_requested(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        wanted: Ipv4Addr,
+    ) -> Result<Ipv4Addr, IpamError> {
+        let _lock = self.lock()?;
+        if let Some(ip) = self.find(container_id, ifname)? {
+            return if ip == wanted {
+                Ok(ip)
+            } else {
+                Err(IpamError::Unavailable(wanted))
+            };
+        }
+        let usable = self.subnet.hosts().any(|ip| ip == wanted) && wanted != self.gateway;
+        let path = self.dir.join(wanted.to_string());
+        if !usable || path.exists() {
+            return Err(IpamError::Unavailable(wanted));
+        }
+        self.write_atomically(&path, format!("{container_id}\n{ifname}\n").as_bytes())?;
+        Ok(wanted)
+    }
+
     /// The address held by (`container_id`, `ifname`), if any.
     pub fn lookup(&self, container_id: &str, ifname: &str) -> Result<Option<Ipv4Addr>, IpamError> {
         let _lock = self.lock()?;
@@ -242,6 +270,24 @@ mod tests {
         let b = ipam.allocate("c1", "eth1").expect("second if");
         assert_ne!(a, b);
         assert_eq!(ipam.lookup("c1", "eth0").expect("lookup"), Some(a));
+    }
+
+    #[test]
+    fn requested_address_is_reserved_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ipam = pool(dir.path(), "10.9.0.0/24");
+        let want: Ipv4Addr = "10.9.0.77".parse().expect("addr");
+        assert_eq!(ipam.allocate_requested("c1", "eth0", want).ok(), Some(want));
+        assert_eq!(ipam.allocate_requested("c1", "eth0", want).ok(), Some(want));
+        assert!(ipam.allocate_requested("c2", "eth0", want).is_err());
+        let gw: Ipv4Addr = "10.9.0.1".parse().expect("addr");
+        assert!(ipam.allocate_requested("c3", "eth0", gw).is_err());
+        let outside: Ipv4Addr = "10.8.0.5".parse().expect("addr");
+        assert!(ipam.allocate_requested("c3", "eth0", outside).is_err());
+        // The round-robin allocator skips the requested address.
+        for i in 0..10 {
+            assert_ne!(ipam.allocate(&format!("r{i}"), "eth0").ok(), Some(want));
+        }
     }
 
     #[test]

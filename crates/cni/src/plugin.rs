@@ -47,6 +47,9 @@ fn ipam_err(e: IpamError) -> CniError {
             CniError::with_details(ErrorCode::InvalidConfig, "bad network name", e)
         }
         IpamError::Io { .. } => CniError::with_details(ErrorCode::Io, "IPAM state failure", e),
+        IpamError::Unavailable(_) => {
+            CniError::with_details(ErrorCode::InvalidConfig, "requested address", e)
+        }
     }
 }
 
@@ -96,9 +99,11 @@ async fn add(inv: &Invocation, conf: &NetConf) -> Result<String, CniError> {
     let netns = open_netns(netns_path)?;
     let labels = conf.labels()?;
     let ipam = open_ipam(conf)?;
-    let ip = ipam
-        .allocate(&inv.container_id, &inv.ifname)
-        .map_err(ipam_err)?;
+    let ip = match inv.args.ip {
+        Some(wanted) => ipam.allocate_requested(&inv.container_id, &inv.ifname, wanted),
+        None => ipam.allocate(&inv.container_id, &inv.ifname),
+    }
+    .map_err(ipam_err)?;
     let host_name = host_ifname(&inv.container_id, &inv.ifname);
     let attached = attach(inv, conf, netns_path, &netns, &host_name, ip, labels).await;
     match attached {
@@ -154,7 +159,7 @@ async fn attach(
         namespace: inv.args.pod_namespace.clone().unwrap_or_default(),
         pod_name: inv.args.pod_name.clone().unwrap_or_default(),
         labels: labels.into_iter().collect(),
-        named_ports: Vec::new(),
+        named_ports: conf.named_ports()?,
         host_mac: format_mac(&host.mac),
         container_mac: format_mac(&container.mac),
     };

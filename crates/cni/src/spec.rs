@@ -255,6 +255,8 @@ pub struct CniArgs {
     pub pod_namespace: Option<String>,
     /// `K8S_POD_NAME`.
     pub pod_name: Option<String>,
+    /// `IP`: the address the caller wants, as host-local's `IP=` argument.
+    pub ip: Option<Ipv4Addr>,
     /// Every pair in order, including the ones above.
     pub pairs: Vec<(String, String)>,
 }
@@ -273,6 +275,14 @@ impl CniArgs {
             match k {
                 "K8S_POD_NAMESPACE" => out.pod_namespace = Some(v.to_string()),
                 "K8S_POD_NAME" => out.pod_name = Some(v.to_string()),
+                "IP" => {
+                    out.ip = Some(v.parse().map_err(|_| {
+                        CniError::new(
+                            ErrorCode::InvalidEnvironment,
+                            format!("CNI_ARGS IP={v:?} is not an IPv4 address"),
+                        )
+                    })?);
+                }
                 _ => {}
             }
             out.pairs.push((k.to_string(), v.to_string()));
@@ -434,6 +444,44 @@ impl NetConf {
         }
         if let Some(v) = self.runtime_config.as_ref().and_then(|r| r.get("labels")) {
             merge_labels(&mut out, v, "runtimeConfig.labels")?;
+        }
+        Ok(out)
+    }
+
+    /// Named container ports from `runtimeConfig.namedPorts`
+    /// (`[{"name": "http", "port": 8080, "protocol": "TCP"}]`; protocol defaults to TCP).
+    pub fn named_ports(&self) -> Result<Vec<weir_agent_api::v1::NamedPort>, CniError> {
+        let Some(items) = self
+            .runtime_config
+            .as_ref()
+            .and_then(|r| r.get("namedPorts"))
+            .filter(|v| !v.is_null())
+        else {
+            return Ok(Vec::new());
+        };
+        let bad = || {
+            CniError::new(
+                ErrorCode::InvalidConfig,
+                "runtimeConfig.namedPorts must be a list of {name, port, protocol}",
+            )
+        };
+        let mut out = Vec::new();
+        for item in items.as_array().ok_or_else(bad)? {
+            let name = item.get("name").and_then(|v| v.as_str()).ok_or_else(bad)?;
+            let port = item
+                .get("port")
+                .and_then(|v| v.as_u64())
+                .and_then(|p| u16::try_from(p).ok())
+                .ok_or_else(bad)?;
+            let protocol = item
+                .get("protocol")
+                .and_then(|v| v.as_str())
+                .unwrap_or("TCP");
+            out.push(weir_agent_api::v1::NamedPort {
+                name: name.to_string(),
+                port: u32::from(port),
+                protocol: protocol.to_string(),
+            });
         }
         Ok(out)
     }
@@ -717,6 +765,31 @@ mod tests {
         "runtimeConfig": {"labels": {"app": "web", "tier": "front"}},
         "args": {"cni": {"labels": [{"key": "app", "value": "old"}, {"key": "team", "value": "x"}]}}
     }"#;
+
+    #[test]
+    fn requested_ip_and_named_ports() {
+        let args = CniArgs::parse("IgnoreUnknown=1;IP=10.0.1.10").expect("valid");
+        assert_eq!(args.ip, Some(Ipv4Addr::new(10, 0, 1, 10)));
+        assert!(CniArgs::parse("IP=nope").is_err());
+        let conf = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","type":"weir-cni",
+                "runtimeConfig":{"namedPorts":[{"name":"http","port":8080},
+                                               {"name":"dns","port":53,"protocol":"UDP"}]}}"#,
+        )
+        .expect("valid");
+        let ports = conf.named_ports().expect("ports");
+        assert_eq!(ports.len(), 2);
+        assert_eq!(
+            ports.first().map(|p| (p.port, p.protocol.as_str())),
+            Some((8080, "TCP"))
+        );
+        let bad = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","type":"weir-cni",
+                "runtimeConfig":{"namedPorts":[{"name":"x","port":70000}]}}"#,
+        )
+        .expect("valid");
+        assert!(bad.named_ports().is_err());
+    }
 
     #[test]
     fn parses_config_subnet_gateway_and_labels() {
