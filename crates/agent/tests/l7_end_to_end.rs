@@ -24,12 +24,7 @@ fn skip() -> Option<&'static str> {
         return Some("needs root (network namespaces, veth, eBPF)");
     }
     for tool in ["ip", "python3"] {
-        let ok = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
+        if !have(tool) {
             return Some("needs iproute2's `ip` and python3");
         }
     }
@@ -118,6 +113,29 @@ spec:
           rules:
             http: [{method: GET, path: /allowed}]
 ";
+
+const DNS_POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client-dns, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+    - toEndpoints: [{matchLabels: {app: server}}]
+      toPorts:
+        - ports: [{port: '53', protocol: ANY}]
+          rules:
+            dns: [{matchPattern: '*.example.com'}]
+    - toFQDNs: [{matchName: api.example.com}]
+      toPorts: [{ports: [{port: '8080', protocol: TCP}]}]
+";
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
 
 fn get(ns: &str, url: &str) -> String {
     Command::new("ip")
@@ -296,6 +314,65 @@ fn egress_http_rule_enforced_by_the_agents_proxy() -> TestResult {
     assert_eq!(allowed, "200 hello /allowed", "agent log:\n{log_text}");
     assert_eq!(denied, "403 Access denied", "agent log:\n{log_text}");
     assert_eq!(again, "200 hello /allowed", "agent log:\n{log_text}");
+
+    if !have("dnsmasq") || !have("dig") {
+        eprintln!("SKIP the DNS part: needs dnsmasq and dig");
+        return Ok(());
+    }
+    // DNS over TCP (the datapath redirects TCP only so far): dnsmasq in pod B answers
+    // api.example.com with an address outside every endpoint, where the HTTP server also
+    // listens. It becomes reachable only once the proxy has seen the answer.
+    ip(&["-n", &b, "addr", "add", "10.211.9.9/32", "dev", "eth0"])?;
+    ip(&["-n", &node, "route", "add", "10.211.9.9/32", "dev", "lxcb"])?;
+    let dnsmasq = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &b,
+            "dnsmasq",
+            "-k",
+            "--no-resolv",
+            "--no-hosts",
+        ])
+        .args([
+            "--listen-address=10.211.2.2",
+            "--bind-interfaces",
+            "--port=53",
+        ])
+        .args(["--address=/api.example.com/10.211.9.9", "--local-ttl=60"])
+        .args(["--pid-file=", "--user=root"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    g.children.push(dnsmasq);
+    std::fs::write(policies.join("dns.yaml"), DNS_POLICY)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let world = "http://10.211.9.9:8080/x";
+    let before = get(&a, world);
+    assert!(
+        before.starts_with("error"),
+        "reachable before the query: {before}"
+    );
+    let answer = Command::new("ip")
+        .args([
+            "netns", "exec", &a, "dig", "+tcp", "+short", "+time=3", "+tries=1",
+        ])
+        .args(["@10.211.2.2", "api.example.com"])
+        .output()?;
+    let answer = String::from_utf8_lossy(&answer.stdout).trim().to_string();
+    let refused = Command::new("ip")
+        .args(["netns", "exec", &a, "dig", "+tcp", "+time=3", "+tries=1"])
+        .args(["@10.211.2.2", "evil.example.org"])
+        .output()?;
+    let refused = String::from_utf8_lossy(&refused.stdout).to_string();
+    let after = get(&a, world);
+    let log_text = agent_log(&log);
+    assert_eq!(answer, "10.211.9.9", "agent log:\n{log_text}");
+    assert!(
+        refused.contains("REFUSED"),
+        "{refused}\nagent log:\n{log_text}"
+    );
+    assert_eq!(after, "200 hello /x", "agent log:\n{log_text}");
     drop(rt);
     Ok(())
 }
