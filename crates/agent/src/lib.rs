@@ -6,3 +6,4 @@
 pub mod api;
 pub mod manager;
 pub mod policy_source;
+pub mod proxies;

@@ -50,6 +50,14 @@ struct Args {
     /// How often the policy directory is checked, in milliseconds.
     #[arg(long, default_value_t = 200)]
     policy_poll_ms: u64,
+    /// Do not run the HTTP and DNS proxies (connections the policy redirects then drop:
+    /// the datapath fails closed).
+    #[arg(long)]
+    no_proxies: bool,
+    /// Do not install the policy-routing rule for proxy-marked packets (when the node's
+    /// provisioning already did).
+    #[arg(long)]
+    no_proxy_routing: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -110,6 +118,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..ManagerConfig::default()
     };
     let mut manager = Manager::new(config, datapath).context("starting the endpoint manager")?;
+    let proxy_handles = manager.proxy_handles().clone();
+    let proxy_ports = (
+        manager.config().compiler.http_proxy_port,
+        manager.config().compiler.dns_proxy_port,
+    );
 
     // Policies first, then endpoints: restored endpoints are reconciled against the same
     // policy they had, so nothing opens up while the agent restarts.
@@ -119,6 +132,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     info!(restored, policy_dir = %args.policy_dir.display(), "agent started");
 
     let manager = Arc::new(Mutex::new(manager));
+    let proxy_tasks = if args.no_proxies {
+        warn!("proxies disabled: connections redirected by L7 policy will be dropped");
+        Vec::new()
+    } else {
+        if !args.no_proxy_routing {
+            proxy::install_policy_routing().context("installing the proxy policy routing")?;
+        }
+        proxy::start(proxy_handles, manager.clone(), proxy_ports.0, proxy_ports.1)
+            .context("starting the proxies")?
+    };
     let watcher = {
         let manager = manager.clone();
         let period = Duration::from_millis(args.policy_poll_ms.max(20));
@@ -151,6 +174,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 {
                     warn!(error = %e, "conntrack gc");
                 }
+                // Expired DNS answers close access (no grace for live connections yet).
+                match m.gc_fqdn(std::time::SystemTime::now(), &weir_dns_proxy::NoConnections) {
+                    Ok(0) => {}
+                    Ok(n) => info!(addresses = n, "learned DNS addresses expired"),
+                    Err(e) => warn!(error = %e, "DNS name cache gc"),
+                }
+                if tick.is_multiple_of(5)
+                    && let Err(e) = m.save_name_cache()
+                {
+                    warn!(error = %e, "saving the DNS name cache");
+                }
             }
         })
     };
@@ -177,7 +211,180 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("serving the API")?;
     watcher.abort();
     housekeeping.abort();
+    for t in proxy_tasks {
+        t.abort();
+    }
+    if let Err(e) = manager.lock().await.save_name_cache() {
+        warn!(error = %e, "saving the DNS name cache");
+    }
     Ok(())
+}
+
+/// The node-side proxy plumbing: listeners, policy routing.
+mod proxy {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    use std::process::Command;
+    use std::sync::Arc;
+
+    use anyhow::Context;
+    use socket2::{Domain, Protocol, Socket, Type};
+    use tokio::net::TcpListener;
+    use tokio::sync::Mutex;
+    use tokio::task::JoinHandle;
+    use tracing::{info, warn};
+    use weir_agent::manager::Manager;
+    use weir_agent::proxies::{AgentLearner, ProxyHandles};
+    use weir_datapath::Datapath;
+    use weir_dns_proxy::{DnsNullSink, DnsProxy, DnsProxyConfig, DnsUdpSocket};
+    use weir_l7_proxy::{
+        L7Proxy, NullSink, ProxyConfig, TransparentDestination, transparent_listener,
+    };
+    use weir_policy_model::Direction;
+
+    /// The routing table marked packets are looked up in (Cilium's number).
+    const PROXY_TABLE: &str = "2004";
+    /// `MARK_MAGIC_TO_PROXY` and its mask, as the datapath sets them.
+    const PROXY_MARK: &str = "0x200/0xf00";
+
+    fn ip(args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Command::new("ip")
+            .args(args)
+            .output()
+            .with_context(|| format!("running ip {}", args.join(" ")))
+    }
+
+    /// Packets the datapath marked for a proxy are delivered locally in this (the node's)
+    /// namespace, so the transparent listeners receive the connections' later packets (the
+    /// SYN is assigned to the listener by the datapath). Idempotent. Production nodes can set
+    /// this up once at provisioning and pass `--no-proxy-routing`.
+    pub fn install_policy_routing() -> anyhow::Result<()> {
+        for (family, any) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+            let rules = ip(&[
+                family,
+                "rule",
+                "show",
+                "fwmark",
+                PROXY_MARK,
+                "table",
+                PROXY_TABLE,
+            ])?;
+            if String::from_utf8_lossy(&rules.stdout).trim().is_empty() {
+                let out = ip(&[
+                    family,
+                    "rule",
+                    "add",
+                    "fwmark",
+                    PROXY_MARK,
+                    "lookup",
+                    PROXY_TABLE,
+                ])?;
+                if !out.status.success() {
+                    let msg = String::from_utf8_lossy(&out.stderr).to_string();
+                    anyhow::ensure!(family == "-6", "ip rule add: {msg}");
+                    warn!(error = %msg.trim(), "no IPv6 proxy routing");
+                    continue;
+                }
+            }
+            let out = ip(&[
+                family,
+                "route",
+                "replace",
+                "local",
+                any,
+                "dev",
+                "lo",
+                "table",
+                PROXY_TABLE,
+            ])?;
+            if !out.status.success() {
+                let msg = String::from_utf8_lossy(&out.stderr).to_string();
+                anyhow::ensure!(family == "-6", "ip route replace: {msg}");
+                warn!(error = %msg.trim(), "no IPv6 proxy route");
+            }
+        }
+        info!(
+            mark = PROXY_MARK,
+            table = PROXY_TABLE,
+            "proxy policy routing in place"
+        );
+        Ok(())
+    }
+
+    /// An IPv6-only transparent listener (the IPv4 one holds the port for IPv4).
+    fn transparent_listener_v6(port: u16) -> std::io::Result<TcpListener> {
+        let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_only_v6(true)?;
+        socket.set_ip_transparent_v6(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        TcpListener::from_std(socket.into())
+    }
+
+    /// Binds and serves the HTTP proxy on `http_port` and the DNS proxy (UDP and TCP) on
+    /// `dns_port`, on every address: the datapath's socket lookup uses the connection's
+    /// original destination with the proxy port, which only a wildcard-bound listener
+    /// matches.
+    pub fn start<D: Datapath + Send + 'static>(
+        handles: ProxyHandles,
+        manager: Arc<Mutex<Manager<D>>>,
+        http_port: u16,
+        dns_port: u16,
+    ) -> anyhow::Result<Vec<JoinHandle<()>>> {
+        let mut tasks = Vec::new();
+        let http = Arc::new(L7Proxy::new(
+            ProxyConfig::default(),
+            handles.http.clone(),
+            Arc::new(TransparentDestination),
+            handles.identities.clone(),
+            Arc::new(NullSink),
+        ));
+        let v4 = transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, http_port)))
+            .with_context(|| format!("binding the HTTP proxy on port {http_port}"))?;
+        let mut listeners = vec![v4];
+        match transparent_listener_v6(http_port) {
+            Ok(l) => listeners.push(l),
+            Err(e) => warn!(error = %e, "no IPv6 HTTP proxy listener"),
+        }
+        for l in listeners {
+            let http = http.clone();
+            tasks.push(tokio::spawn(async move {
+                let e = http.serve(l, Direction::Egress).await;
+                warn!(error = %e, "HTTP proxy stopped");
+            }));
+        }
+
+        let dns = DnsProxy::new(
+            DnsProxyConfig::default(),
+            handles.dns.clone(),
+            handles.identities.clone(),
+            Arc::new(AgentLearner::new(manager)),
+            handles.name_cache.clone(),
+            Arc::new(DnsNullSink),
+        );
+        let udp = DnsUdpSocket::transparent(SocketAddr::from((Ipv4Addr::UNSPECIFIED, dns_port)))
+            .with_context(|| format!("binding the DNS proxy (UDP) on port {dns_port}"))?;
+        let tcp = transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, dns_port)))
+            .with_context(|| format!("binding the DNS proxy (TCP) on port {dns_port}"))?;
+        {
+            let dns = dns.clone();
+            tasks.push(tokio::spawn(async move {
+                let e = dns.serve_udp(udp).await;
+                warn!(error = %e, "DNS proxy (UDP) stopped");
+            }));
+        }
+        {
+            let dns = dns.clone();
+            tasks.push(tokio::spawn(async move {
+                let e = dns.serve_tcp(tcp, Arc::new(TransparentDestination)).await;
+                warn!(error = %e, "DNS proxy (TCP) stopped");
+            }));
+        }
+        info!(http_port, dns_port, "proxies listening");
+        Ok(tasks)
+    }
 }
 
 fn apply_events<D: Datapath>(manager: &mut Manager<D>, events: Vec<PolicyEvent>) {

@@ -5,24 +5,31 @@
 //! them, upserts before removals. An endpoint is attached only once its policy is in the maps,
 //! so its first packet already sees its policy.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use weir_datapath::{Datapath, DatapathError, EndpointAttachment, EndpointId};
+use weir_dns_proxy::{CacheConfig, ConnectionActivity, NameCache};
 use weir_identity::{Identity, ReservedIdentity};
 use weir_identity::{
     IdentityAllocator, InMemoryAllocator, Label, LabelFilter, LabelSet, cidr_labels,
     pod_identity_labels,
 };
+use weir_l7_match::DnsRule;
+use weir_l7_proxy::EndpointId as ProxyEndpointId;
 use weir_policy_compiler::{
-    Compiler, CompilerConfig, EndpointInfo, EndpointPolicy, MapState, MapStateDiff, NamedPorts,
-    proto,
+    Compiler, CompilerConfig, EndpointInfo, EndpointPolicy, L7Policy, MapState, MapStateDiff,
+    NamedPorts, fqdn_label, proto,
 };
 use weir_policy_model::{ParseErrors, Peer, Peers, Policy, PolicyName};
+
+use crate::proxies::{ProxyHandles, ResolverSnapshot, proxy_endpoint_id};
 
 /// What the CNI plugin tells the agent about a new pod.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +104,8 @@ pub struct ManagerConfig {
     /// The node's own addresses: they map to the `host` identity (1) in the ipcache, so
     /// traffic between pods and their node is `host` traffic, as in Cilium.
     pub node_addresses: Vec<IpAddr>,
+    /// Limits of the DNS name cache (minimum TTL, IPs per name, idle grace).
+    pub fqdn_cache: CacheConfig,
 }
 
 impl Default for ManagerConfig {
@@ -107,6 +116,7 @@ impl Default for ManagerConfig {
             state_dir: None,
             compiler: CompilerConfig::default(),
             node_addresses: Vec::new(),
+            fqdn_cache: CacheConfig::default(),
         }
     }
 }
@@ -149,6 +159,21 @@ struct SavedState {
     identities: Vec<(u32, Vec<String>)>,
 }
 
+/// An address learned from DNS answers, with the identity it has in the ipcache.
+#[derive(Debug, Clone)]
+struct FqdnIp {
+    identity: Identity,
+    /// `cidr:<ip>/32` (or /128), `reserved:world` and one `fqdn:` label per selector that
+    /// selected a name the address was learned for.
+    labels: LabelSet,
+    /// When an answer last taught it (an expiry racing a fresh answer keeps it).
+    learned: Instant,
+}
+
+/// An expiry within this long of the address being (re)learned is ignored: the answer that
+/// taught it is being recorded in the name cache right now.
+const RELEARN_GRACE: Duration = Duration::from_secs(5);
+
 /// Keeps endpoints, identities, policies and the datapath consistent.
 pub struct Manager<D: Datapath> {
     config: ManagerConfig,
@@ -163,6 +188,14 @@ pub struct Manager<D: Datapath> {
     /// CIDR identities for the prefixes the policies name.
     cidrs: BTreeMap<IpNet, Identity>,
     files: BTreeMap<PathBuf, PolicyFile>,
+    /// Addresses learned from DNS answers.
+    fqdn: BTreeMap<IpAddr, FqdnIp>,
+    /// What the proxies read.
+    proxies: ProxyHandles,
+    /// The L7 policy last published per endpoint (unchanged ones are not republished, so
+    /// they keep their compiled matchers).
+    published: HashMap<ProxyEndpointId, Arc<L7Policy>>,
+    published_selectors: Vec<DnsRule>,
 }
 
 impl<D: Datapath> Manager<D> {
@@ -171,6 +204,7 @@ impl<D: Datapath> Manager<D> {
     /// call [`Manager::restore_endpoints`].
     pub fn new(config: ManagerConfig, datapath: D) -> Result<Self, ManagerError> {
         let compiler = Compiler::new(config.compiler.clone());
+        let name_cache = load_name_cache(&config);
         let mut m = Manager {
             config,
             datapath,
@@ -182,12 +216,17 @@ impl<D: Datapath> Manager<D> {
             identity_ports: BTreeMap::new(),
             cidrs: BTreeMap::new(),
             files: BTreeMap::new(),
+            fqdn: BTreeMap::new(),
+            proxies: ProxyHandles::new(name_cache),
+            published: HashMap::new(),
+            published_selectors: Vec::new(),
         };
         m.restore_identities()?;
         for ip in m.config.node_addresses.clone() {
             m.datapath
                 .upsert_ipcache(IpNet::from(ip), ReservedIdentity::Host.into())?;
         }
+        m.publish_proxies();
         Ok(m)
     }
 
@@ -283,7 +322,9 @@ impl<D: Datapath> Manager<D> {
             self.delete_endpoint(&spec.container_id)?;
         }
         let id = self.free_endpoint_id()?;
-        self.install_endpoint(id, spec)?;
+        let installed = self.install_endpoint(id, spec);
+        self.publish_proxies();
+        installed?;
         self.save()?;
         self.endpoints.get(&id).ok_or(ManagerError::NoEndpointId)
     }
@@ -434,6 +475,12 @@ impl<D: Datapath> Manager<D> {
             container = container_id,
             "endpoint deleted"
         );
+        // What it learned from DNS goes with it (addresses other endpoints also learned stay).
+        if let Some(pid) = proxy_endpoint_id(id) {
+            let dropped = self.proxies.name_cache.remove_endpoint(pid);
+            self.forget_uncached(dropped.iter().map(|e| e.ip), false)?;
+        }
+        self.publish_proxies();
         self.save()?;
         Ok(true)
     }
@@ -481,7 +528,9 @@ impl<D: Datapath> Manager<D> {
             },
         );
         info!(file = %path.display(), revision = self.compiler.repository().revision().0, changed = changed.len(), "policy file loaded");
-        self.regenerate(&changed)
+        let r = self.regenerate(&changed);
+        self.publish_proxies();
+        r
     }
 
     /// Removes a file's policies.
@@ -493,7 +542,9 @@ impl<D: Datapath> Manager<D> {
             self.compiler.remove_policy(name);
         }
         info!(file = %path.display(), "policy file removed");
-        self.regenerate(&file.policies)
+        let r = self.regenerate(&file.policies);
+        self.publish_proxies();
+        r
     }
 
     /// Brings CIDR identities and every endpoint's map up to date after the named policies
@@ -553,12 +604,17 @@ impl<D: Datapath> Manager<D> {
             self.cidrs.insert(*prefix, a.identity);
             self.compiler
                 .upsert_identity(a.identity, labels, NamedPorts::new());
-            self.datapath.upsert_ipcache(*prefix, a.identity)?;
+            // A learned address keeps its own identity (it carries the same CIDR labels).
+            if !self.is_learned_host(prefix) {
+                self.datapath.upsert_ipcache(*prefix, a.identity)?;
+            }
             self.update_all_for_identity(a.identity)?;
         }
         for prefix in have.difference(&wanted) {
             if let Some(id) = self.cidrs.remove(prefix) {
-                self.datapath.remove_ipcache(*prefix)?;
+                if !self.is_learned_host(prefix) {
+                    self.datapath.remove_ipcache(*prefix)?;
+                }
                 if self
                     .allocator
                     .release(id)
@@ -570,6 +626,261 @@ impl<D: Datapath> Manager<D> {
             }
         }
         Ok(())
+    }
+
+    fn is_learned_host(&self, prefix: &IpNet) -> bool {
+        prefix.prefix_len() == prefix.max_prefix_len() && self.fqdn.contains_key(&prefix.addr())
+    }
+
+    /// What the proxies read: the proxy stores, the resolver and the name cache.
+    pub fn proxy_handles(&self) -> &ProxyHandles {
+        &self.proxies
+    }
+
+    /// Publishes the current state to the proxies: the resolver snapshot, each endpoint's L7
+    /// policy (only those that changed, so the others keep their compiled matchers) and the
+    /// `toFQDNs` selectors in use. Called after every change.
+    fn publish_proxies(&mut self) {
+        let endpoints: Vec<(IpAddr, ProxyEndpointId, Identity)> = self
+            .endpoints
+            .values()
+            .filter_map(|e| proxy_endpoint_id(e.id).map(|p| (e, p)))
+            .flat_map(|(e, p)| e.spec.addresses.iter().map(move |ip| (*ip, p, e.identity)))
+            .collect();
+        self.proxies.identities.publish(ResolverSnapshot::new(
+            endpoints,
+            self.fqdn.iter().map(|(ip, f)| (*ip, f.identity)),
+            self.cidrs.iter().map(|(n, id)| (*n, *id)),
+        ));
+
+        let mut changed: Vec<(ProxyEndpointId, Arc<L7Policy>)> = Vec::new();
+        let mut live = BTreeSet::new();
+        for ep in self.endpoints.values() {
+            let Some(pid) = proxy_endpoint_id(ep.id) else {
+                continue;
+            };
+            live.insert(pid);
+            if self.published.get(&pid).map(|p| p.as_ref()) != Some(&ep.policy.l7) {
+                changed.push((pid, Arc::new(ep.policy.l7.clone())));
+            }
+        }
+        let gone: Vec<ProxyEndpointId> = self
+            .published
+            .keys()
+            .filter(|p| !live.contains(p))
+            .copied()
+            .collect();
+        let selectors = self.fqdn_selectors();
+        let selectors_changed = selectors != self.published_selectors;
+        if changed.is_empty() && gone.is_empty() && !selectors_changed {
+            return;
+        }
+        let mut http = self.proxies.http.load().as_ref().clone();
+        let mut dns = self.proxies.dns.load().as_ref().clone();
+        for p in &gone {
+            http = http.without_endpoint(*p);
+            dns = dns.without_endpoint(*p);
+            self.published.remove(p);
+        }
+        for (p, l7) in changed {
+            http = http.with_endpoint(p, l7.clone());
+            dns = dns.with_endpoint(p, l7.clone());
+            self.published.insert(p, l7);
+        }
+        if selectors_changed {
+            match dns.with_fqdn_selectors(selectors.clone()) {
+                Ok(next) => {
+                    dns = next;
+                    self.published_selectors = selectors;
+                }
+                Err(e) => {
+                    warn!(error = %e, "toFQDNs selectors do not compile; the previous ones stay")
+                }
+            }
+        }
+        self.proxies.http.publish(http);
+        self.proxies.dns.publish(dns);
+    }
+
+    /// Every `toFQDNs` selector in the policy repository, once each, in repository order.
+    pub fn fqdn_selectors(&self) -> Vec<DnsRule> {
+        let mut out: Vec<DnsRule> = Vec::new();
+        for p in self.compiler.repository().iter() {
+            for rule in &p.rules {
+                for pr in rule.egress.allow.iter().chain(&rule.egress.deny) {
+                    if let Peers::List(list) = &pr.peers {
+                        for peer in list {
+                            if let Peer::Fqdn(r) = peer
+                                && !out.contains(r)
+                            {
+                                out.push(r.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Makes `ips` reachable for the `toFQDNs` `selectors` that selected their name: each
+    /// address gets (or keeps) an identity labelled `cidr:<ip>/32`, `reserved:world` and the
+    /// `fqdn:` label of every selector it was ever learned for; the compiler and every
+    /// endpoint's map learn it, then the ipcache maps the address to it. Everything is in
+    /// the kernel when this returns. Addresses of local endpoints are left alone.
+    pub fn learn_fqdn(
+        &mut self,
+        ips: &[IpAddr],
+        selectors: &[DnsRule],
+    ) -> Result<(), ManagerError> {
+        let wanted: LabelSet = selectors.iter().map(fqdn_label).collect();
+        let local: BTreeSet<IpAddr> = self
+            .endpoints
+            .values()
+            .flat_map(|e| e.spec.addresses.iter().copied())
+            .collect();
+        let mut changed = false;
+        let now = Instant::now();
+        for &ip in ips {
+            if local.contains(&ip) || wanted.is_empty() {
+                continue;
+            }
+            let old = self.fqdn.get(&ip).cloned();
+            if let Some(f) = self.fqdn.get_mut(&ip) {
+                f.learned = now;
+                if wanted.iter().all(|l| f.labels.contains(l)) {
+                    continue;
+                }
+            }
+            let mut labels = match &old {
+                Some(f) => f.labels.clone(),
+                None => cidr_labels(IpNet::from(ip)),
+            };
+            for l in wanted.iter() {
+                labels.insert(l.clone());
+            }
+            let alloc = self
+                .allocator
+                .allocate(&labels)
+                .map_err(|e| ManagerError::Identity(e.to_string()))?;
+            let identity = alloc.identity;
+            // Policy first, then the ipcache: the address never maps to an identity the maps
+            // do not know yet.
+            self.publish_identity(identity, &labels)?;
+            self.datapath.upsert_ipcache(IpNet::from(ip), identity)?;
+            self.fqdn.insert(
+                ip,
+                FqdnIp {
+                    identity,
+                    labels,
+                    learned: now,
+                },
+            );
+            if let Some(old) = old {
+                self.release_identity(old.identity)?;
+            }
+            changed = true;
+        }
+        if changed {
+            self.publish_proxies();
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    fn release_identity(&mut self, identity: Identity) -> Result<(), ManagerError> {
+        if self
+            .allocator
+            .release(identity)
+            .map_err(|e| ManagerError::Identity(e.to_string()))?
+        {
+            self.compiler.remove_identity(identity);
+            self.update_all_for_identity(identity)?;
+        }
+        Ok(())
+    }
+
+    /// Withdraws access to the addresses among `ips` that the name cache no longer holds:
+    /// the ipcache entry goes first (back to the policy CIDR's identity if one names exactly
+    /// the address), then the identity is released.
+    fn forget_uncached(
+        &mut self,
+        ips: impl IntoIterator<Item = IpAddr>,
+        respect_grace: bool,
+    ) -> Result<usize, ManagerError> {
+        let mut n = 0;
+        let ips: BTreeSet<IpAddr> = ips.into_iter().collect();
+        for ip in ips {
+            if self.proxies.name_cache.contains_ip(ip) {
+                continue;
+            }
+            let Some(f) = self.fqdn.get(&ip) else {
+                continue;
+            };
+            if respect_grace && f.learned.elapsed() < RELEARN_GRACE {
+                continue;
+            }
+            let identity = f.identity;
+            self.fqdn.remove(&ip);
+            let host = IpNet::from(ip);
+            match self.cidrs.get(&host) {
+                Some(cidr) => self.datapath.upsert_ipcache(host, *cidr)?,
+                None => self.datapath.remove_ipcache(host)?,
+            }
+            self.release_identity(identity)?;
+            n += 1;
+        }
+        if n > 0 {
+            self.publish_proxies();
+            self.save()?;
+        }
+        Ok(n)
+    }
+
+    /// Expires learned names (their TTL, raised to the minimum, passed and `activity` shows
+    /// no recent connection) and withdraws access to addresses no name holds any more.
+    /// Returns how many addresses lost access.
+    pub fn gc_fqdn(
+        &mut self,
+        now: SystemTime,
+        activity: &dyn ConnectionActivity,
+    ) -> Result<usize, ManagerError> {
+        let removed = self.proxies.name_cache.gc(now, activity);
+        if removed.is_empty() {
+            return Ok(0);
+        }
+        self.forget_uncached(removed.into_iter().map(|e| e.ip), true)
+    }
+
+    /// Saves the DNS name cache in the state directory.
+    pub fn save_name_cache(&self) -> Result<(), ManagerError> {
+        let Some(path) = name_cache_file(&self.config) else {
+            return Ok(());
+        };
+        self.proxies
+            .name_cache
+            .save(&path)
+            .map_err(|e| ManagerError::State {
+                path,
+                message: e.to_string(),
+            })
+    }
+
+    /// Re-learns every address in the (reloaded) name cache for the selectors that select its
+    /// name now, so access learned before a restart stays; entries no selector selects any
+    /// more are left to expire. Call after the policies are loaded.
+    pub fn restore_fqdn(&mut self) -> Result<usize, ManagerError> {
+        let selectors = self.proxies.dns.load().fqdn_selectors().clone();
+        let mut n = 0;
+        for entry in self.proxies.name_cache.entries() {
+            let matching = selectors.matching(&entry.name);
+            if matching.is_empty() {
+                continue;
+            }
+            self.learn_fqdn(&[entry.ip], &matching)?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn state_file(&self) -> Option<PathBuf> {
@@ -664,8 +975,35 @@ impl<D: Datapath> Manager<D> {
             }
         }
         info!(endpoints = self.endpoints.len(), "endpoints restored");
+        self.publish_proxies();
+        let names = self.restore_fqdn()?;
+        if names > 0 {
+            info!(names, "learned DNS names restored");
+        }
         self.save()?;
         Ok(self.endpoints.len())
+    }
+}
+
+fn name_cache_file(config: &ManagerConfig) -> Option<PathBuf> {
+    config.state_dir.as_ref().map(|d| d.join("fqdn-cache.json"))
+}
+
+/// The saved name cache, or an empty one (a missing or unreadable file is not fatal: names
+/// are learned again from the next answers).
+fn load_name_cache(config: &ManagerConfig) -> NameCache {
+    let Some(path) = name_cache_file(config) else {
+        return NameCache::new(config.fqdn_cache);
+    };
+    match NameCache::load(config.fqdn_cache, &path) {
+        Ok(c) => c,
+        Err(weir_dns_proxy::CacheError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            NameCache::new(config.fqdn_cache)
+        }
+        Err(e) => {
+            warn!(file = %path.display(), error = %e, "DNS name cache not restored");
+            NameCache::new(config.fqdn_cache)
+        }
     }
 }
 
@@ -825,5 +1163,176 @@ spec:
         assert_eq!(m.endpoint_by_container("c-be").unwrap().id, be_id);
         assert_eq!(verdict(&m, "be", fe, 8080), Verdict::Allow);
         assert_eq!(verdict(&m, "be", fe, 9090), Verdict::Deny { reason: 133 });
+    }
+
+    use weir_datapath::Verdict as DV;
+
+    const FQDN_AND_HTTP: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: egress-l7, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: frontend}}
+  egress:
+    - toFQDNs: [{matchName: api.example.com}, {matchPattern: '*.cdn.example.com'}]
+      toPorts: [{ports: [{port: '443', protocol: TCP}]}]
+    - toEndpoints: [{matchLabels: {app: backend}}]
+      toPorts:
+        - ports: [{port: '8080', protocol: TCP}]
+          rules:
+            http: [{method: GET, path: /allowed}]
+";
+
+    fn egress(
+        m: &Manager<FakeDatapath>,
+        from: &str,
+        to: IpAddr,
+        port: u16,
+    ) -> weir_datapath::Verdict {
+        let ep = m.endpoint_by_container(&format!("c-{from}")).unwrap();
+        m.datapath().verdict(
+            ep.id,
+            &weir_datapath::Flow {
+                remote: m.datapath().identity_of(to),
+                direction: Direction::Egress,
+                protocol: proto::TCP,
+                port,
+            },
+        )
+    }
+
+    #[test]
+    fn proxies_see_endpoints_l7_policy_and_selectors() {
+        use weir_l7_proxy::IdentityResolver;
+        let mut m = Manager::new(ManagerConfig::default(), FakeDatapath::new()).unwrap();
+        load(&mut m, "p.yaml", FQDN_AND_HTTP);
+        let fe = m
+            .create_endpoint(spec("fe", "frontend", "10.0.1.1"))
+            .unwrap()
+            .clone();
+        let be = m
+            .create_endpoint(spec("be", "backend", "10.0.1.2"))
+            .unwrap()
+            .clone();
+        let h = m.proxy_handles().clone();
+        let fe_pid = proxy_endpoint_id(fe.id).unwrap();
+        assert_eq!(
+            h.identities.local_endpoint("10.0.1.1".parse().unwrap()),
+            Some(fe_pid)
+        );
+        assert_eq!(
+            h.identities.identity("10.0.1.2".parse().unwrap()),
+            be.identity
+        );
+        assert_eq!(
+            egress(&m, "fe", "10.0.1.2".parse().unwrap(), 8080),
+            DV::Redirect { proxy_port: 15001 }
+        );
+        // The HTTP store decides the redirected requests with the endpoint's L7 policy.
+        let http = h.http.load();
+        let l7 = http.endpoint(fe_pid).expect("published");
+        assert!(
+            l7.ports
+                .contains_key(&(Direction::Egress, proto::TCP, 8080))
+        );
+        assert_eq!(h.dns.load().fqdn_selectors().rules().len(), 2);
+        assert_eq!(
+            h.dns.load().fqdn_selectors().matching("x.cdn.example.com."),
+            vec![DnsRule::MatchPattern("*.cdn.example.com".into())]
+        );
+
+        // Deleting the endpoint withdraws it from the proxies.
+        m.delete_endpoint("c-be").unwrap();
+        assert_eq!(
+            h.identities.local_endpoint("10.0.1.2".parse().unwrap()),
+            None
+        );
+        m.delete_endpoint("c-fe").unwrap();
+        assert!(h.http.load().endpoint(fe_pid).is_none());
+        assert!(h.dns.load().endpoint(fe_pid).is_none());
+    }
+
+    #[test]
+    fn learned_addresses_open_before_return_and_close_on_expiry() {
+        use weir_l7_proxy::IdentityResolver;
+        let dir = tempfile::tempdir().unwrap();
+        let config = ManagerConfig {
+            state_dir: Some(dir.path().to_path_buf()),
+            ..ManagerConfig::default()
+        };
+        let api: IpAddr = "192.0.2.10".parse().unwrap();
+        let cdn: IpAddr = "192.0.2.20".parse().unwrap();
+        let name = DnsRule::MatchName("api.example.com".into());
+        let pattern = DnsRule::MatchPattern("*.cdn.example.com".into());
+        let fe_pid;
+        {
+            let mut m = Manager::new(config.clone(), FakeDatapath::new()).unwrap();
+            load(&mut m, "p.yaml", FQDN_AND_HTTP);
+            let fe = m
+                .create_endpoint(spec("fe", "frontend", "10.0.1.1"))
+                .unwrap()
+                .id;
+            fe_pid = proxy_endpoint_id(fe).unwrap();
+            assert_eq!(egress(&m, "fe", api, 443), DV::Drop { reason: 133 });
+
+            m.learn_fqdn(&[api], std::slice::from_ref(&name)).unwrap();
+            let id = m.datapath().identity_of(api);
+            assert!(!id.is_reserved(), "own identity in the ipcache");
+            assert_eq!(egress(&m, "fe", api, 443), DV::Allow, "open on return");
+            assert_eq!(egress(&m, "fe", api, 80), DV::Drop { reason: 133 });
+            assert_eq!(m.proxy_handles().identities.identity(api), id);
+            // Idempotent: the same answer again changes nothing.
+            m.learn_fqdn(&[api], std::slice::from_ref(&name)).unwrap();
+            assert_eq!(m.datapath().identity_of(api), id);
+
+            // An address selected by a second selector gets the union of both labels.
+            m.learn_fqdn(&[cdn], std::slice::from_ref(&pattern))
+                .unwrap();
+            m.learn_fqdn(&[cdn], std::slice::from_ref(&name)).unwrap();
+            let both = m.datapath().identity_of(cdn);
+            let labels = m.compiler().identities().get(both).unwrap().labels.clone();
+            assert!(labels.contains(&fqdn_label(&name)) && labels.contains(&fqdn_label(&pattern)));
+            assert!(labels.contains(&Label::reserved("world")));
+            assert_eq!(egress(&m, "fe", cdn, 443), DV::Allow);
+
+            // Local endpoint addresses are never relabelled.
+            m.learn_fqdn(&["10.0.1.1".parse().unwrap()], std::slice::from_ref(&name))
+                .unwrap();
+            assert_eq!(
+                m.datapath().identity_of("10.0.1.1".parse().unwrap()),
+                m.endpoint(fe).unwrap().identity
+            );
+
+            let now = SystemTime::now();
+            let cache = m.proxy_handles().name_cache.clone();
+            cache.insert(fe_pid, "api.example.com.", &[(api, 1)], now);
+            cache.insert(fe_pid, "x.cdn.example.com.", &[(cdn, 3600)], now);
+            m.save_name_cache().unwrap();
+            // Too soon after learning: the answer might still be on its way into the cache.
+            assert_eq!(
+                m.gc_fqdn(now + Duration::from_secs(2), &weir_dns_proxy::NoConnections)
+                    .unwrap(),
+                0
+            );
+        }
+        // A restart keeps what was learned (same numbers), from the saved cache.
+        let mut m = Manager::new(config, FakeDatapath::new()).unwrap();
+        load(&mut m, "p.yaml", FQDN_AND_HTTP);
+        assert_eq!(m.restore_endpoints().unwrap(), 1);
+        assert_eq!(egress(&m, "fe", api, 443), DV::Allow, "restored");
+        assert_eq!(egress(&m, "fe", cdn, 443), DV::Allow, "restored");
+        // Expiry closes access: ipcache entry gone, identity released.
+        let id = m.datapath().identity_of(api);
+        for f in m.fqdn.values_mut() {
+            f.learned = Instant::now()
+                .checked_sub(RELEARN_GRACE)
+                .unwrap_or(f.learned);
+        }
+        let later = SystemTime::now() + Duration::from_secs(10);
+        assert_eq!(m.gc_fqdn(later, &weir_dns_proxy::NoConnections).unwrap(), 1);
+        assert_eq!(m.datapath().identity_of(api), Identity(2), "back to world");
+        assert!(m.compiler().identities().get(id).is_none());
+        assert_eq!(egress(&m, "fe", api, 443), DV::Drop { reason: 133 });
+        assert_eq!(egress(&m, "fe", cdn, 443), DV::Allow, "unexpired stays");
+        assert_eq!(m.proxy_handles().identities.identity(api), Identity(2));
     }
 }

@@ -132,18 +132,18 @@ impl SideOutcome {
 /// * IPv6 neighbour discovery (ICMPv6 133–137) passes without policy, as in Cilium.
 pub fn kernel_expectation(
     decided: Verdict,
-    direction: Direction,
+    _direction: Direction,
     packet: &ReplayPacket,
 ) -> Verdict {
     if packet.protocol == 58 && (133..=137).contains(&packet.port) {
         return Verdict::Allow;
     }
     match decided {
-        Verdict::Redirect { .. } if direction == Direction::Egress && packet.protocol == 6 => {
-            Verdict::Drop {
-                reason: abi::drop_reason::PROXY_LOOKUP_FAILED,
-            }
-        }
+        // Test runs have no proxy listening: a redirect the kernel steers fails closed (178),
+        // and one it cannot steer yet (into a pod, SCTP) is dropped the same way.
+        Verdict::Redirect { .. } => Verdict::Drop {
+            reason: abi::drop_reason::PROXY_LOOKUP_FAILED,
+        },
         v => v,
     }
 }

@@ -163,13 +163,27 @@ fn policy_table() {
         Verdict::Drop { reason: 133 },
         f(300, 6, 8191),
     );
+    // `decide` says redirect; traffic entering a pod cannot be steered to the proxy yet, so the
+    // kernel drops it instead of delivering it unchecked (fail closed).
+    assert_eq!(
+        expected_verdict(
+            &m,
+            &Flow {
+                remote: Identity(300),
+                direction: Ingress,
+                protocol: 6,
+                port: 8080
+            }
+        ),
+        Verdict::Redirect { proxy_port: 15001 }
+    );
     check(
         &dp,
         &m,
         to,
         &tcp(PEER, 8080),
-        Verdict::Redirect { proxy_port: 15001 },
-        f(300, 6, 8080),
+        Verdict::Drop { reason: 178 },
+        None,
     );
     check(
         &dp,

@@ -11,7 +11,8 @@ use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple},
     cty::c_void,
     helpers::{
-        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release,
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_lookup_tcp,
+        bpf_sk_lookup_udp, bpf_sk_release,
     },
     macros::{classifier, map},
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -330,19 +331,29 @@ struct SockTuple6 {
     dport: u16,
 }
 
-/// For a TCP SYN leaving a pod (tc ingress of its host veth), assigns the packet to the local
-/// proxy's listener on `proxy_port` (which must be IP_TRANSPARENT, so that it accepts the
-/// original destination). Later packets of the connection are only marked: the node routes
-/// packets marked `MARK_MAGIC_TO_PROXY` (0x200/0xf00) to a local table, and the stack's own
-/// socket lookup then finds the proxy's connection by its 4-tuple. (Assigning those to the
-/// listener would make it answer the handshake's last ACK with a RST.)
+/// Steers a redirected packet to the local proxy listening on `proxy_port` (an IP_TRANSPARENT
+/// socket, so that it accepts the original destination), or fails closed.
+///
+/// * TCP leaving a pod: the SYN is assigned to the proxy's listener. Later packets are only
+///   marked: the node routes packets marked `MARK_MAGIC_TO_PROXY` (0x200/0xf00) to a local
+///   table, and the stack's own socket lookup finds the proxy's connection by its 4-tuple
+///   (assigning those to the listener would make it answer the handshake's last ACK with a RST).
+/// * UDP leaving a pod (DNS): every datagram is assigned to the proxy's UDP socket.
+/// * Anything else (traffic entering a pod, SCTP): not steerable yet, so it is dropped rather
+///   than delivered unchecked: an L7 rule must never fail open.
 #[inline(always)]
 fn steer_to_proxy(ctx: &mut TcContext, pkt: &Packet, dir: u8, proxy_port: u16) -> Result<(), u8> {
-    if proxy_port == 0
-        || dir != direction::EGRESS
-        || pkt.protocol != IPPROTO_TCP
-        || pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
-    {
+    if proxy_port == 0 {
+        return Ok(());
+    }
+    if dir != direction::EGRESS {
+        return Err(drop_reason::PROXY_LOOKUP_FAILED);
+    }
+    let udp = pkt.protocol == IPPROTO_UDP;
+    if !udp && pkt.protocol != IPPROTO_TCP {
+        return Err(drop_reason::PROXY_LOOKUP_FAILED);
+    }
+    if !udp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return Ok(());
     }
     let skb = ctx.skb.skb.cast::<c_void>();
@@ -358,7 +369,12 @@ fn steer_to_proxy(ctx: &mut TcContext, pkt: &Packet, dir: u8, proxy_port: u16) -
                 dport: proxy_port.to_be(),
             };
             let tp = (&mut t as *mut SockTuple4).cast::<bpf_sock_tuple>();
-            bpf_sk_lookup_tcp(skb, tp, core::mem::size_of::<SockTuple4>() as u32, netns, 0)
+            let n = core::mem::size_of::<SockTuple4>() as u32;
+            if udp {
+                bpf_sk_lookup_udp(skb, tp, n, netns, 0)
+            } else {
+                bpf_sk_lookup_tcp(skb, tp, n, netns, 0)
+            }
         } else {
             let mut t = SockTuple6 {
                 saddr: pkt.saddr,
@@ -367,7 +383,12 @@ fn steer_to_proxy(ctx: &mut TcContext, pkt: &Packet, dir: u8, proxy_port: u16) -
                 dport: proxy_port.to_be(),
             };
             let tp = (&mut t as *mut SockTuple6).cast::<bpf_sock_tuple>();
-            bpf_sk_lookup_tcp(skb, tp, core::mem::size_of::<SockTuple6>() as u32, netns, 0)
+            let n = core::mem::size_of::<SockTuple6>() as u32;
+            if udp {
+                bpf_sk_lookup_udp(skb, tp, n, netns, 0)
+            } else {
+                bpf_sk_lookup_tcp(skb, tp, n, netns, 0)
+            }
         }
     };
     if sk.is_null() {

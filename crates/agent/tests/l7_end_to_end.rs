@@ -1,0 +1,396 @@
+//! Root-only: the real `weir-agent` binary, in a node namespace, enforcing an egress HTTP rule
+//! through its transparent proxy on real traffic between two pod namespaces.
+//!
+//! Safety: nothing here touches the root namespace's networking. Every namespace is named
+//! `weirl7-<pid>-*` and removed by a Drop guard even when an assertion fails; the agent runs
+//! inside the node namespace (`ip netns exec`, which also gives it a private mount namespace,
+//! so its bpffs mount on a temporary directory is private), and its state, policies and API
+//! socket live in a temporary directory. The agent process is killed by its guard.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weir_agent_api::v1::CreateEndpointRequest;
+use weir_agent_api::v1::endpoint_service_client::EndpointServiceClient;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn skip() -> Option<&'static str> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        return Some("needs root (network namespaces, veth, eBPF)");
+    }
+    for tool in ["ip", "python3"] {
+        if !have(tool) {
+            return Some("needs iproute2's `ip` and python3");
+        }
+    }
+    None
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn ip(args: &[&str]) -> Result<String, Box<dyn std::error::Error>> {
+    let out = Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        return Err(format!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Namespaces removed on drop, and child processes killed first.
+#[derive(Default)]
+struct Guard {
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Guard {
+    fn netns(&mut self, name: String) -> Result<String, Box<dyn std::error::Error>> {
+        ip(&["netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Answers every GET with 200 and the path.
+const SERVER: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = ("hello " + self.path).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+s = http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H)
+print("up", flush=True)
+s.serve_forever()
+"#;
+
+/// Prints `<status> <body>` of one GET, or `error <reason>`.
+const CLIENT: &str = r#"
+import sys, urllib.request, urllib.error
+try:
+    r = urllib.request.urlopen(sys.argv[1], timeout=3)
+    print(r.status, r.read().decode().strip())
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode().strip())
+except Exception as e:
+    print("error", e)
+"#;
+
+const POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client-l7, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+    - toEndpoints: [{matchLabels: {app: server}}]
+      toPorts:
+        - ports: [{port: '8080', protocol: TCP}]
+          rules:
+            http: [{method: GET, path: /allowed}]
+";
+
+const DNS_POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client-dns, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+    - toEndpoints: [{matchLabels: {app: server}}]
+      toPorts:
+        - ports: [{port: '53', protocol: ANY}]
+          rules:
+            dns: [{matchPattern: '*.example.com'}]
+    - toFQDNs: [{matchName: api.example.com}]
+      toPorts: [{ports: [{port: '8080', protocol: TCP}]}]
+";
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn get(ns: &str, url: &str) -> String {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", CLIENT, url])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|e| format!("error {e}"))
+}
+
+fn agent_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+struct Pod<'a> {
+    ns: &'a str,
+    host_if: &'a str,
+    net: &'a str,
+    app: &'a str,
+}
+
+fn wire_pod(node: &str, pod: &Pod<'_>) -> TestResult {
+    ip(&[
+        "-n",
+        node,
+        "link",
+        "add",
+        pod.host_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pod.ns,
+    ])?;
+    ip(&[
+        "-n",
+        node,
+        "addr",
+        "add",
+        &format!("{}.1/24", pod.net),
+        "dev",
+        pod.host_if,
+    ])?;
+    ip(&["-n", node, "link", "set", pod.host_if, "up"])?;
+    ip(&[
+        "-n",
+        pod.ns,
+        "addr",
+        "add",
+        &format!("{}.2/24", pod.net),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", pod.ns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        pod.ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("{}.1", pod.net),
+    ])?;
+    Ok(())
+}
+
+#[test]
+fn egress_http_rule_enforced_by_the_agents_proxy() -> TestResult {
+    if let Some(reason) = skip() {
+        eprintln!("SKIP egress_http_rule_enforced_by_the_agents_proxy: {reason}");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let prefix = format!("weirl7-{}", std::process::id());
+    let mut g = Guard::default();
+    let node = g.netns(format!("{prefix}-node"))?;
+    let a = g.netns(format!("{prefix}-a"))?;
+    let b = g.netns(format!("{prefix}-b"))?;
+    let pods = [
+        Pod {
+            ns: &a,
+            host_if: "lxca",
+            net: "10.211.1",
+            app: "client",
+        },
+        Pod {
+            ns: &b,
+            host_if: "lxcb",
+            net: "10.211.2",
+            app: "server",
+        },
+    ];
+    for p in &pods {
+        wire_pod(&node, p)?;
+    }
+    ip(&[
+        "netns",
+        "exec",
+        &node,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ])?;
+
+    // Pod B's HTTP server.
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &b, "python3", "-c", SERVER])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    if let Some(out) = server.stdout.take() {
+        BufReader::new(out).read_line(&mut line)?;
+    }
+    g.children.push(server);
+    assert_eq!(line.trim(), "up", "HTTP server in pod B");
+
+    // The agent, in the node namespace.
+    let policies = tmp.path().join("policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(policies.join("l7.yaml"), POLICY)?;
+    let socket: PathBuf = tmp.path().join("agent.sock");
+    let log = tmp.path().join("agent.log");
+    let agent = Command::new("ip")
+        .args(["netns", "exec", &node, env!("CARGO_BIN_EXE_weir-agent")])
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .arg("--bpffs")
+        .arg(tmp.path().join("bpf"))
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg("--policy-dir")
+        .arg(&policies)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    g.children.push(agent);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let channel = loop {
+        if let Ok(c) = rt.block_on(weir_agent_api::connect_unix(&socket)) {
+            break c;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("agent did not come up:\n{}", agent_log(&log)).into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut client = EndpointServiceClient::new(channel);
+    for p in &pods {
+        let req = CreateEndpointRequest {
+            container_id: format!("{prefix}-{}", p.app),
+            netns_path: format!("/run/netns/{}", p.ns),
+            ifname: "eth0".into(),
+            host_ifname: p.host_if.into(),
+            ipv4_addresses: vec![format!("{}.2", p.net)],
+            namespace: "prod".into(),
+            pod_name: p.app.into(),
+            labels: HashMap::from([("app".to_string(), p.app.to_string())]),
+            ..Default::default()
+        };
+        rt.block_on(client.create_endpoint(req))
+            .map_err(|e| format!("CreateEndpoint {}: {e}\n{}", p.app, agent_log(&log)))?;
+    }
+
+    let base = "http://10.211.2.2:8080";
+    let allowed = get(&a, &format!("{base}/allowed"));
+    let denied = get(&a, &format!("{base}/denied"));
+    let again = get(&a, &format!("{base}/allowed"));
+    let log_text = agent_log(&log);
+    assert_eq!(allowed, "200 hello /allowed", "agent log:\n{log_text}");
+    assert_eq!(denied, "403 Access denied", "agent log:\n{log_text}");
+    assert_eq!(again, "200 hello /allowed", "agent log:\n{log_text}");
+
+    if !have("dnsmasq") || !have("dig") {
+        eprintln!("SKIP the DNS part: needs dnsmasq and dig");
+        return Ok(());
+    }
+    // DNS over TCP, then UDP: dnsmasq in pod B answers
+    // api.example.com with an address outside every endpoint, where the HTTP server also
+    // listens. It becomes reachable only once the proxy has seen the answer.
+    ip(&["-n", &b, "addr", "add", "10.211.9.9/32", "dev", "eth0"])?;
+    ip(&["-n", &node, "route", "add", "10.211.9.9/32", "dev", "lxcb"])?;
+    let dnsmasq = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &b,
+            "dnsmasq",
+            "-k",
+            "--no-resolv",
+            "--no-hosts",
+        ])
+        .args([
+            "--listen-address=10.211.2.2",
+            "--bind-interfaces",
+            "--port=53",
+        ])
+        .args(["--address=/api.example.com/10.211.9.9", "--local-ttl=60"])
+        .args(["--pid-file=", "--user=root"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    g.children.push(dnsmasq);
+    std::fs::write(policies.join("dns.yaml"), DNS_POLICY)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let world = "http://10.211.9.9:8080/x";
+    let before = get(&a, world);
+    assert!(
+        before.starts_with("error"),
+        "reachable before the query: {before}"
+    );
+    let answer = Command::new("ip")
+        .args([
+            "netns", "exec", &a, "dig", "+tcp", "+short", "+time=3", "+tries=1",
+        ])
+        .args(["@10.211.2.2", "api.example.com"])
+        .output()?;
+    let answer = String::from_utf8_lossy(&answer.stdout).trim().to_string();
+    let refused = Command::new("ip")
+        .args(["netns", "exec", &a, "dig", "+tcp", "+time=3", "+tries=1"])
+        .args(["@10.211.2.2", "evil.example.org"])
+        .output()?;
+    let refused = String::from_utf8_lossy(&refused.stdout).to_string();
+    let after = get(&a, world);
+    let log_text = agent_log(&log);
+    assert_eq!(answer, "10.211.9.9", "agent log:\n{log_text}");
+    assert!(
+        refused.contains("REFUSED"),
+        "{refused}\nagent log:\n{log_text}"
+    );
+    assert_eq!(after, "200 hello /x", "agent log:\n{log_text}");
+    // The same over UDP: the datapath assigns every redirected datagram to the proxy's socket.
+    let udp = Command::new("ip")
+        .args(["netns", "exec", &a, "dig", "+short", "+time=3", "+tries=1"])
+        .args(["@10.211.2.2", "api.example.com"])
+        .output()?;
+    let udp = String::from_utf8_lossy(&udp.stdout).trim().to_string();
+    assert_eq!(
+        udp,
+        "10.211.9.9",
+        "DNS over UDP; agent log:\n{}",
+        agent_log(&log)
+    );
+    let udp_refused = Command::new("ip")
+        .args(["netns", "exec", &a, "dig", "+time=3", "+tries=1"])
+        .args(["@10.211.2.2", "evil.example.org"])
+        .output()?;
+    let udp_refused = String::from_utf8_lossy(&udp_refused.stdout).to_string();
+    assert!(udp_refused.contains("REFUSED"), "{udp_refused}");
+    drop(rt);
+    Ok(())
+}
