@@ -410,8 +410,13 @@ impl<D: Datapath> Manager<D> {
         if known {
             return Ok(());
         }
+        // One copy of the labels, shared with the allocator (memory per identity).
+        let shared = self
+            .allocator
+            .shared_labels(identity)
+            .unwrap_or_else(|| std::sync::Arc::new(labels.clone()));
         self.compiler
-            .upsert_identity(identity, labels.clone(), ports);
+            .upsert_identity_shared(identity, shared, ports);
         self.update_all_for_identity(identity)
     }
 
