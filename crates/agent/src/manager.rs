@@ -27,7 +27,7 @@ use weir_policy_compiler::{
     Compiler, CompilerConfig, EndpointInfo, EndpointPolicy, L7Policy, MapState, MapStateDiff,
     NamedPorts, fqdn_label, proto,
 };
-use weir_policy_model::{ParseErrors, Peer, Peers, Policy, PolicyName};
+use weir_policy_model::{ParseErrors, Peer, Policy, PolicyName};
 
 use crate::proxies::{ProxyHandles, ResolverSnapshot, proxy_endpoint_id};
 
@@ -576,25 +576,10 @@ impl<D: Datapath> Manager<D> {
     /// Every prefix a policy names gets a CIDR identity and an ipcache entry, as Cilium does.
     fn sync_cidr_identities(&mut self) -> Result<(), ManagerError> {
         let mut wanted = BTreeSet::new();
-        for p in self.compiler.repository().iter() {
-            for rule in &p.rules {
-                for pr in rule
-                    .ingress
-                    .allow
-                    .iter()
-                    .chain(&rule.ingress.deny)
-                    .chain(&rule.egress.allow)
-                    .chain(&rule.egress.deny)
-                {
-                    if let Peers::List(list) = &pr.peers {
-                        for peer in list {
-                            if let Peer::Cidr { cidr, except } = peer {
-                                wanted.insert(*cidr);
-                                wanted.extend(except.iter().copied());
-                            }
-                        }
-                    }
-                }
+        for peer in self.compiler.repository().iter().flat_map(Policy::peers) {
+            if let Peer::Cidr { cidr, except } = peer {
+                wanted.insert(*cidr);
+                wanted.extend(except.iter().copied());
             }
         }
         // /0 is the world identity itself.
@@ -710,19 +695,11 @@ impl<D: Datapath> Manager<D> {
     /// Every `toFQDNs` selector in the policy repository, once each, in repository order.
     pub fn fqdn_selectors(&self) -> Vec<DnsRule> {
         let mut out: Vec<DnsRule> = Vec::new();
-        for p in self.compiler.repository().iter() {
-            for rule in &p.rules {
-                for pr in rule.egress.allow.iter().chain(&rule.egress.deny) {
-                    if let Peers::List(list) = &pr.peers {
-                        for peer in list {
-                            if let Peer::Fqdn(r) = peer
-                                && !out.contains(r)
-                            {
-                                out.push(r.clone());
-                            }
-                        }
-                    }
-                }
+        for peer in self.compiler.repository().iter().flat_map(Policy::peers) {
+            if let Peer::Fqdn(r) = peer
+                && !out.contains(r)
+            {
+                out.push(r.clone());
             }
         }
         out

@@ -402,3 +402,24 @@ impl PeerRule {
         }
     }
 }
+
+impl Policy {
+    /// Every L3 peer named anywhere in the policy (allow and deny sections, both directions),
+    /// for callers that allocate per-peer state such as CIDR identities or `toFQDNs` selectors.
+    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
+        self.rules.iter().flat_map(|rule| {
+            [
+                &rule.ingress.allow,
+                &rule.ingress.deny,
+                &rule.egress.allow,
+                &rule.egress.deny,
+            ]
+            .into_iter()
+            .flatten()
+            .flat_map(|pr| match &pr.peers {
+                Peers::List(list) => list.as_slice(),
+                Peers::Any => &[],
+            })
+        })
+    }
+}

@@ -259,29 +259,14 @@ impl<'s> World<'s> {
         // Every prefix a policy names gets a CIDR identity, as Cilium allocates them.
         let mut prefixes = BTreeSet::new();
         let mut fqdn_selectors = Vec::new();
-        for p in &policies {
-            for rule in &p.rules {
-                for pr in rule
-                    .ingress
-                    .allow
-                    .iter()
-                    .chain(&rule.ingress.deny)
-                    .chain(&rule.egress.allow)
-                    .chain(&rule.egress.deny)
-                {
-                    if let weir_policy_model::Peers::List(list) = &pr.peers {
-                        for peer in list {
-                            match peer {
-                                PolicyPeer::Cidr { cidr, except } => {
-                                    prefixes.insert(*cidr);
-                                    prefixes.extend(except.iter().copied());
-                                }
-                                PolicyPeer::Fqdn(r) => fqdn_selectors.push(r.clone()),
-                                _ => {}
-                            }
-                        }
-                    }
+        for peer in policies.iter().flat_map(Policy::peers) {
+            match peer {
+                PolicyPeer::Cidr { cidr, except } => {
+                    prefixes.insert(*cidr);
+                    prefixes.extend(except.iter().copied());
                 }
+                PolicyPeer::Fqdn(r) => fqdn_selectors.push(r.clone()),
+                _ => {}
             }
         }
         let mut cidrs = Vec::new();
