@@ -5,5 +5,6 @@
 
 pub mod api;
 pub mod manager;
+pub mod observe;
 pub mod policy_source;
 pub mod proxies;

@@ -58,6 +58,25 @@ struct Args {
     /// provisioning already did).
     #[arg(long)]
     no_proxy_routing: bool,
+    /// The Observer (Hubble) API's unix socket, mode 0600 (default: `hubble.sock` beside the
+    /// API socket, /run/weir/hubble.sock by default).
+    #[arg(long)]
+    hubble_socket: Option<PathBuf>,
+    /// Also serve the Observer API on this TCP address (Hubble uses port 4244), no TLS.
+    #[arg(long)]
+    hubble_listen: Option<std::net::SocketAddr>,
+    /// How many flows the observer keeps.
+    #[arg(long, default_value_t = weir_observe::DEFAULT_CAPACITY)]
+    hubble_ring_size: usize,
+    /// The Prometheus metrics address.
+    #[arg(long, default_value = weir_observe::http::DEFAULT_METRICS_ADDR)]
+    metrics_listen: std::net::SocketAddr,
+    /// Do not serve metrics.
+    #[arg(long)]
+    no_metrics: bool,
+    /// The node name flows carry (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -132,6 +151,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     info!(restored, policy_dir = %args.policy_dir.display(), "agent started");
 
     let manager = Arc::new(Mutex::new(manager));
+    let (observe, observe_tasks, sinks) = observability::start(&args, &manager).await?;
     let proxy_tasks = if args.no_proxies {
         warn!("proxies disabled: connections redirected by L7 policy will be dropped");
         Vec::new()
@@ -139,18 +159,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if !args.no_proxy_routing {
             proxy::install_policy_routing().context("installing the proxy policy routing")?;
         }
-        proxy::start(proxy_handles, manager.clone(), proxy_ports.0, proxy_ports.1)
-            .context("starting the proxies")?
+        proxy::start(
+            proxy_handles,
+            manager.clone(),
+            proxy_ports.0,
+            proxy_ports.1,
+            sinks,
+        )
+        .context("starting the proxies")?
     };
     let watcher = {
         let manager = manager.clone();
+        let observe = observe.clone();
         let period = Duration::from_millis(args.policy_poll_ms.max(20));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(period).await;
                 let events = tokio::task::block_in_place(|| source.poll());
                 if !events.is_empty() {
+                    let started = std::time::Instant::now();
                     apply_events(&mut *manager.lock().await, events);
+                    observe.record_regeneration(started.elapsed());
                 }
             }
         })
@@ -163,12 +192,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 tick += 1;
                 let mut m = manager.lock().await;
-                // Events feed `weir observe` later; until then drops are logged.
-                if let Ok(events) = m.datapath_mut().drain_events() {
-                    for e in events.iter().filter(|e| e.drop_reason != 0) {
-                        tracing::debug!(reason = e.drop_reason, src = ?e.src, dst = ?e.dst, dport = e.dport, "drop");
-                    }
-                }
+                // Datapath events are drained by the observer's own task (observe.rs).
                 if tick.is_multiple_of(30)
                     && let Err(e) = m.datapath_mut().gc_conntrack()
                 {
@@ -211,7 +235,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("serving the API")?;
     watcher.abort();
     housekeeping.abort();
-    for t in proxy_tasks {
+    for t in proxy_tasks.into_iter().chain(observe_tasks) {
         t.abort();
     }
     if let Err(e) = manager.lock().await.save_name_cache() {
@@ -235,9 +259,9 @@ mod proxy {
     use weir_agent::manager::Manager;
     use weir_agent::proxies::{AgentLearner, ProxyHandles};
     use weir_datapath::Datapath;
-    use weir_dns_proxy::{DnsNullSink, DnsProxy, DnsProxyConfig, DnsUdpSocket};
+    use weir_dns_proxy::{DnsProxy, DnsProxyConfig, DnsSink, DnsUdpSocket};
     use weir_l7_proxy::{
-        L7Proxy, NullSink, ProxyConfig, TransparentDestination, transparent_listener,
+        FlowSink, L7Proxy, ProxyConfig, TransparentDestination, transparent_listener,
     };
     use weir_policy_model::Direction;
 
@@ -332,6 +356,7 @@ mod proxy {
         manager: Arc<Mutex<Manager<D>>>,
         http_port: u16,
         dns_port: u16,
+        sinks: (Arc<dyn FlowSink>, Arc<dyn DnsSink>),
     ) -> anyhow::Result<Vec<JoinHandle<()>>> {
         let mut tasks = Vec::new();
         let http = Arc::new(L7Proxy::new(
@@ -339,7 +364,7 @@ mod proxy {
             handles.http.clone(),
             Arc::new(TransparentDestination),
             handles.identities.clone(),
-            Arc::new(NullSink),
+            sinks.0,
         ));
         let v4 = transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, http_port)))
             .with_context(|| format!("binding the HTTP proxy on port {http_port}"))?;
@@ -362,7 +387,7 @@ mod proxy {
             handles.identities.clone(),
             Arc::new(AgentLearner::new(manager)),
             handles.name_cache.clone(),
-            Arc::new(DnsNullSink),
+            sinks.1,
         );
         let udp = DnsUdpSocket::transparent(SocketAddr::from((Ipv4Addr::UNSPECIFIED, dns_port)))
             .with_context(|| format!("binding the DNS proxy (UDP) on port {dns_port}"))?;
@@ -384,6 +409,101 @@ mod proxy {
         }
         info!(http_port, dns_port, "proxies listening");
         Ok(tasks)
+    }
+}
+
+/// Flows, the Observer API and metrics (see `weir_agent::observe`).
+mod observability {
+    use std::sync::Arc;
+
+    use anyhow::Context;
+    use tokio::sync::Mutex;
+    use tokio::task::JoinHandle;
+    use tracing::{info, warn};
+    use weir_agent::manager::Manager;
+    use weir_agent::observe::{AgentObserver, spawn_dns_pump, spawn_event_pump, spawn_http_pump};
+    use weir_datapath::Datapath;
+    use weir_dns_proxy::DnsSink;
+    use weir_l7_proxy::FlowSink;
+    use weir_observe::{Observer, ObserverConfig};
+
+    type Started = (
+        Arc<AgentObserver>,
+        Vec<JoinHandle<()>>,
+        (Arc<dyn FlowSink>, Arc<dyn DnsSink>),
+    );
+
+    /// Starts the event pumps, the Observer API listeners and the metrics endpoint.
+    pub async fn start<D: Datapath + Send + 'static>(
+        args: &super::Args,
+        manager: &Arc<Mutex<Manager<D>>>,
+    ) -> anyhow::Result<Started> {
+        let node_name = args.node_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "weir-node".to_string())
+        });
+        let observer = Arc::new(Observer::new(ObserverConfig {
+            capacity: args.hubble_ring_size,
+            node_name: node_name.clone(),
+        }));
+        let obs = Arc::new(AgentObserver::new(observer.clone(), &node_name));
+        let mut tasks = vec![spawn_event_pump(manager.clone(), obs.clone())];
+        let (http_sink, t) = spawn_http_pump(manager.clone(), obs.clone());
+        tasks.push(t);
+        let (dns_sink, t) = spawn_dns_pump(manager.clone(), obs.clone());
+        tasks.push(t);
+
+        let hubble_socket = args.hubble_socket.clone().unwrap_or_else(|| {
+            args.api_socket
+                .parent()
+                .map(|d| d.join("hubble.sock"))
+                .unwrap_or_else(|| weir_observe::server::DEFAULT_HUBBLE_SOCKET.into())
+        });
+        let listener = weir_observe::server::bind_unix(&hubble_socket)
+            .await
+            .context("binding the Observer API socket")?;
+        {
+            let observer = observer.clone();
+            let path = hubble_socket.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = weir_observe::server::serve_unix_listener(
+                    listener,
+                    observer,
+                    std::future::pending(),
+                )
+                .await;
+                let _ = std::fs::remove_file(&path);
+                if let Err(e) = r {
+                    warn!(error = %e, "Observer API stopped");
+                }
+            }));
+        }
+        info!(socket = %hubble_socket.display(), ring = args.hubble_ring_size, "Observer API listening");
+        if let Some(addr) = args.hubble_listen {
+            let observer = observer.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) =
+                    weir_observe::server::serve_tcp(addr, observer, std::future::pending()).await
+                {
+                    warn!(error = %e, "Observer API (TCP) stopped");
+                }
+            }));
+            info!(%addr, "Observer API listening on TCP");
+        }
+        if !args.no_metrics {
+            let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+                .await
+                .with_context(|| format!("binding the metrics endpoint {}", args.metrics_listen))?;
+            let metrics = observer.metrics().clone();
+            tasks.push(tokio::spawn(weir_observe::http::serve_metrics(
+                listener,
+                metrics,
+                std::future::pending(),
+            )));
+            info!(addr = %args.metrics_listen, "metrics at /metrics");
+        }
+        Ok((obs, tasks, (http_sink, dns_sink)))
     }
 }
 

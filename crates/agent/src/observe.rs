@@ -1,0 +1,251 @@
+//! The agent's side of flow observability: the [`FlowContext`] over the [`Manager`], the task
+//! that drains datapath events into the [`Observer`] often enough not to lose them, the tasks
+//! that turn proxy records into L7 flows, and the agent gauges for the metrics endpoint.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
+use tracing::warn;
+use weir_datapath::{Datapath, EndpointId};
+use weir_dns_proxy::{DnsChannelSink, DnsRecord};
+use weir_identity::{Identity, ReservedIdentity};
+use weir_l7_proxy::{ChannelSink, L7Record};
+use weir_observe::proto::flow::LostEventSource;
+use weir_observe::{AgentStats, EndpointMeta, Enricher, FlowContext, Observer};
+use weir_policy_compiler::Decision;
+
+use crate::manager::{Endpoint, Manager};
+
+/// How often the datapath's event ring is drained. The ring holds 1 MiB of events (some
+/// 16k): at 50k events/s a 5 ms period leaves it almost empty.
+pub const DRAIN_PERIOD: Duration = Duration::from_millis(5);
+
+/// Capacity of the queues between the proxies and the observer.
+pub const PROXY_QUEUE: usize = 8192;
+
+/// A [`FlowContext`] reading the manager (hold its lock while enriching).
+pub struct ManagerContext<'a, D: Datapath>(pub &'a Manager<D>);
+
+fn meta(ep: &Endpoint) -> EndpointMeta {
+    EndpointMeta {
+        id: ep.id.0,
+        identity: ep.identity.get(),
+        namespace: ep.spec.namespace.clone(),
+        pod_name: ep.spec.pod_name.clone(),
+        labels: ep.labels.iter().map(ToString::to_string).collect(),
+    }
+}
+
+impl<D: Datapath> FlowContext for ManagerContext<'_, D> {
+    fn local_endpoint(&self, id: EndpointId) -> Option<EndpointMeta> {
+        self.0.endpoint(id).map(meta)
+    }
+
+    fn endpoint_by_ip(&self, ip: IpAddr) -> Option<EndpointMeta> {
+        self.0
+            .endpoints()
+            .find(|e| e.spec.addresses.contains(&ip))
+            .map(meta)
+    }
+
+    fn identity_labels(&self, identity: Identity) -> Vec<String> {
+        if let Some(info) = self.0.compiler().identities().get(identity) {
+            return info.labels.iter().map(ToString::to_string).collect();
+        }
+        ReservedIdentity::from_identity(identity)
+            .map(|r| r.labels().iter().map(ToString::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    fn decide(&self, endpoint: EndpointId, flow: &weir_policy_compiler::Flow) -> Option<Decision> {
+        self.0.endpoint(endpoint).map(|e| e.policy.decide(flow))
+    }
+}
+
+/// The observer, its enricher and the agent's policy-regeneration timings.
+#[derive(Debug)]
+pub struct AgentObserver {
+    /// Where flows go.
+    pub observer: Arc<Observer>,
+    /// Builds flows.
+    pub enricher: Enricher,
+    regen_nanos: AtomicU64,
+    regenerations: AtomicU64,
+}
+
+impl AgentObserver {
+    /// Wraps an observer; flows carry `node_name`.
+    pub fn new(observer: Arc<Observer>, node_name: &str) -> Self {
+        AgentObserver {
+            observer,
+            enricher: Enricher::new(node_name),
+            regen_nanos: AtomicU64::new(0),
+            regenerations: AtomicU64::new(0),
+        }
+    }
+
+    /// Records how long applying one batch of policy changes took.
+    pub fn record_regeneration(&self, took: Duration) {
+        self.regen_nanos.store(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.regenerations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drains the datapath once: enriches its events into flows (under the manager lock,
+    /// which `manager` is) and returns them with the datapath's lost-event total.
+    pub fn drain<D: Datapath>(
+        &self,
+        manager: &mut Manager<D>,
+    ) -> (Vec<weir_observe::proto::flow::Flow>, Option<u64>) {
+        let events = match manager.datapath_mut().drain_events() {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "draining datapath events");
+                Vec::new()
+            }
+        };
+        let lost = manager.datapath().counters().ok().map(|c| c.events_lost);
+        let ctx = ManagerContext(&*manager);
+        let flows = events
+            .iter()
+            .map(|ev| self.enricher.datapath_flow(&ctx, ev))
+            .collect();
+        (flows, lost)
+    }
+
+    /// The agent gauges from the manager's current state.
+    pub fn agent_stats<D: Datapath>(&self, manager: &Manager<D>) -> AgentStats {
+        AgentStats {
+            endpoints: manager.endpoints().count() as u64,
+            identities: manager.compiler().identities().len() as u64,
+            policy_revision: manager.compiler().repository().revision().0,
+            policy_map_entries: manager
+                .endpoints()
+                .map(|e| e.policy.map_state.len() as u64)
+                .sum(),
+            last_regeneration_seconds: self.regen_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            regenerations: self.regenerations.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Publishes the growth of a monotonically increasing loss counter.
+fn publish_loss(observer: &Observer, source: LostEventSource, last: &mut Option<u64>, now: u64) {
+    if let Some(prev) = *last {
+        observer.publish_lost(source, now.saturating_sub(prev));
+    } else if now > 0 {
+        // Losses before the agent started reading (a restart) are reported once too.
+        observer.publish_lost(source, now);
+    }
+    *last = Some(now);
+}
+
+/// The event task: drains the datapath every [`DRAIN_PERIOD`] and refreshes the agent
+/// gauges every second.
+pub fn spawn_event_pump<D: Datapath + Send + 'static>(
+    manager: Arc<Mutex<Manager<D>>>,
+    obs: Arc<AgentObserver>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last_lost: Option<u64> = None;
+        let mut last_stats = Instant::now() - Duration::from_secs(2);
+        let mut tick = tokio::time::interval(DRAIN_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let (flows, lost, stats) = {
+                let mut m = manager.lock().await;
+                let (flows, lost) = obs.drain(&mut m);
+                let stats =
+                    (last_stats.elapsed() >= Duration::from_secs(1)).then(|| obs.agent_stats(&m));
+                (flows, lost, stats)
+            };
+            if let Some(lost) = lost {
+                publish_loss(
+                    &obs.observer,
+                    LostEventSource::PerfEventRingBuffer,
+                    &mut last_lost,
+                    lost,
+                );
+            }
+            obs.observer.publish_all(flows);
+            if let Some(s) = stats {
+                obs.observer.metrics().set_agent_stats(s);
+                last_stats = Instant::now();
+            }
+        }
+    })
+}
+
+/// The HTTP proxy's sink and the task that turns its records into L7 flows.
+pub fn spawn_http_pump<D: Datapath + Send + 'static>(
+    manager: Arc<Mutex<Manager<D>>>,
+    obs: Arc<AgentObserver>,
+) -> (Arc<ChannelSink>, JoinHandle<()>) {
+    let (sink, rx) = ChannelSink::new(PROXY_QUEUE);
+    let sink = Arc::new(sink);
+    let dropped = sink.clone();
+    let task = tokio::spawn(pump(
+        rx,
+        manager,
+        obs,
+        move || dropped.dropped(),
+        |obs, ctx, rec: L7Record| obs.enricher.http_flows(ctx, &rec),
+    ));
+    (sink, task)
+}
+
+/// The DNS proxy's sink and the task that turns its records into DNS flows.
+pub fn spawn_dns_pump<D: Datapath + Send + 'static>(
+    manager: Arc<Mutex<Manager<D>>>,
+    obs: Arc<AgentObserver>,
+) -> (Arc<DnsChannelSink>, JoinHandle<()>) {
+    let (sink, rx) = DnsChannelSink::new(PROXY_QUEUE);
+    let sink = Arc::new(sink);
+    let dropped = sink.clone();
+    let task = tokio::spawn(pump(
+        rx,
+        manager,
+        obs,
+        move || dropped.dropped(),
+        |obs, ctx, rec: DnsRecord| vec![obs.enricher.dns_flow(ctx, &rec)],
+    ));
+    (sink, task)
+}
+
+async fn pump<D, R, F>(
+    mut rx: mpsc::Receiver<R>,
+    manager: Arc<Mutex<Manager<D>>>,
+    obs: Arc<AgentObserver>,
+    dropped: impl Fn() -> u64,
+    to_flows: F,
+) where
+    D: Datapath + Send + 'static,
+    F: Fn(&AgentObserver, &ManagerContext<'_, D>, R) -> Vec<weir_observe::proto::flow::Flow>,
+{
+    let mut last_dropped = Some(0);
+    let mut batch = Vec::with_capacity(256);
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        let flows: Vec<_> = {
+            let m = manager.lock().await;
+            let ctx = ManagerContext(&*m);
+            batch
+                .drain(..)
+                .flat_map(|r| to_flows(&obs, &ctx, r))
+                .collect()
+        };
+        obs.observer.publish_all(flows);
+        publish_loss(
+            &obs.observer,
+            LostEventSource::ObserverEventsQueue,
+            &mut last_dropped,
+            dropped(),
+        );
+    }
+}
