@@ -2,6 +2,7 @@
 
 mod inspect;
 mod lab;
+mod observe;
 mod policy;
 
 use std::path::PathBuf;
@@ -45,6 +46,9 @@ enum Command {
     /// A node, pods, a world and real traffic in private network namespaces.
     #[command(subcommand)]
     Lab(lab::LabCommand),
+    /// Flows from the agent's Observer (Hubble) API: verdicts, drop reasons and the policy
+    /// rules behind them.
+    Observe(Box<observe::ObserveArgs>),
     /// Print the version and the datapath backend this binary carries.
     Version,
 }
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         }
         Command::Bpf(b) => inspect::run(inspect::Query::Bpf(b), &cli.socket, cli.json),
         Command::Lab(cmd) => lab::run(cmd),
+        Command::Observe(args) => observe::run(&args),
         Command::Version => {
             println!(
                 "weir {} (datapath backends: aya)",
