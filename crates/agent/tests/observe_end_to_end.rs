@@ -1,0 +1,476 @@
+//! Root-only: the real `weir-agent` in a node namespace; a gRPC client generated from Weir's
+//! copy of Hubble's observer.proto reads flows and server status, and the metrics endpoint is
+//! scraped over HTTP and parsed as Prometheus text.
+//!
+//! Safety: as in l7_end_to_end.rs, every namespace is `weirobs-<pid>-*`, removed by a Drop
+//! guard; the agent runs inside the node namespace with its sockets in a temporary directory.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weir_agent_api::v1::CreateEndpointRequest;
+use weir_agent_api::v1::endpoint_service_client::EndpointServiceClient;
+use weir_observe::proto::flow::{Flow, FlowFilter, Verdict};
+use weir_observe::proto::observer::observer_client::ObserverClient;
+use weir_observe::proto::observer::{GetFlowsRequest, ServerStatusRequest, get_flows_response};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn skip() -> Option<&'static str> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        return Some("needs root (network namespaces, veth, eBPF)");
+    }
+    for tool in ["ip", "python3"] {
+        if !have(tool) {
+            return Some("needs iproute2's `ip` and python3");
+        }
+    }
+    None
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn ip(args: &[&str]) -> Result<String, Box<dyn std::error::Error>> {
+    let out = Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        return Err(format!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Namespaces removed on drop, and child processes killed first.
+#[derive(Default)]
+struct Guard {
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Guard {
+    fn netns(&mut self, name: String) -> Result<String, Box<dyn std::error::Error>> {
+        ip(&["netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Listens on 8080 and 9090 and accepts connections.
+const SERVER: &str = r#"
+import socket, threading
+def serve(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(64)
+    while True:
+        c, _ = s.accept(); c.close()
+for p in (8080, 9090):
+    threading.Thread(target=serve, args=(p,), daemon=True).start()
+print("up", flush=True)
+threading.Event().wait()
+"#;
+
+/// Prints `ok` when a TCP connection opens within 1 s, else `fail`.
+const CONNECT: &str = r#"
+import socket, sys
+s = socket.socket(); s.settimeout(1)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2]))); print("ok")
+except Exception:
+    print("fail")
+"#;
+
+/// Prints the body of a GET.
+const SCRAPE: &str = r#"
+import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())
+"#;
+
+const POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: server-ingress, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: client}}]
+      toPorts: [{ports: [{port: '8080', protocol: TCP}]}]
+";
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn connect(ns: &str, ip: &str, port: u16) -> String {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "python3",
+            "-c",
+            CONNECT,
+            ip,
+            &port.to_string(),
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|e| format!("error {e}"))
+}
+
+fn agent_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+struct Pod<'a> {
+    ns: &'a str,
+    host_if: &'a str,
+    net: &'a str,
+    app: &'a str,
+}
+
+fn wire_pod(node: &str, pod: &Pod<'_>) -> TestResult {
+    ip(&[
+        "-n",
+        node,
+        "link",
+        "add",
+        pod.host_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pod.ns,
+    ])?;
+    ip(&[
+        "-n",
+        node,
+        "addr",
+        "add",
+        &format!("{}.1/24", pod.net),
+        "dev",
+        pod.host_if,
+    ])?;
+    ip(&["-n", node, "link", "set", pod.host_if, "up"])?;
+    ip(&[
+        "-n",
+        pod.ns,
+        "addr",
+        "add",
+        &format!("{}.2/24", pod.net),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", pod.ns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        pod.ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("{}.1", pod.net),
+    ])?;
+    Ok(())
+}
+
+fn dport(f: &Flow) -> Option<u32> {
+    weir_observe::model::ports(f).map(|p| p.1)
+}
+
+/// Parses Prometheus text: `name{labels} value` lines into (name with labels, value).
+fn parse_prometheus(text: &str) -> Result<HashMap<String, f64>, String> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .ok_or_else(|| format!("no value: {line}"))?;
+        let v: f64 = value.parse().map_err(|_| format!("bad value: {line}"))?;
+        let name = series.split('{').next().unwrap_or("");
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("bad metric name: {line}"));
+        }
+        if series.contains('{') && !series.ends_with('}') {
+            return Err(format!("bad labels: {line}"));
+        }
+        out.insert(series.to_string(), v);
+    }
+    Ok(out)
+}
+
+#[test]
+fn flows_status_and_metrics_from_a_running_agent() -> TestResult {
+    if let Some(reason) = skip() {
+        eprintln!("SKIP flows_status_and_metrics_from_a_running_agent: {reason}");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let prefix = format!("weirobs-{}", std::process::id());
+    let mut g = Guard::default();
+    let node = g.netns(format!("{prefix}-node"))?;
+    let a = g.netns(format!("{prefix}-a"))?;
+    let b = g.netns(format!("{prefix}-b"))?;
+    let pods = [
+        Pod {
+            ns: &a,
+            host_if: "lxca",
+            net: "10.212.1",
+            app: "client",
+        },
+        Pod {
+            ns: &b,
+            host_if: "lxcb",
+            net: "10.212.2",
+            app: "server",
+        },
+    ];
+    for p in &pods {
+        wire_pod(&node, p)?;
+    }
+    ip(&[
+        "netns",
+        "exec",
+        &node,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ])?;
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &b, "python3", "-c", SERVER])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    if let Some(out) = server.stdout.take() {
+        BufReader::new(out).read_line(&mut line)?;
+    }
+    g.children.push(server);
+    assert_eq!(line.trim(), "up");
+
+    let policies = tmp.path().join("policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(policies.join("p.yaml"), POLICY)?;
+    let socket: PathBuf = tmp.path().join("agent.sock");
+    let hubble: PathBuf = tmp.path().join("hubble.sock");
+    let log = tmp.path().join("agent.log");
+    let agent = Command::new("ip")
+        .args(["netns", "exec", &node, env!("CARGO_BIN_EXE_weir-agent")])
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .arg("--bpffs")
+        .arg(tmp.path().join("bpf"))
+        .arg("--api-socket")
+        .arg(&socket)
+        .arg("--policy-dir")
+        .arg(&policies)
+        .args(["--node-name", "obs-node", "--no-proxies"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    g.children.push(agent);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let channel = loop {
+        if let Ok(c) = rt.block_on(weir_agent_api::connect_unix(&socket)) {
+            break c;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("agent did not come up:\n{}", agent_log(&log)).into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut client = EndpointServiceClient::new(channel);
+    for p in &pods {
+        let req = CreateEndpointRequest {
+            container_id: format!("{prefix}-{}", p.app),
+            netns_path: format!("/run/netns/{}", p.ns),
+            ifname: "eth0".into(),
+            host_ifname: p.host_if.into(),
+            ipv4_addresses: vec![format!("{}.2", p.net)],
+            namespace: "prod".into(),
+            pod_name: p.app.into(),
+            labels: HashMap::from([("app".to_string(), p.app.to_string())]),
+            ..Default::default()
+        };
+        rt.block_on(client.create_endpoint(req))
+            .map_err(|e| format!("CreateEndpoint {}: {e}\n{}", p.app, agent_log(&log)))?;
+    }
+
+    assert_eq!(connect(&a, "10.212.2.2", 8080), "ok", "{}", agent_log(&log));
+    assert_eq!(
+        connect(&a, "10.212.2.2", 9090),
+        "fail",
+        "{}",
+        agent_log(&log)
+    );
+
+    let mut observer =
+        ObserverClient::new(rt.block_on(weir_observe::server::connect_unix(&hubble))?);
+    let read = |observer: &mut ObserverClient<_>,
+                filter: FlowFilter|
+     -> Result<Vec<Flow>, Box<dyn std::error::Error>> {
+        let req = GetFlowsRequest {
+            number: 100,
+            whitelist: vec![filter],
+            ..Default::default()
+        };
+        rt.block_on(async {
+            let mut s = observer.get_flows(req).await?.into_inner();
+            let mut out = Vec::new();
+            while let Some(r) = s.message().await? {
+                if let Some(get_flows_response::ResponseTypes::Flow(f)) = r.response_types {
+                    out.push(f);
+                }
+            }
+            Ok(out)
+        })
+    };
+    let dropped_filter = FlowFilter {
+        verdict: vec![Verdict::Dropped as i32],
+        destination_pod: vec!["prod/server".into()],
+        ..Default::default()
+    };
+    let allowed_filter = FlowFilter {
+        verdict: vec![Verdict::Forwarded as i32],
+        destination_port: vec!["8080".into()],
+        traffic_direction: vec![1],
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (dropped, allowed) = loop {
+        let d = read(&mut observer, dropped_filter.clone())?;
+        let a = read(&mut observer, allowed_filter.clone())?;
+        if (!d.is_empty() && !a.is_empty()) || Instant::now() > deadline {
+            break (d, a);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let denied = dropped
+        .first()
+        .ok_or_else(|| format!("no drop flow\n{}", agent_log(&log)))?;
+    assert_eq!(dport(denied), Some(9090));
+    assert_eq!(denied.drop_reason_desc, 133);
+    assert_eq!(denied.node_name, "obs-node");
+    let (src, dst) = (
+        denied.source.clone().unwrap_or_default(),
+        denied.destination.clone().unwrap_or_default(),
+    );
+    assert_eq!(
+        (src.namespace.as_str(), src.pod_name.as_str()),
+        ("prod", "client")
+    );
+    assert_eq!(dst.pod_name, "server");
+    assert!(src.identity >= 256 && dst.identity >= 256 && src.identity != dst.identity);
+    assert!(
+        dst.labels.iter().any(|l| l == "k8s:app=server"),
+        "{:?}",
+        dst.labels
+    );
+    assert_eq!(
+        denied.weir_policy_decision,
+        "denied (default deny): selected by prod/server-ingress; no rule allowed this"
+    );
+    assert_eq!(
+        denied.ingress_denied_by.first().map(|p| p.name.as_str()),
+        Some("server-ingress")
+    );
+
+    let allow = allowed.first().ok_or("no allowed flow")?;
+    assert_eq!(
+        allow.source.as_ref().map(|e| e.pod_name.as_str()),
+        Some("client")
+    );
+    assert_eq!(
+        allow.weir_deciding_rules,
+        vec!["prod/server-ingress ingress[0]"]
+    );
+    assert_eq!(
+        allow
+            .ingress_allowed_by
+            .first()
+            .map(|p| p.namespace.as_str()),
+        Some("prod")
+    );
+
+    let status = rt
+        .block_on(observer.server_status(ServerStatusRequest {}))?
+        .into_inner();
+    assert_eq!(status.max_flows, 4095);
+    assert!(status.num_flows >= 2 && status.seen_flows >= status.num_flows);
+
+    let text = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node,
+            "python3",
+            "-c",
+            SCRAPE,
+            "http://127.0.0.1:9965/metrics",
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    let metrics = parse_prometheus(&text)?;
+    let drops = metrics
+        .get("hubble_drop_total{reason=\"POLICY_DENIED\",protocol=\"TCP\"}")
+        .copied()
+        .unwrap_or(0.0);
+    assert!(drops >= 1.0, "{text}");
+    assert!(
+        metrics
+            .keys()
+            .any(|k| k.starts_with("hubble_flows_processed_total{")),
+        "{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node,
+                "python3",
+                "-c",
+                SCRAPE,
+                "http://127.0.0.1:9965/metrics",
+            ])
+            .output()?;
+        let m = parse_prometheus(&String::from_utf8_lossy(&text.stdout))?;
+        if m.get("weir_endpoints").copied() == Some(2.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "weir_endpoints never reached 2");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(rt);
+    Ok(())
+}
