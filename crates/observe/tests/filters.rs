@@ -11,6 +11,16 @@ use weir_policy_model::Direction;
 
 struct Pods;
 
+/// (name, kind, drop reason, direction, local endpoint, remote last octet (0 = world), dport, TCP flags)
+type Row = (&'static str, EventKind, u8, Direction, u32, u8, u16, u8);
+/// (name, whitelist, blacklist, expected flow names)
+type Case = (
+    &'static str,
+    Vec<FlowFilter>,
+    Vec<FlowFilter>,
+    &'static [&'static str],
+);
+
 fn pod(id: u32, name: &str) -> EndpointMeta {
     EndpointMeta {
         id,
@@ -51,7 +61,7 @@ impl FlowContext for Pods {
 /// (name, kind, direction, local endpoint, remote last octet (0 = world 1.1.1.1), dport, flags)
 fn recorded() -> Vec<(&'static str, Flow)> {
     let e = Enricher::new("node-a");
-    let rows: [(&str, EventKind, u8, Direction, u32, u8, u16, u8); 5] = [
+    let rows: [Row; 5] = [
         (
             "client->server:80 allowed",
             EventKind::AllowNew,
@@ -147,7 +157,7 @@ fn recorded() -> Vec<(&'static str, Flow)> {
 fn filters_select_exactly_the_expected_flows() {
     let flows = recorded();
     let f = FlowFilter::default;
-    let cases: Vec<(&str, Vec<FlowFilter>, Vec<FlowFilter>, &[&str])> = vec![
+    let cases: Vec<Case> = vec![
         (
             "no filter",
             vec![],
