@@ -492,16 +492,21 @@ mod observability {
             info!(%addr, "Observer API listening on TCP");
         }
         if !args.no_metrics {
-            let listener = tokio::net::TcpListener::bind(args.metrics_listen)
-                .await
-                .with_context(|| format!("binding the metrics endpoint {}", args.metrics_listen))?;
-            let metrics = observer.metrics().clone();
-            tasks.push(tokio::spawn(weir_observe::http::serve_metrics(
-                listener,
-                metrics,
-                std::future::pending(),
-            )));
-            info!(addr = %args.metrics_listen, "metrics at /metrics");
+            // Metrics are not worth refusing to enforce policy for: a taken port is a warning.
+            match tokio::net::TcpListener::bind(args.metrics_listen).await {
+                Ok(listener) => {
+                    let metrics = observer.metrics().clone();
+                    tasks.push(tokio::spawn(weir_observe::http::serve_metrics(
+                        listener,
+                        metrics,
+                        std::future::pending(),
+                    )));
+                    info!(addr = %args.metrics_listen, "metrics at /metrics");
+                }
+                Err(e) => {
+                    warn!(addr = %args.metrics_listen, error = %e, "metrics endpoint not served")
+                }
+            }
         }
         Ok((obs, tasks, (http_sink, dns_sink)))
     }
