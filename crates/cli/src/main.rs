@@ -72,9 +72,21 @@ fn main() -> ExitCode {
         Command::Bpf(b) => inspect::run(inspect::Query::Bpf(b), &cli.socket, cli.json),
         Command::Lab(cmd) => lab::run(cmd),
         Command::Version => {
+            let backends: Vec<&str> = [
+                ("aya", cfg!(feature = "aya")),
+                ("libbpf", cfg!(feature = "libbpf")),
+            ]
+            .into_iter()
+            .filter_map(|(n, on)| on.then_some(n))
+            .collect();
             println!(
-                "weir {} (datapath backends: aya)",
-                env!("CARGO_PKG_VERSION")
+                "weir {} (datapath backends: {})",
+                env!("CARGO_PKG_VERSION"),
+                if backends.is_empty() {
+                    "none".to_string()
+                } else {
+                    backends.join(", ")
+                }
             );
             Ok(ExitCode::SUCCESS)
         }

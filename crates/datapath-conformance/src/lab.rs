@@ -178,6 +178,12 @@ impl Drop for Persistent {
     }
 }
 
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Lab {
     /// Creates the namespaces, veths, addresses and routes.
     pub fn new() -> Lab {

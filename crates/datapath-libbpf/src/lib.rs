@@ -14,6 +14,7 @@
 
 mod bytes;
 mod loader;
+pub mod replay;
 mod testrun;
 
 #[cfg(test)]
