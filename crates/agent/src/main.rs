@@ -20,8 +20,24 @@ use weir_agent_api::v1::{
 };
 use weir_datapath::Datapath;
 
-#[cfg(not(feature = "aya"))]
-compile_error!("weir-agent needs a datapath backend: build with the `aya` feature (the default)");
+#[cfg(not(any(feature = "aya", feature = "libbpf")))]
+compile_error!(
+    "weir-agent needs a datapath backend: build with the `aya` feature (the default) or `libbpf`"
+);
+
+/// The datapath this binary carries: aya when built with it, else libbpf.
+#[cfg(feature = "aya")]
+mod backend {
+    pub use weir_datapath_aya::AyaDatapath as Kernel;
+    /// Reported by `weir status`.
+    pub const NAME: &str = "aya";
+}
+#[cfg(all(feature = "libbpf", not(feature = "aya")))]
+mod backend {
+    pub use weir_datapath_libbpf::LibbpfDatapath as Kernel;
+    /// Reported by `weir status`.
+    pub const NAME: &str = "libbpf";
+}
 
 #[derive(Parser, Debug)]
 #[command(name = "weir-agent", version, about = "The Weir agent")]
@@ -119,8 +135,7 @@ fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     ensure_bpffs(&args.bpffs)?;
-    let datapath =
-        weir_datapath_aya::AyaDatapath::load(&args.bpffs).context("loading the eBPF datapath")?;
+    let datapath = backend::Kernel::load(&args.bpffs).context("loading the eBPF datapath")?;
     let namespace_labels: BTreeMap<String, BTreeMap<String, String>> = match &args.namespace_labels
     {
         Some(p) => serde_json::from_str(
@@ -213,7 +228,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
     };
 
-    let api = AgentApi::new(manager.clone(), "aya");
+    let api = AgentApi::new(manager.clone(), backend::NAME);
     let router = tonic::transport::Server::builder()
         .add_service(EndpointServiceServer::new(api.clone()))
         .add_service(InspectServiceServer::new(api.clone()))

@@ -77,9 +77,21 @@ fn main() -> ExitCode {
         Command::Lab(cmd) => lab::run(cmd),
         Command::Observe(args) => observe::run(&args),
         Command::Version => {
+            let backends: Vec<&str> = [
+                ("aya", cfg!(feature = "aya")),
+                ("libbpf", cfg!(feature = "libbpf")),
+            ]
+            .into_iter()
+            .filter_map(|(n, on)| on.then_some(n))
+            .collect();
             println!(
-                "weir {} (datapath backends: aya)",
-                env!("CARGO_PKG_VERSION")
+                "weir {} (datapath backends: {})",
+                env!("CARGO_PKG_VERSION"),
+                if backends.is_empty() {
+                    "none".to_string()
+                } else {
+                    backends.join(", ")
+                }
             );
             Ok(ExitCode::SUCCESS)
         }

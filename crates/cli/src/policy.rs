@@ -27,7 +27,8 @@ pub enum PolicyCommand {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
         /// Also run every L3/L4 flow as a real packet through a kernel datapath
-        /// (`aya`: the loaded eBPF programs with BPF_PROG_TEST_RUN; needs root; text output).
+        /// (`aya`: the Rust eBPF programs, `libbpf`: the C ones, each with BPF_PROG_TEST_RUN;
+        /// needs root and a binary built with that backend; text output).
         #[arg(long, value_enum, default_value_t = DatapathChoice::None)]
         datapath: DatapathChoice,
     },
@@ -38,8 +39,10 @@ pub enum PolicyCommand {
 pub enum DatapathChoice {
     /// Offline only: the compiler's decision and the L7 matchers.
     None,
-    /// Also the eBPF programs, through BPF_PROG_TEST_RUN on a private bpffs.
+    /// Also the Rust eBPF programs (aya), through BPF_PROG_TEST_RUN on a private bpffs.
     Aya,
+    /// Also the C eBPF programs (libbpf), through BPF_PROG_TEST_RUN on a private bpffs.
+    Libbpf,
 }
 
 /// How results are printed.
@@ -63,12 +66,12 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
         PolicyCommand::Test {
             scenarios,
             output,
-            datapath: DatapathChoice::Aya,
+            datapath,
         } => {
             if matches!(output, Output::Json) {
-                anyhow::bail!("--datapath aya prints text only; drop --output json");
+                anyhow::bail!("--datapath prints text only; drop --output json");
             }
-            kernel::test(&scenario_files(&scenarios)?)
+            kernel::test(&scenario_files(&scenarios)?, datapath)
         }
         PolicyCommand::Get => anyhow::bail!("`weir policy get` asks the agent; handled in main"),
     }

@@ -33,7 +33,8 @@
 //!   (tc egress, where `bpf_sk_assign` is unavailable) and of UDP are only marked for now.
 
 mod loader;
-pub mod packet;
+/// Ethernet frame builders for test runs (shared with every kernel backend).
+pub use weir_datapath::packet;
 pub mod replay;
 mod testrun;
 

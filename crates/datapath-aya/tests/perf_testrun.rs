@@ -1,14 +1,14 @@
 //! Rough per-packet cost via BPF_PROG_TEST_RUN (kernel-measured average). Prints numbers;
 //! asserts only that the runs work. Not a benchmark harness: see `benches/` for that.
 
-mod common;
+mod backend;
 
 use std::net::IpAddr;
 
-use common::*;
 use weir_datapath::Datapath;
+use weir_datapath::packet::PacketSpec;
 use weir_datapath_aya::HookDirection;
-use weir_datapath_aya::packet::PacketSpec;
+use weir_datapath_conformance::support::*;
 use weir_identity::Identity;
 use weir_policy_compiler::{EntryAction, MapStateDiff};
 use weir_policy_model::Direction::Ingress;
@@ -20,7 +20,7 @@ fn per_packet_cost() {
     if skip("per_packet_cost") {
         return;
     }
-    let (_fs, mut dp) = load_for_test_run();
+    let (_fs, mut dp) = load_for_test_run::<backend::Aya>();
     dp.upsert_ipcache("10.0.1.0/24".parse().unwrap(), Identity(300))
         .unwrap();
     let peer: IpAddr = "10.0.1.5".parse().unwrap();

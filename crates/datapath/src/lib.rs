@@ -10,6 +10,7 @@
 pub mod encode;
 mod fake;
 mod oracle;
+pub mod packet;
 mod types;
 
 pub use fake::FakeDatapath;

@@ -1,4 +1,4 @@
-//! `weir policy test --datapath aya`: every new connection of the scenarios as a real packet
+//! `weir policy test --datapath aya|libbpf`: every new connection of the scenarios as a real packet
 //! through the loaded eBPF programs (BPF_PROG_TEST_RUN, on a private bpffs that is unmounted at
 //! the end), compared with the expectation. The L7 part of a redirected flow (HTTP, DNS) is the
 //! proxies' job and is checked offline; replies are conntrack's and are checked offline too.
@@ -6,12 +6,101 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use ipnet::IpNet;
 use weir_datapath::Verdict;
-use weir_datapath_aya::replay::{ReplayPacket, Replayer, kernel_expectation};
+use weir_identity::Identity;
+use weir_policy_compiler::MapState;
+use weir_policy_model::Direction;
 use weir_scenario::{DenyReason, Expect, KernelProbe, Outcome, ScenarioRun};
 
+use super::DatapathChoice;
+
+/// A new-connection packet (the same fields in both backends' `ReplayPacket`).
+#[derive(Clone, Copy)]
+struct Packet {
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    protocol: u8,
+    port: u16,
+}
+
+/// What `run_one` needs from a backend's replayer: both backends offer the same API.
+trait Replay {
+    fn sync_ipcache(&mut self, entries: &[(IpNet, Identity)]) -> anyhow::Result<()>;
+    fn sync_policy(&mut self, name: &str, map: &MapState) -> anyhow::Result<()>;
+    /// The verdict the kernel gave and the one it had to give.
+    fn run(
+        &mut self,
+        name: &str,
+        identity: Identity,
+        direction: Direction,
+        packet: Packet,
+        decided: Verdict,
+    ) -> anyhow::Result<(Verdict, Verdict)>;
+}
+
+macro_rules! replay_impl {
+    ($krate:ident) => {
+        impl Replay for $krate::replay::Replayer {
+            fn sync_ipcache(&mut self, entries: &[(IpNet, Identity)]) -> anyhow::Result<()> {
+                Ok($krate::replay::Replayer::sync_ipcache(self, entries)?)
+            }
+            fn sync_policy(&mut self, name: &str, map: &MapState) -> anyhow::Result<()> {
+                $krate::replay::Replayer::sync_policy(self, name, map)?;
+                Ok(())
+            }
+            fn run(
+                &mut self,
+                name: &str,
+                identity: Identity,
+                direction: Direction,
+                p: Packet,
+                decided: Verdict,
+            ) -> anyhow::Result<(Verdict, Verdict)> {
+                let packet = $krate::replay::ReplayPacket {
+                    src: p.src,
+                    dst: p.dst,
+                    protocol: p.protocol,
+                    port: p.port,
+                };
+                let got = $krate::replay::Replayer::run(self, name, identity, direction, &packet)?;
+                let want = $krate::replay::kernel_expectation(decided, direction, &packet);
+                Ok((got.verdict, want))
+            }
+        }
+    };
+}
+
+#[cfg(feature = "aya")]
+replay_impl!(weir_datapath_aya);
+#[cfg(feature = "libbpf")]
+replay_impl!(weir_datapath_libbpf);
+
+/// A fresh replayer of the chosen backend, or why this binary has none.
+fn replayer(choice: DatapathChoice) -> anyhow::Result<Box<dyn Replay>> {
+    match choice {
+        #[cfg(feature = "aya")]
+        DatapathChoice::Aya => Ok(Box::new(weir_datapath_aya::replay::Replayer::new()?)),
+        #[cfg(feature = "libbpf")]
+        DatapathChoice::Libbpf => Ok(Box::new(weir_datapath_libbpf::replay::Replayer::new()?)),
+        other => anyhow::bail!(
+            "this weir binary was built without the {} datapath (cargo feature `{}`)",
+            backend_name(other),
+            backend_name(other)
+        ),
+    }
+}
+
+fn backend_name(choice: DatapathChoice) -> &'static str {
+    match choice {
+        DatapathChoice::None => "none",
+        DatapathChoice::Aya => "aya",
+        DatapathChoice::Libbpf => "libbpf",
+    }
+}
+
 /// Runs the scenarios through the kernel; prints one line per flow and the totals.
-pub fn test(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+pub fn test(files: &[PathBuf], choice: DatapathChoice) -> anyhow::Result<ExitCode> {
     let mut passed = 0usize;
     let mut failed = 0usize;
     for f in files {
@@ -32,9 +121,14 @@ pub fn test(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
             }
         };
         // A fresh load per scenario: no policy or conntrack state carries over.
-        let mut replayer = Replayer::new()?;
+        let mut replayer = replayer(choice)?;
         let run = weir_scenario::run_scenario(&scenario);
-        println!("# {} ({}) through the aya datapath", run.name, run.file);
+        println!(
+            "# {} ({}) through the {} datapath",
+            run.name,
+            run.file,
+            backend_name(choice)
+        );
         for e in &run.errors {
             println!("ERROR {e}");
         }
@@ -47,7 +141,7 @@ pub fn test(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
                 continue;
             }
         };
-        let (p, f) = run_one(&mut replayer, &run, &probes)?;
+        let (p, f) = run_one(replayer.as_mut(), &run, &probes)?;
         passed += p;
         failed += f;
     }
@@ -60,7 +154,7 @@ pub fn test(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
 }
 
 fn run_one(
-    r: &mut Replayer,
+    r: &mut dyn Replay,
     run: &ScenarioRun,
     probes: &[KernelProbe],
 ) -> anyhow::Result<(usize, usize)> {
@@ -90,7 +184,7 @@ fn run_one(
             continue;
         };
         r.sync_ipcache(&probe.ipcache)?;
-        let packet = ReplayPacket {
+        let packet = Packet {
             src: probe.src,
             dst: probe.dst,
             protocol: probe.protocol,
@@ -102,16 +196,21 @@ fn run_one(
         let mut redirected = false;
         for side in &probe.sides {
             r.sync_policy(&side.endpoint, &side.map_state)?;
-            let got = r.run(&side.endpoint, side.identity, side.direction, &packet)?;
             let decided: Verdict = side.expected.into();
-            let want = kernel_expectation(decided, side.direction, &packet);
-            let agrees = got.verdict == want;
+            let (got, want) = r.run(
+                &side.endpoint,
+                side.identity,
+                side.direction,
+                packet,
+                decided,
+            )?;
+            let agrees = got == want;
             kernel_agrees &= agrees;
             let dir = match side.direction {
                 weir_policy_model::Direction::Egress => "egress",
                 weir_policy_model::Direction::Ingress => "ingress",
             };
-            let shown = match (decided, got.verdict) {
+            let shown = match (decided, got) {
                 (Verdict::Redirect { proxy_port }, Verdict::Drop { .. }) if agrees => {
                     format!("redirect to proxy port {proxy_port} (SYN to the proxy socket)")
                 }

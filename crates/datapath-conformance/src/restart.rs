@@ -1,30 +1,28 @@
 //! Restart: the loader process dies (SIGKILL) while a TCP connection flows; enforcement keeps
 //! running from the pinned programs and maps, and a new process takes the maps over.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use common::lab::{self, Lab};
-use common::scenario::*;
-use common::*;
 use weir_datapath::Datapath;
-use weir_datapath_aya::AyaDatapath;
+
+use crate::Backend;
+use crate::lab::{self, Lab};
+use crate::support::*;
+use crate::two_pods::*;
 
 const CHILD_ENV: &str = "WEIR_RESTART_CHILD";
 
-/// The first loader, run as a child process of `restart_keeps_enforcing`; does nothing when
-/// run directly.
-#[test]
-fn restart_child() {
+/// The first loader, run as a child process of [`restart_keeps_enforcing`]; does nothing when
+/// run directly (the parent names it in the environment).
+pub fn restart_child<B: Backend>() {
     let Ok(spec) = std::env::var(CHILD_ENV) else {
         return;
     };
     let Some((pins, node)) = spec.split_once('|') else {
         panic!("bad {CHILD_ENV}");
     };
-    let mut dp = AyaDatapath::load(std::path::Path::new(pins)).expect("child load");
+    let mut dp = B::load(std::path::Path::new(pins)).expect("child load");
     setup_maps(&mut dp);
     lab::in_netns(node, || {
         dp.attach_endpoint(&ep_a()).unwrap();
@@ -36,8 +34,9 @@ fn restart_child() {
     }
 }
 
-#[test]
-fn restart_keeps_enforcing() {
+/// Kills the loader under traffic; enforcement continues and a new process takes over.
+/// `child_test` is the name of the test function that calls [`restart_child`].
+pub fn restart_keeps_enforcing<B: Backend>(child_test: &str) {
     if skip("restart_keeps_enforcing") {
         return;
     }
@@ -47,12 +46,7 @@ fn restart_keeps_enforcing() {
     let pins = fs.pins();
     let exe = std::env::current_exe().expect("test binary");
     let mut child = Command::new(exe)
-        .args([
-            "--exact",
-            "restart_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", child_test, "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, format!("{}|{}", pins.display(), lab.node))
         .stdout(Stdio::piped())
         .spawn()
@@ -79,7 +73,7 @@ fn restart_keeps_enforcing() {
     );
 
     // A new process reopens the pins and takes over.
-    let mut dp = AyaDatapath::load(&pins).expect("reload");
+    let mut dp = B::load(&pins).expect("reload");
     lab.in_node(|| {
         dp.attach_endpoint(&ep_a()).unwrap();
         dp.attach_endpoint(&ep_b()).unwrap();

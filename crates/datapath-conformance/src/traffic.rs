@@ -1,17 +1,20 @@
 //! Real packets between two pod namespaces through a node namespace, enforced by the attached
-//! programs. Everything lives in namespaces this test creates (`weirt-<pid>-*`).
+//! programs; and redirection to a transparent proxy. Everything lives in namespaces these tests
+//! create (`weirt-<pid>-*`).
 
-mod common;
-
-use common::lab::{self, Lab};
-use common::scenario::*;
-use common::*;
 use weir_datapath::{Datapath, EndpointId, EventKind};
-use weir_datapath_aya::AyaDatapath;
 use weir_identity::Identity;
+use weir_policy_compiler::EntryAction;
+use weir_policy_model::Direction::Egress;
 
-#[test]
-fn enforces_real_traffic() {
+use crate::Backend;
+use crate::lab::{self, Lab};
+use crate::support::*;
+use crate::two_pods::*;
+
+/// TCP, UDP, ICMP over IPv4 and IPv6 through attached programs, policy changes under traffic,
+/// events, counters and detach.
+pub fn enforces_real_traffic<B: Backend>() {
     if skip("enforces_real_traffic") {
         return;
     }
@@ -20,7 +23,7 @@ fn enforces_real_traffic() {
     lab.start_servers();
     // Before attaching, everything flows.
     assert!(lab.probe(&lab.a, "tcp", lab::B4, 9090));
-    let mut dp = AyaDatapath::load(&fs.pins()).expect("load");
+    let mut dp = B::load(&fs.pins()).unwrap_or_else(|e| panic!("load {}: {e}", B::NAME));
     setup(&mut dp, &lab);
 
     assert!(lab.probe(&lab.a, "tcp", lab::B4, 8080), "allowed TCP 8080");
@@ -89,4 +92,57 @@ fn enforces_real_traffic() {
         "open again after detach"
     );
     assert!(dp.dump_policy(EndpointId(2)).unwrap().is_empty());
+}
+
+/// A TCP connection leaving pod A that hits a Redirect entry is delivered to a transparent
+/// listener in the node namespace (bpf_sk_assign + policy routing on the mark).
+pub fn redirects_to_local_proxy<B: Backend>() {
+    if skip("redirects_to_local_proxy") {
+        return;
+    }
+    let fs = Bpffs::new();
+    let mut lab = Lab::new();
+    lab.start_servers();
+    lab.start_proxy(15001);
+    let mut dp = B::load(&fs.pins()).unwrap_or_else(|e| panic!("load {}: {e}", B::NAME));
+    setup(&mut dp, &lab);
+    // B allows 8080 and 9090 from A; A's egress redirects 9090 to the proxy.
+    install(&mut dp, 2, &policy_b(true, true));
+    install(
+        &mut dp,
+        1,
+        &map(&[
+            (key(0, Egress, 0, 0, 0), EntryAction::Allow),
+            (
+                key(0, Egress, 6, 9090, 24),
+                EntryAction::Redirect {
+                    proxy_port: 15001,
+                    priority: 1,
+                },
+            ),
+        ]),
+    );
+    assert_eq!(
+        lab.ask(&lab.a, lab::B4, 8080).as_deref(),
+        Some("hello"),
+        "8080 reaches B"
+    );
+    let got = lab.ask(&lab.a, lab::B4, 9090);
+    assert_eq!(
+        got.as_deref(),
+        Some(format!("proxy {}:9090", lab::B4).as_str()),
+        "9090 lands on the proxy, which sees the original destination; events {:?}",
+        dp.drain_events()
+    );
+    let ev = dp.drain_events().unwrap();
+    assert!(
+        ev.iter()
+            .any(|e| e.kind == EventKind::RedirectNew && e.proxy_port == 15001),
+        "{ev:?}"
+    );
+    assert!(dp.counters().unwrap().redirected > 0);
+    lab.in_node(|| {
+        dp.detach_endpoint(&ep_a()).unwrap();
+        dp.detach_endpoint(&ep_b()).unwrap();
+    });
 }

@@ -3,17 +3,15 @@
 //! the compiler's `decide` for well-formed first packets, and a malformed packet never passes:
 //! it drops with the reason that names what is wrong with it.
 
-mod common;
-
 use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
 
-use common::*;
+use crate::support::*;
+use crate::{Backend, Hook};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use weir_datapath::packet::{ExtHeader, Fragment, L4, PacketSpec};
 use weir_datapath::{Datapath, Flow, Verdict, expected_verdict};
-use weir_datapath_aya::packet::{ExtHeader, Fragment, PacketSpec};
-use weir_datapath_aya::{AyaDatapath, HookDirection};
 use weir_identity::Identity;
 use weir_policy_compiler::{EntryAction, MapState, PolicyKey};
 use weir_policy_model::Direction;
@@ -71,7 +69,7 @@ fn arb_action() -> impl Strategy<Value = EntryAction> {
     ]
 }
 
-fn arb_map() -> impl Strategy<Value = MapState> {
+pub(crate) fn arb_map() -> impl Strategy<Value = MapState> {
     prop::collection::vec((arb_key(), arb_action()), 0..12).prop_map(|v| map(&v))
 }
 
@@ -148,12 +146,12 @@ fn l4_len(proto: u8) -> usize {
     }
 }
 
-#[test]
-fn kernel_matches_oracle() {
+/// Random MapStates and packets: the kernel agrees with `decide`, malformed packets drop.
+pub fn kernel_matches_oracle<B: Backend>() {
     if skip("kernel_matches_oracle") {
         return;
     }
-    let (_fs, mut dp) = load_for_test_run();
+    let (_fs, mut dp) = load_for_test_run::<B>();
     for (addr, id) in REMOTES {
         if id != 2 {
             let bits = if addr.contains(':') { 128 } else { 32 };
@@ -174,13 +172,13 @@ fn kernel_matches_oracle() {
             &(arb_map(), prop::collection::vec(arb_probe(), 1..16)),
             |(m, probes)| {
                 let mut dp = dp.borrow_mut();
-                install(&mut dp, 1, &m);
+                install(&mut *dp, 1, &m);
                 for p in &probes {
                     // A fresh source port / echo id / fragment id per packet keeps conntrack
                     // and fragment tracking out of the way.
                     let s = seq.get().wrapping_add(1).max(1);
                     seq.set(s);
-                    let got = check_probe(&dp, &m, p, s)?;
+                    let got = check_probe::<B>(&dp, &m, p, s)?;
                     let kind = match got {
                         Verdict::Drop { reason } => format!("drop {reason}"),
                         Verdict::Allow => "Allow".into(),
@@ -208,8 +206,8 @@ fn kernel_matches_oracle() {
 
 /// Runs one probe (two packets for `FirstThenLater`) and checks it; returns the verdict of the
 /// last packet.
-fn check_probe(
-    dp: &AyaDatapath,
+fn check_probe<B: Backend>(
+    dp: &B::Dp,
     m: &MapState,
     p: &Probe,
     s: u16,
@@ -219,9 +217,9 @@ fn check_probe(
     let v6 = remote.is_ipv6();
     let pod: IpAddr = if v6 { POD6 } else { POD4 }.parse().unwrap();
     let (src, dst, hook, dir) = if p.egress {
-        (pod, remote, HookDirection::FromPod, Direction::Egress)
+        (pod, remote, Hook::FromPod, Direction::Egress)
     } else {
-        (remote, pod, HookDirection::ToPod, Direction::Ingress)
+        (remote, pod, Hook::ToPod, Direction::Ingress)
     };
     let protocol = if p.proto == 1 && v6 { 58 } else { p.proto };
     let mut spec = match p.proto {
@@ -230,7 +228,7 @@ fn check_probe(
         132 => PacketSpec::new(
             src,
             dst,
-            weir_datapath_aya::packet::L4::Sctp {
+            L4::Sctp {
                 sport: s,
                 dport: p.port,
             },
@@ -284,7 +282,7 @@ fn check_probe(
                 more: true,
                 id: u32::from(s),
             });
-            let first = run(dp, hook, &spec)?;
+            let first = run::<B>(dp, hook, &spec)?;
             prop_assert_eq!(
                 first,
                 policy,
@@ -335,26 +333,22 @@ fn check_probe(
                     Verdict::Drop { reason: 134 }
                 }
             };
-            let got = run_frame(dp, hook, &frame)?;
+            let got = run_frame::<B>(dp, hook, &frame)?;
             prop_assert_eq!(got, want, "{:?} of {:?}", p.shape, spec);
             return Ok(got);
         }
     };
-    let got = run(dp, hook, &spec)?;
+    let got = run::<B>(dp, hook, &spec)?;
     prop_assert_eq!(got, want, "{:?}: map {:?} flow {:?}", p.shape, m, flow);
     Ok(got)
 }
 
-fn run(dp: &AyaDatapath, hook: HookDirection, spec: &PacketSpec) -> Result<Verdict, TestCaseError> {
-    run_frame(dp, hook, &spec.build())
+fn run<B: Backend>(dp: &B::Dp, hook: Hook, spec: &PacketSpec) -> Result<Verdict, TestCaseError> {
+    run_frame::<B>(dp, hook, &spec.build())
 }
 
-fn run_frame(
-    dp: &AyaDatapath,
-    hook: HookDirection,
-    frame: &[u8],
-) -> Result<Verdict, TestCaseError> {
-    dp.test_run(hook, frame, 1)
+fn run_frame<B: Backend>(dp: &B::Dp, hook: Hook, frame: &[u8]) -> Result<Verdict, TestCaseError> {
+    B::test_run(dp, hook, frame, 1)
         .map(|o| o.verdict)
         .map_err(|e| TestCaseError::fail(e.to_string()))
 }

@@ -1,15 +1,13 @@
 //! Table tests: hand-built MapStates and packets through BPF_PROG_TEST_RUN.
 
-mod common;
-
 use std::net::IpAddr;
 
-use common::*;
+use crate::support::*;
+use crate::{Backend, CtState, Hook};
 use weir_datapath::Datapath;
 use weir_datapath::Verdict;
+use weir_datapath::packet::{ExtHeader, Fragment, L4, PacketSpec};
 use weir_datapath::{Flow, expected_verdict};
-use weir_datapath_aya::packet::{ExtHeader, Fragment, L4, PacketSpec};
-use weir_datapath_aya::{AyaDatapath, CtState, HookDirection};
 use weir_identity::Identity;
 use weir_policy_compiler::{EntryAction, MapState};
 use weir_policy_model::Direction::{Egress, Ingress};
@@ -24,8 +22,8 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn setup(m: &MapState) -> (Bpffs, AyaDatapath) {
-    let (fs, mut dp) = load_for_test_run();
+fn setup<B: Backend>(m: &MapState) -> (Bpffs, B::Dp) {
+    let (fs, mut dp) = load_for_test_run::<B>();
     dp.upsert_ipcache("10.0.1.0/24".parse().unwrap(), Identity(300))
         .unwrap();
     dp.upsert_ipcache("10.0.0.1/32".parse().unwrap(), Identity(1000))
@@ -38,25 +36,29 @@ fn setup(m: &MapState) -> (Bpffs, AyaDatapath) {
 
 /// Runs `spec` entering the pod (ingress policy) and checks the verdict, also against the
 /// compiler's `decide` when `flow` is given.
-fn check(
-    dp: &AyaDatapath,
+fn check<B: Backend>(
+    dp: &B::Dp,
     m: &MapState,
-    hook: HookDirection,
+    hook: Hook,
     spec: &PacketSpec,
     want: Verdict,
     flow: Option<Flow>,
 ) {
-    let out = dp
-        .test_run(hook, &spec.build(), 1)
-        .unwrap_or_else(|e| panic!("test run of {spec:?}: {e}"));
-    assert_eq!(out.verdict, want, "packet {spec:?} outcome {out:?}");
+    let out = B::test_run(dp, hook, &spec.build(), 1)
+        .unwrap_or_else(|e| panic!("{}: test run of {spec:?}: {e}", B::NAME));
+    assert_eq!(
+        out.verdict,
+        want,
+        "{}: packet {spec:?} outcome {out:?}",
+        B::NAME
+    );
     if let Some(f) = flow {
         assert_eq!(expected_verdict(m, &f), want, "decide disagrees for {f:?}");
     }
 }
 
-#[test]
-fn policy_table() {
+/// Conformance test `policy_table`.
+pub fn policy_table<B: Backend>() {
     if skip("policy_table") {
         return;
     }
@@ -79,8 +81,8 @@ fn policy_table() {
         (key(300, Ingress, 132, 0, 8), EntryAction::Allow), // all SCTP from 300
         (key(300, Egress, 0, 0, 0), EntryAction::Allow), // egress to 300: L3 only
     ]);
-    let (_fs, dp) = setup(&m);
-    let to = HookDirection::ToPod;
+    let (_fs, dp) = setup::<B>(&m);
+    let to = Hook::ToPod;
     let f = |remote: u32, protocol: u8, port: u16| {
         Some(Flow {
             remote: Identity(remote),
@@ -90,8 +92,8 @@ fn policy_table() {
         })
     };
     let tcp = |src: &str, dport: u16| PacketSpec::tcp(ip(src), ip(POD), 40000, dport, 0x02);
-    check(&dp, &m, to, &tcp(PEER, 80), Verdict::Allow, f(300, 6, 80));
-    check(
+    check::<B>(&dp, &m, to, &tcp(PEER, 80), Verdict::Allow, f(300, 6, 80));
+    check::<B>(
         &dp,
         &m,
         to,
@@ -99,7 +101,7 @@ fn policy_table() {
         Verdict::Drop { reason: 133 },
         f(300, 6, 81),
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -107,7 +109,7 @@ fn policy_table() {
         Verdict::Drop { reason: 133 },
         f(2, 6, 80),
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -115,7 +117,7 @@ fn policy_table() {
         Verdict::Allow,
         f(2, 6, 443),
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -123,7 +125,7 @@ fn policy_table() {
         Verdict::Drop { reason: 181 },
         f(300, 6, 22),
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -131,7 +133,7 @@ fn policy_table() {
         Verdict::Drop { reason: 181 },
         f(300, 6, 23),
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -139,7 +141,7 @@ fn policy_table() {
         Verdict::Allow,
         f(300, 6, 8192),
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -147,7 +149,7 @@ fn policy_table() {
         Verdict::Allow,
         f(300, 6, 8199),
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -155,7 +157,7 @@ fn policy_table() {
         Verdict::Drop { reason: 133 },
         f(300, 6, 8200),
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -177,7 +179,7 @@ fn policy_table() {
         ),
         Verdict::Redirect { proxy_port: 15001 }
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -185,7 +187,7 @@ fn policy_table() {
         Verdict::Drop { reason: 178 },
         None,
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -193,7 +195,7 @@ fn policy_table() {
         Verdict::Allow,
         f(300, 17, 53),
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -201,7 +203,7 @@ fn policy_table() {
         Verdict::Drop { reason: 133 },
         f(300, 17, 80),
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -216,7 +218,7 @@ fn policy_table() {
         Verdict::Allow,
         f(300, 132, 9999),
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -224,7 +226,7 @@ fn policy_table() {
         Verdict::Allow,
         f(2, 1, 8),
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -233,8 +235,8 @@ fn policy_table() {
         f(2, 1, 13),
     );
     // Egress (from the pod): L3-only allow to 300, nothing to world.
-    let from = HookDirection::FromPod;
-    check(
+    let from = Hook::FromPod;
+    check::<B>(
         &dp,
         &m,
         from,
@@ -242,7 +244,7 @@ fn policy_table() {
         Verdict::Allow,
         None,
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         from,
@@ -252,18 +254,16 @@ fn policy_table() {
     );
 }
 
-#[test]
-fn conntrack_replies_and_established() {
+/// Conformance test `conntrack_replies_and_established`.
+pub fn conntrack_replies_and_established<B: Backend>() {
     if skip("conntrack_replies_and_established") {
         return;
     }
     // Only egress TCP 5432 to 300 is allowed; nothing ingress.
     let m = map(&[(key(300, Egress, 6, 5432, 24), EntryAction::Allow)]);
-    let (_fs, dp) = setup(&m);
+    let (_fs, dp) = setup::<B>(&m);
     let syn = PacketSpec::tcp(ip(POD), ip(PEER), 40001, 5432, 0x02);
-    let out = dp
-        .test_run(HookDirection::FromPod, &syn.build(), 1)
-        .unwrap();
+    let out = B::test_run(&dp, Hook::FromPod, &syn.build(), 1).unwrap();
     assert_eq!(
         (out.verdict, out.ct_state),
         (Verdict::Allow, Some(CtState::New))
@@ -271,26 +271,20 @@ fn conntrack_replies_and_established() {
     assert_eq!(out.remote_identity, Identity(300));
     // The reply enters the pod: ingress policy would deny, conntrack passes it.
     let synack = PacketSpec::tcp(ip(PEER), ip(POD), 5432, 40001, 0x12);
-    let out = dp
-        .test_run(HookDirection::ToPod, &synack.build(), 1)
-        .unwrap();
+    let out = B::test_run(&dp, Hook::ToPod, &synack.build(), 1).unwrap();
     assert_eq!(
         (out.verdict, out.ct_state),
         (Verdict::Allow, Some(CtState::Reply))
     );
     let ack = PacketSpec::tcp(ip(POD), ip(PEER), 40001, 5432, 0x10);
-    let out = dp
-        .test_run(HookDirection::FromPod, &ack.build(), 1)
-        .unwrap();
+    let out = B::test_run(&dp, Hook::FromPod, &ack.build(), 1).unwrap();
     assert_eq!(
         (out.verdict, out.ct_state),
         (Verdict::Allow, Some(CtState::Established))
     );
     // A new connection from the peer to the pod is still denied.
     let other = PacketSpec::tcp(ip(PEER), ip(POD), 5432, 40002, 0x02);
-    let out = dp
-        .test_run(HookDirection::ToPod, &other.build(), 1)
-        .unwrap();
+    let out = B::test_run(&dp, Hook::ToPod, &other.build(), 1).unwrap();
     assert_eq!(out.verdict, Verdict::Drop { reason: 133 });
     let ct = dp.list_conntrack().unwrap();
     assert_eq!(ct.len(), 1, "{ct:?}");
@@ -304,28 +298,28 @@ fn conntrack_replies_and_established() {
     install(&mut dp, 1, &m2);
     let req = PacketSpec::icmp(ip(POD), ip(WORLD_ADDR), 8, 99);
     assert_eq!(
-        dp.test_run(HookDirection::FromPod, &req.build(), 1)
+        B::test_run(&dp, Hook::FromPod, &req.build(), 1)
             .unwrap()
             .verdict,
         Verdict::Allow
     );
     let rep = PacketSpec::icmp(ip(WORLD_ADDR), ip(POD), 0, 99);
-    let out = dp.test_run(HookDirection::ToPod, &rep.build(), 1).unwrap();
+    let out = B::test_run(&dp, Hook::ToPod, &rep.build(), 1).unwrap();
     assert_eq!(
         (out.verdict, out.ct_state),
         (Verdict::Allow, Some(CtState::Reply))
     );
     let rep_other_id = PacketSpec::icmp(ip(WORLD_ADDR), ip(POD), 0, 100);
     assert_eq!(
-        dp.test_run(HookDirection::ToPod, &rep_other_id.build(), 1)
+        B::test_run(&dp, Hook::ToPod, &rep_other_id.build(), 1)
             .unwrap()
             .verdict,
         Verdict::Drop { reason: 133 }
     );
 }
 
-#[test]
-fn ipv6_extension_headers_and_fragments() {
+/// Conformance test `ipv6_extension_headers_and_fragments`.
+pub fn ipv6_extension_headers_and_fragments<B: Backend>() {
     if skip("ipv6_extension_headers_and_fragments") {
         return;
     }
@@ -334,19 +328,19 @@ fn ipv6_extension_headers_and_fragments() {
         (key(300, Ingress, 17, 53, 24), EntryAction::Allow),
         (key(0, Ingress, 58, 128, 24), EntryAction::Allow),
     ]);
-    let (_fs, dp) = setup(&m);
-    let to = HookDirection::ToPod;
+    let (_fs, dp) = setup::<B>(&m);
+    let to = Hook::ToPod;
     let mut s = PacketSpec::tcp(ip(PEER6), ip(POD6), 40000, 80, 0x02);
-    check(&dp, &m, to, &s, Verdict::Allow, None);
+    check::<B>(&dp, &m, to, &s, Verdict::Allow, None);
     s.ipv6_ext = vec![ExtHeader::HopByHop, ExtHeader::Routing, ExtHeader::DestOpts];
-    check(&dp, &m, to, &s, Verdict::Allow, None);
+    check::<B>(&dp, &m, to, &s, Verdict::Allow, None);
     let mut bad = PacketSpec::tcp(ip(PEER6), ip(POD6), 40000, 81, 0x02);
     bad.ipv6_ext = vec![ExtHeader::DestOpts];
-    check(&dp, &m, to, &bad, Verdict::Drop { reason: 133 }, None);
+    check::<B>(&dp, &m, to, &bad, Verdict::Drop { reason: 133 }, None);
     let mut many = s.clone();
     many.ipv6_ext = vec![ExtHeader::DestOpts; 9];
-    check(&dp, &m, to, &many, Verdict::Drop { reason: 156 }, None);
-    check(
+    check::<B>(&dp, &m, to, &many, Verdict::Drop { reason: 156 }, None);
+    check::<B>(
         &dp,
         &m,
         to,
@@ -354,7 +348,7 @@ fn ipv6_extension_headers_and_fragments() {
         Verdict::Allow,
         None,
     );
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -363,7 +357,7 @@ fn ipv6_extension_headers_and_fragments() {
         None,
     );
     // Neighbour solicitation passes without policy.
-    check(
+    check::<B>(
         &dp,
         &m,
         to,
@@ -380,15 +374,15 @@ fn ipv6_extension_headers_and_fragments() {
             more: false,
             id: 4242,
         });
-        check(&dp, &m, to, &later, Verdict::Drop { reason: 175 }, None);
+        check::<B>(&dp, &m, to, &later, Verdict::Drop { reason: 175 }, None);
         let mut first = PacketSpec::udp(ip(src), ip(dst), 5353, 53);
         first.fragment = Some(Fragment {
             offset: 0,
             more: true,
             id: 4242,
         });
-        check(&dp, &m, to, &first, Verdict::Allow, None);
-        let out = dp.test_run(to, &later.build(), 1).unwrap();
+        check::<B>(&dp, &m, to, &first, Verdict::Allow, None);
+        let out = B::test_run(&dp, to, &later.build(), 1).unwrap();
         assert_eq!(
             (out.verdict, out.ct_state),
             (Verdict::Allow, Some(CtState::Fragment))
@@ -400,82 +394,85 @@ fn ipv6_extension_headers_and_fragments() {
             more: true,
             id: 4343,
         });
-        check(&dp, &m, to, &first_bad, Verdict::Drop { reason: 133 }, None);
+        check::<B>(&dp, &m, to, &first_bad, Verdict::Drop { reason: 133 }, None);
         let mut later_bad = first_bad.clone();
         later_bad.fragment = Some(Fragment {
             offset: 50,
             more: false,
             id: 4343,
         });
-        check(&dp, &m, to, &later_bad, Verdict::Drop { reason: 175 }, None);
+        check::<B>(&dp, &m, to, &later_bad, Verdict::Drop { reason: 175 }, None);
     }
 }
 
-#[test]
-fn malformed_packets_drop() {
+/// Conformance test `malformed_packets_drop`.
+pub fn malformed_packets_drop<B: Backend>() {
     if skip("malformed_packets_drop") {
         return;
     }
     let m = map(&[(key(0, Ingress, 0, 0, 0), EntryAction::Allow)]); // allow everything
-    let (_fs, dp) = setup(&m);
-    let to = HookDirection::ToPod;
+    let (_fs, dp) = setup::<B>(&m);
+    let to = Hook::ToPod;
     let base = PacketSpec::tcp(ip(PEER), ip(POD), 1, 80, 0x02);
-    check(&dp, &m, to, &base, Verdict::Allow, None);
+    check::<B>(&dp, &m, to, &base, Verdict::Allow, None);
     // TCP header cut short (eth 14 + ip 20 + 10 bytes).
     let mut t = base.clone();
     t.truncate_to = Some(44);
-    check(&dp, &m, to, &t, Verdict::Drop { reason: 134 }, None);
+    check::<B>(&dp, &m, to, &t, Verdict::Drop { reason: 134 }, None);
     // (An IPv4 header cut short is refused by BPF_PROG_TEST_RUN itself, so it is not run here.)
     // IPv4 options push the TCP header past the end.
     let mut o = base.clone();
     o.ipv4_options = vec![1; 40];
-    check(&dp, &m, to, &o, Verdict::Allow, None);
+    check::<B>(&dp, &m, to, &o, Verdict::Allow, None);
     o.truncate_to = Some(14 + 60 + 8);
-    check(&dp, &m, to, &o, Verdict::Drop { reason: 134 }, None);
+    check::<B>(&dp, &m, to, &o, Verdict::Drop { reason: 134 }, None);
     // IPv6 truncated inside an extension header.
     let mut v6 = PacketSpec::tcp(ip(PEER6), ip(POD6), 1, 80, 0x02);
     v6.ipv6_ext = vec![ExtHeader::HopByHop];
     v6.truncate_to = Some(14 + 40 + 4);
-    check(&dp, &m, to, &v6, Verdict::Drop { reason: 134 }, None);
+    check::<B>(&dp, &m, to, &v6, Verdict::Drop { reason: 134 }, None);
     // Unknown ethertype.
     let mut e = base.clone();
     e.ethertype = Some(0x88b5);
-    check(&dp, &m, to, &e, Verdict::Drop { reason: 139 }, None);
+    check::<B>(&dp, &m, to, &e, Verdict::Drop { reason: 139 }, None);
     // ARP passes.
     let mut arp = base.clone();
     arp.ethertype = Some(0x0806);
-    check(&dp, &m, to, &arp, Verdict::Allow, None);
+    check::<B>(&dp, &m, to, &arp, Verdict::Allow, None);
     // IPv4 with IHL < 5.
     let mut raw = base.build();
     raw[14] = 0x44;
-    let out = dp.test_run(to, &raw, 1).unwrap();
+    let out = B::test_run(&dp, to, &raw, 1).unwrap();
     assert_eq!(out.verdict, Verdict::Drop { reason: 134 });
     let c = dp.counters().unwrap();
     assert_eq!(c.drops.get(&134), Some(&4), "{c:?}");
     assert_eq!(c.drops.get(&139), Some(&1), "{c:?}");
 }
 
-#[test]
-fn events_and_counters() {
+/// Conformance test `events_and_counters`.
+pub fn events_and_counters<B: Backend>() {
     if skip("events_and_counters") {
         return;
     }
     let m = map(&[(key(300, Ingress, 6, 80, 24), EntryAction::Allow)]);
-    let (_fs, mut dp) = setup(&m);
-    let to = HookDirection::ToPod;
-    dp.test_run(
+    let (_fs, mut dp) = setup::<B>(&m);
+    let to = Hook::ToPod;
+    B::test_run(
+        &dp,
         to,
         &PacketSpec::tcp(ip(PEER), ip(POD), 1000, 80, 0x02).build(),
         1,
     )
     .unwrap();
-    dp.test_run(
+    B::test_run(
+        &dp,
         to,
         &PacketSpec::tcp(ip(PEER), ip(POD), 1000, 80, 0x10).build(),
         1,
     )
     .unwrap();
-    dp.test_run(
+    B::test_run(
+        &dp,
         to,
         &PacketSpec::tcp(ip(PEER), ip(POD), 1000, 81, 0x02).build(),
         1,
@@ -499,8 +496,8 @@ fn events_and_counters() {
     assert_eq!(c.drops.get(&133), Some(&1));
 }
 
-#[test]
-fn policy_dump_round_trips() {
+/// Conformance test `policy_dump_round_trips`.
+pub fn policy_dump_round_trips<B: Backend>() {
     if skip("policy_dump_round_trips") {
         return;
     }
@@ -515,7 +512,7 @@ fn policy_dump_round_trips() {
             },
         ),
     ]);
-    let (_fs, mut dp) = setup(&m);
+    let (_fs, mut dp) = setup::<B>(&m);
     let got = dp.dump_policy(weir_datapath::EndpointId(1)).unwrap();
     let want: std::collections::BTreeMap<_, _> =
         m.entries.iter().map(|(k, e)| (*k, e.action)).collect();
@@ -533,32 +530,11 @@ fn policy_dump_round_trips() {
     );
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn events_as_async_stream() {
-    if skip("events_as_async_stream") {
-        return;
-    }
-    let m = map(&[]);
-    let (_fs, mut dp) = setup(&m);
-    dp.test_run(
-        HookDirection::ToPod,
-        &PacketSpec::tcp(ip(PEER), ip(POD), 1, 80, 0x02).build(),
-        1,
-    )
-    .unwrap();
-    let ev = tokio::time::timeout(std::time::Duration::from_secs(2), dp.next_events())
-        .await
-        .expect("events within 2 s")
-        .unwrap();
-    assert_eq!(ev.len(), 1);
-    assert_eq!(ev[0].drop_reason, 133);
-}
-
 /// A first fragment dropped because no proxy could take its connection must not let the later
 /// fragments of the datagram through (they used to ride on a fragment record written before the
 /// proxy lookup failed).
-#[test]
-fn failed_redirect_leaves_no_fragment_record() {
+/// Conformance test `failed_redirect_leaves_no_fragment_record`.
+pub fn failed_redirect_leaves_no_fragment_record<B: Backend>() {
     if skip("failed_redirect_leaves_no_fragment_record") {
         return;
     }
@@ -569,20 +545,20 @@ fn failed_redirect_leaves_no_fragment_record() {
             priority: 1,
         },
     )]);
-    let (_fs, dp) = setup(&m);
-    let from = HookDirection::FromPod;
+    let (_fs, dp) = setup::<B>(&m);
+    let from = Hook::FromPod;
     let mut first = PacketSpec::tcp(ip(POD), ip(PEER), 40100, 8080, 0x02);
     first.fragment = Some(Fragment {
         offset: 0,
         more: true,
         id: 77,
     });
-    check(&dp, &m, from, &first, Verdict::Drop { reason: 178 }, None);
+    check::<B>(&dp, &m, from, &first, Verdict::Drop { reason: 178 }, None);
     let mut later = first.clone();
     later.fragment = Some(Fragment {
         offset: 8,
         more: false,
         id: 77,
     });
-    check(&dp, &m, from, &later, Verdict::Drop { reason: 175 }, None);
+    check::<B>(&dp, &m, from, &later, Verdict::Drop { reason: 175 }, None);
 }

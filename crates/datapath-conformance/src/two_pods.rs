@@ -1,17 +1,19 @@
 //! The two-pod scenario shared by the real-traffic and restart tests.
 
 use weir_datapath::{Datapath, EndpointAttachment, EndpointId};
-use weir_datapath_aya::AyaDatapath;
 use weir_identity::Identity;
 use weir_policy_compiler::{EntryAction, MapState};
 use weir_policy_model::Direction::{Egress, Ingress};
 
-use super::lab::{self, Lab};
-use super::{install, key, map};
+use crate::lab::{self, Lab};
+use crate::support::{install, key, map};
 
+/// Identity of pod A.
 pub const ID_A: u32 = 1001;
+/// Identity of pod B.
 pub const ID_B: u32 = 1002;
 
+/// Pod A's endpoint (endpoint 1 on `lxca`).
 pub fn ep_a() -> EndpointAttachment {
     EndpointAttachment {
         ifname: "lxca".into(),
@@ -20,6 +22,7 @@ pub fn ep_a() -> EndpointAttachment {
     }
 }
 
+/// Pod B's endpoint (endpoint 2 on `lxcb`).
 pub fn ep_b() -> EndpointAttachment {
     EndpointAttachment {
         ifname: "lxcb".into(),
@@ -28,6 +31,7 @@ pub fn ep_b() -> EndpointAttachment {
     }
 }
 
+/// B's ingress policy: UDP 5353 and ICMP echo from A, optionally TCP 8080 and 9090.
 pub fn policy_b(with_8080: bool, with_9090: bool) -> MapState {
     let mut v = vec![
         (key(ID_A, Ingress, 17, 5353, 24), EntryAction::Allow),
@@ -42,7 +46,8 @@ pub fn policy_b(with_8080: bool, with_9090: bool) -> MapState {
     map(&v)
 }
 
-pub fn setup(dp: &mut AyaDatapath, lab: &Lab) {
+/// Fills the maps and attaches both endpoints in the lab's node namespace.
+pub fn setup(dp: &mut (impl Datapath + Send), lab: &Lab) {
     setup_maps(dp);
     lab.in_node(|| {
         dp.attach_endpoint(&ep_a()).unwrap();
@@ -51,7 +56,7 @@ pub fn setup(dp: &mut AyaDatapath, lab: &Lab) {
 }
 
 /// ipcache and policy of the scenario, without attaching.
-pub fn setup_maps(dp: &mut AyaDatapath) {
+pub fn setup_maps(dp: &mut impl Datapath) {
     for (net, id) in [
         (lab::A4, ID_A),
         (lab::B4, ID_B),

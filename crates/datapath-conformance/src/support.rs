@@ -1,8 +1,4 @@
-//! Shared test helpers: privilege checks, a private bpffs, hand-written MapStates.
-#![allow(dead_code)]
-
-pub mod lab;
-pub mod scenario;
+//! Shared helpers: privilege checks, a private bpffs, hand-written MapStates.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -11,7 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use weir_datapath::Datapath;
 use weir_datapath_abi as abi;
-use weir_datapath_aya::AyaDatapath;
+
+use crate::Backend;
 use weir_identity::Identity;
 use weir_policy_compiler::{EntryAction, MapState, MapStateDiff, PolicyEntry, PolicyKey};
 use weir_policy_model::Direction;
@@ -43,10 +40,18 @@ pub fn skip(test: &str) -> bool {
 
 /// A bpffs mounted on a fresh temporary directory; unmounted and removed on drop.
 pub struct Bpffs {
+    /// The mount point.
     pub dir: PathBuf,
 }
 
+impl Default for Bpffs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Bpffs {
+    /// Mounts a fresh bpffs (panics when it cannot: callers checked [`skip`] first).
     pub fn new() -> Bpffs {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("weir-test-{}-{n}", std::process::id()));
@@ -60,6 +65,7 @@ impl Bpffs {
         Bpffs { dir }
     }
 
+    /// The pin directory inside the mount.
     pub fn pins(&self) -> PathBuf {
         self.dir.join("weir")
     }
@@ -74,10 +80,11 @@ impl Drop for Bpffs {
 
 /// Loads a datapath on a private bpffs with endpoint 1 (identity 1000) on ifindex 1, so test
 /// runs (which see loopback) are judged as that endpoint.
-pub fn load_for_test_run() -> (Bpffs, AyaDatapath) {
+pub fn load_for_test_run<B: Backend>() -> (Bpffs, B::Dp) {
     let fs = Bpffs::new();
-    let mut dp = AyaDatapath::load(&fs.pins()).expect("load");
-    dp.register_ifindex(
+    let mut dp = B::load(&fs.pins()).unwrap_or_else(|e| panic!("load {}: {e}", B::NAME));
+    B::register_ifindex(
+        &mut dp,
         1,
         abi::EndpointInfo {
             endpoint_id: 1,
@@ -89,6 +96,7 @@ pub fn load_for_test_run() -> (Bpffs, AyaDatapath) {
     (fs, dp)
 }
 
+/// A policy key.
 pub fn key(identity: u32, dir: Direction, protocol: u8, port: u16, prefix_len: u8) -> PolicyKey {
     PolicyKey {
         identity: Identity(identity),
@@ -99,6 +107,7 @@ pub fn key(identity: u32, dir: Direction, protocol: u8, port: u16, prefix_len: u
     }
 }
 
+/// A policy entry with no provenance.
 pub fn entry(action: EntryAction) -> PolicyEntry {
     PolicyEntry {
         action,
@@ -106,6 +115,7 @@ pub fn entry(action: EntryAction) -> PolicyEntry {
     }
 }
 
+/// A MapState of the given entries.
 pub fn map(entries: &[(PolicyKey, EntryAction)]) -> MapState {
     let mut m = MapState::default();
     for (k, a) in entries {
@@ -115,7 +125,7 @@ pub fn map(entries: &[(PolicyKey, EntryAction)]) -> MapState {
 }
 
 /// Replaces endpoint `ep`'s policy with `m` (diff from what is installed).
-pub fn install(dp: &mut AyaDatapath, ep: u32, m: &MapState) {
+pub fn install<D: Datapath + ?Sized>(dp: &mut D, ep: u32, m: &MapState) {
     let id = weir_datapath::EndpointId(ep);
     let old = dp.dump_policy(id).expect("dump");
     let diff = MapStateDiff {

@@ -10,9 +10,13 @@ use std::time::Duration;
 
 static LAB_SEQ: AtomicUsize = AtomicUsize::new(0);
 
+/// A node namespace and two pod namespaces (a, b) joined by veth pairs `lxca`, `lxcb`.
 pub struct Lab {
+    /// The node namespace (holds the host-side veths `lxca`, `lxcb`).
     pub node: String,
+    /// Pod A's namespace.
     pub a: String,
+    /// Pod B's namespace.
     pub b: String,
     children: Vec<Child>,
 }
@@ -29,9 +33,13 @@ fn run(args: &[&str]) {
     );
 }
 
+/// Pod A's IPv4 address.
 pub const A4: &str = "10.201.1.2";
+/// Pod B's IPv4 address.
 pub const B4: &str = "10.201.2.2";
+/// Pod A's IPv6 address.
 pub const A6: &str = "fd00:201:1::2";
+/// Pod B's IPv6 address.
 pub const B6: &str = "fd00:201:2::2";
 
 const SERVER: &str = r#"
@@ -145,6 +153,7 @@ for line in sys.stdin:
         print("fail", flush=True)
 "#;
 
+/// A long-lived TCP connection from a pod (a helper process).
 pub struct Persistent {
     child: Child,
     stdin: ChildStdin,
@@ -169,7 +178,14 @@ impl Drop for Persistent {
     }
 }
 
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Lab {
+    /// Creates the namespaces, veths, addresses and routes.
     pub fn new() -> Lab {
         let n = LAB_SEQ.fetch_add(1, Ordering::SeqCst);
         let p = format!("weirt-{}-{n}", std::process::id());
@@ -393,6 +409,7 @@ impl Lab {
             .unwrap_or(false)
     }
 
+    /// Opens a long-lived connection from `ns`.
     pub fn persistent(&self, ns: &str, host: &str, port: u16) -> Option<Persistent> {
         let mut child = Command::new("ip")
             .args([

@@ -1,0 +1,60 @@
+//! The libbpf backend as a conformance-suite [`Backend`].
+
+use std::path::Path;
+
+use weir_datapath::DatapathError;
+use weir_datapath_abi as abi;
+use weir_datapath_conformance::{Backend, CtState, Hook, Outcome};
+use weir_datapath_libbpf::{self as libbpf, LibbpfDatapath};
+
+/// The libbpf backend (C programs).
+pub struct Libbpf;
+
+impl Backend for Libbpf {
+    const NAME: &'static str = "libbpf";
+    type Dp = LibbpfDatapath;
+
+    fn load(pin_dir: &Path) -> Result<LibbpfDatapath, String> {
+        LibbpfDatapath::load(pin_dir).map_err(|e| e.to_string())
+    }
+
+    fn register_ifindex(
+        dp: &mut LibbpfDatapath,
+        ifindex: u32,
+        info: abi::EndpointInfo,
+    ) -> Result<(), DatapathError> {
+        dp.register_ifindex(ifindex, info)
+    }
+
+    fn unregister_ifindex(dp: &mut LibbpfDatapath, ifindex: u32) -> Result<(), DatapathError> {
+        dp.unregister_ifindex(ifindex)
+    }
+
+    fn test_run(
+        dp: &LibbpfDatapath,
+        hook: Hook,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<Outcome, DatapathError> {
+        let hook = match hook {
+            Hook::FromPod => libbpf::HookDirection::FromPod,
+            Hook::ToPod => libbpf::HookDirection::ToPod,
+            Hook::Empty => libbpf::HookDirection::Empty,
+        };
+        let o = dp.test_run(hook, packet, repeat)?;
+        Ok(Outcome {
+            tc_action: o.tc_action,
+            verdict: o.verdict,
+            ct_state: o.ct_state.map(|s| match s {
+                libbpf::CtState::New => CtState::New,
+                libbpf::CtState::Established => CtState::Established,
+                libbpf::CtState::Reply => CtState::Reply,
+                libbpf::CtState::Fragment => CtState::Fragment,
+                libbpf::CtState::Untracked => CtState::Untracked,
+            }),
+            remote_identity: o.remote_identity,
+            mark: o.mark,
+            duration: o.duration,
+        })
+    }
+}
