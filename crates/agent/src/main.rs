@@ -153,10 +153,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut manager = Manager::new(config, datapath).context("starting the endpoint manager")?;
     let proxy_handles = manager.proxy_handles().clone();
-    let proxy_ports = (
-        manager.config().compiler.http_proxy_port,
-        manager.config().compiler.dns_proxy_port,
-    );
+    let proxy_ports = proxy::Ports {
+        http_egress: manager.config().compiler.http_proxy_port,
+        http_ingress: manager.config().compiler.http_ingress_proxy_port,
+        dns: manager.config().compiler.dns_proxy_port,
+    };
 
     // Policies first, then endpoints: restored endpoints are reconciled against the same
     // policy they had, so nothing opens up while the agent restarts.
@@ -174,14 +175,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if !args.no_proxy_routing {
             proxy::install_policy_routing().context("installing the proxy policy routing")?;
         }
-        proxy::start(
-            proxy_handles,
-            manager.clone(),
-            proxy_ports.0,
-            proxy_ports.1,
-            sinks,
-        )
-        .context("starting the proxies")?
+        proxy::start(proxy_handles, manager.clone(), proxy_ports, sinks)
+            .context("starting the proxies")?
     };
     let watcher = {
         let manager = manager.clone();
@@ -272,7 +267,7 @@ mod proxy {
     use tokio::task::JoinHandle;
     use tracing::{info, warn};
     use weir_agent::manager::Manager;
-    use weir_agent::proxies::{AgentLearner, ProxyHandles};
+    use weir_agent::proxies::{AgentLearner, DatapathMarks, ProxyHandles};
     use weir_datapath::Datapath;
     use weir_dns_proxy::{DnsProxy, DnsProxyConfig, DnsSink, DnsUdpSocket};
     use weir_l7_proxy::{
@@ -362,39 +357,57 @@ mod proxy {
         TcpListener::from_std(socket.into())
     }
 
-    /// Binds and serves the HTTP proxy on `http_port` and the DNS proxy (UDP and TCP) on
-    /// `dns_port`, on every address: the datapath's socket lookup uses the connection's
+    /// The proxies' listening ports (the compiler's redirect targets).
+    pub struct Ports {
+        /// HTTP, traffic leaving endpoints.
+        pub http_egress: u16,
+        /// HTTP, traffic entering endpoints.
+        pub http_ingress: u16,
+        /// DNS (UDP and TCP), traffic leaving endpoints.
+        pub dns: u16,
+    }
+
+    /// Binds and serves the HTTP proxy (one listener per direction) and the DNS proxy (UDP
+    /// and TCP), on every address: the datapath's socket lookup uses the connection's
     /// original destination with the proxy port, which only a wildcard-bound listener
     /// matches.
     pub fn start<D: Datapath + Send + 'static>(
         handles: ProxyHandles,
         manager: Arc<Mutex<Manager<D>>>,
-        http_port: u16,
-        dns_port: u16,
+        ports: Ports,
         sinks: (Arc<dyn FlowSink>, Arc<dyn DnsSink>),
     ) -> anyhow::Result<Vec<JoinHandle<()>>> {
         let mut tasks = Vec::new();
-        let http = Arc::new(L7Proxy::new(
-            ProxyConfig::default(),
-            handles.http.clone(),
-            Arc::new(TransparentDestination),
-            handles.identities.clone(),
-            sinks.0,
-        ));
-        let v4 = transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, http_port)))
-            .with_context(|| format!("binding the HTTP proxy on port {http_port}"))?;
-        let mut listeners = vec![v4];
-        match transparent_listener_v6(http_port) {
-            Ok(l) => listeners.push(l),
-            Err(e) => warn!(error = %e, "no IPv6 HTTP proxy listener"),
+        let http = Arc::new(
+            L7Proxy::new(
+                ProxyConfig::default(),
+                handles.http.clone(),
+                Arc::new(TransparentDestination),
+                handles.identities.clone(),
+                sinks.0,
+            )
+            .with_upstream_mark(Arc::new(DatapathMarks)),
+        );
+        for (port, direction) in [
+            (ports.http_egress, Direction::Egress),
+            (ports.http_ingress, Direction::Ingress),
+        ] {
+            let v4 = transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+                .with_context(|| format!("binding the HTTP proxy on port {port}"))?;
+            let mut listeners = vec![v4];
+            match transparent_listener_v6(port) {
+                Ok(l) => listeners.push(l),
+                Err(e) => warn!(error = %e, port, "no IPv6 HTTP proxy listener"),
+            }
+            for l in listeners {
+                let http = http.clone();
+                tasks.push(tokio::spawn(async move {
+                    let e = http.serve(l, direction).await;
+                    warn!(error = %e, ?direction, "HTTP proxy stopped");
+                }));
+            }
         }
-        for l in listeners {
-            let http = http.clone();
-            tasks.push(tokio::spawn(async move {
-                let e = http.serve(l, Direction::Egress).await;
-                warn!(error = %e, "HTTP proxy stopped");
-            }));
-        }
+        let dns_port = ports.dns;
 
         let dns = DnsProxy::new(
             DnsProxyConfig::default(),
@@ -422,7 +435,12 @@ mod proxy {
                 warn!(error = %e, "DNS proxy (TCP) stopped");
             }));
         }
-        info!(http_port, dns_port, "proxies listening");
+        info!(
+            http_egress = ports.http_egress,
+            http_ingress = ports.http_ingress,
+            dns_port,
+            "proxies listening"
+        );
         Ok(tasks)
     }
 }

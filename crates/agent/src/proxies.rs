@@ -23,9 +23,13 @@ use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use tokio::sync::Mutex;
 use weir_datapath::{Datapath, EndpointId};
+use weir_datapath_abi::{MARK_MAGIC_FROM_INGRESS_PROXY, egress_proxy_mark};
 use weir_dns_proxy::{DnsLearner, DnsPolicyStore, LearnError, LearnFuture, Learned, NameCache};
 use weir_identity::{Identity, ReservedIdentity};
-use weir_l7_proxy::{EndpointId as ProxyEndpointId, IdentityResolver, PolicyStore};
+use weir_l7_proxy::{
+    ConnectionContext, EndpointId as ProxyEndpointId, IdentityResolver, PolicyStore, UpstreamMark,
+};
+use weir_policy_model::Direction;
 
 use crate::manager::Manager;
 
@@ -131,6 +135,22 @@ impl IdentityResolver for AgentIdentities {
 
     fn local_endpoint(&self, ip: IpAddr) -> Option<ProxyEndpointId> {
         self.snapshot.load().local_endpoint(ip)
+    }
+}
+
+/// Marks the HTTP proxy's upstream connections the way Weir's datapath reads them: the
+/// ingress proxy's connections pass the destination's (already enforced) ingress policy, the
+/// egress proxy's carry the client's identity so the destination judges the client, not the
+/// node.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DatapathMarks;
+
+impl UpstreamMark for DatapathMarks {
+    fn mark(&self, ctx: &ConnectionContext) -> Option<u32> {
+        Some(match ctx.direction {
+            Direction::Ingress => MARK_MAGIC_FROM_INGRESS_PROXY,
+            Direction::Egress => egress_proxy_mark(ctx.local_identity.0),
+        })
     }
 }
 

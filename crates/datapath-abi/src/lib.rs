@@ -172,8 +172,35 @@ pub mod ct_lifetime {
 /// Reserved identity for addresses the ipcache does not know.
 pub const IDENTITY_WORLD: u32 = 2;
 
+/// The bits of the skb mark that hold one of the `MARK_MAGIC_*` values (Cilium's layout).
+pub const MARK_MAGIC_MASK: u32 = 0x0F00;
+
 /// skb mark set on packets steered to a proxy: `MARK_MAGIC_TO_PROXY | proxy_port << 16`.
+/// Packets entering a pod are sent back into the ingress of the pod's host-side interface
+/// with this mark (a hairpin), where `weir_from_pod` assigns them to the proxy; pods cannot
+/// forge it, as the kernel clears the mark of packets crossing a network namespace.
 pub const MARK_MAGIC_TO_PROXY: u32 = 0x0200;
+
+/// skb mark (`SO_MARK`) of the ingress proxy's connections to the endpoint whose ingress
+/// policy it has just enforced: `weir_to_pod` passes them without a second policy lookup
+/// (which would redirect them to the proxy again).
+pub const MARK_MAGIC_FROM_INGRESS_PROXY: u32 = 0x0A00;
+
+/// skb mark (`SO_MARK`) of the egress proxy's upstream connections, carrying the client's
+/// identity ([`egress_proxy_mark`]): the destination's ingress policy judges that identity,
+/// not the node's.
+pub const MARK_MAGIC_FROM_EGRESS_PROXY: u32 = 0x0B00;
+
+/// The mark for an egress proxy connection on behalf of `identity` (24 bits): the low 16 bits
+/// in the mark's top half, bits 16..24 in its low byte, the magic in between.
+pub const fn egress_proxy_mark(identity: u32) -> u32 {
+    MARK_MAGIC_FROM_EGRESS_PROXY | ((identity & 0xFFFF) << 16) | ((identity >> 16) & 0xFF)
+}
+
+/// The identity carried by an [`egress_proxy_mark`].
+pub const fn egress_proxy_identity(mark: u32) -> u32 {
+    (mark >> 16) | ((mark & 0xFF) << 16)
+}
 
 /// Set in [`PolicyKey::direction`] of an L3-only entry (prefix 0) in the exact policy hash.
 pub const POLICY_L3_ONLY: u8 = 0x80;
@@ -421,4 +448,18 @@ mod pod {
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
     unsafe impl aya::Pod for super::Event {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn egress_proxy_mark_round_trips_24_bit_identities() {
+        for id in [0, 1, 2, 0xFFFF, 0x1_0000, 0x12_3456, 0xFF_FFFF] {
+            let mark = egress_proxy_mark(id);
+            assert_eq!(mark & MARK_MAGIC_MASK, MARK_MAGIC_FROM_EGRESS_PROXY);
+            assert_eq!(egress_proxy_identity(mark), id);
+        }
+    }
 }

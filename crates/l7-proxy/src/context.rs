@@ -21,6 +21,8 @@ pub struct ConnectionContext {
     pub direction: Direction,
     /// The other side's identity (the source for ingress, the destination for egress).
     pub remote_identity: Identity,
+    /// The identity of the local side (the destination for ingress, the source for egress).
+    pub local_identity: Identity,
     /// Where the client meant to connect: allowed requests are forwarded there.
     pub original_destination: SocketAddr,
     /// The client's address.
@@ -45,10 +47,20 @@ impl ConnectionContext {
             endpoint: identities.local_endpoint(local),
             direction,
             remote_identity: identities.identity(remote),
+            local_identity: identities.identity(local),
             original_destination,
             source,
         })
     }
+}
+
+/// The socket mark (`SO_MARK`) of the upstream connection opened for a client connection,
+/// so the datapath can tell the proxy's own traffic apart: Weir's datapath passes the ingress
+/// proxy's connections without a second policy lookup, and judges the egress proxy's by the
+/// client's identity carried in the mark. `None`: no mark.
+pub trait UpstreamMark: Send + Sync {
+    /// The mark for the upstream connection of `ctx`.
+    fn mark(&self, ctx: &ConnectionContext) -> Option<u32>;
 }
 
 /// Finds where an intercepted connection was going.

@@ -42,7 +42,7 @@ mod service;
 pub use config::ProxyConfig;
 pub use context::{
     ConnectionContext, IdentityResolver, NatDestination, OriginalDestination, StaticDestination,
-    StaticIdentities, TransparentDestination, transparent_listener,
+    StaticIdentities, TransparentDestination, UpstreamMark, transparent_listener,
 };
 pub use policy::{Decision, DenyReason, EndpointId, HeaderAction, PolicySnapshot, PolicyStore};
 pub use proxy::L7Proxy;

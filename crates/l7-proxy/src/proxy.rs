@@ -14,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weir_policy_model::Direction;
 
 use crate::config::ProxyConfig;
-use crate::context::{ConnectionContext, IdentityResolver, OriginalDestination};
+use crate::context::{ConnectionContext, IdentityResolver, OriginalDestination, UpstreamMark};
 use crate::io::{Activity, Tracked};
 use crate::policy::PolicyStore;
 use crate::record::FlowSink;
@@ -66,11 +66,23 @@ impl L7Proxy {
                 config,
                 policy,
                 sink,
+                upstream_mark: None,
             }),
             destinations,
             identities,
             builder,
         }
+    }
+
+    /// Marks every upstream connection with what `mark` says (see [`UpstreamMark`]).
+    pub fn with_upstream_mark(mut self, mark: Arc<dyn UpstreamMark>) -> Self {
+        self.shared = Arc::new(Shared {
+            config: self.shared.config.clone(),
+            policy: self.shared.policy.clone(),
+            sink: self.shared.sink.clone(),
+            upstream_mark: Some(mark),
+        });
+        self
     }
 
     /// Accepts connections on `listener` (whose traffic is in `direction` as seen from the

@@ -13,6 +13,8 @@
 //! with `,` when compared with a required value (see `weir_l7_match`).
 
 use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
@@ -24,12 +26,13 @@ use http_body_util::{BodyExt, Either};
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Mutex;
 use weir_l7_match::{HttpRequestView, MismatchAction};
 
 use crate::config::ProxyConfig;
-use crate::context::ConnectionContext;
+use crate::context::{ConnectionContext, UpstreamMark};
 use crate::policy::{Decision, DenyReason, HeaderAction, PolicyStore};
 use crate::record::{FlowSink, L7Record, RecordVerdict};
 use crate::respond::{self, GRPC_PERMISSION_DENIED, GRPC_UNAVAILABLE, ProxyBody};
@@ -39,6 +42,7 @@ pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
     pub(crate) policy: Arc<PolicyStore>,
     pub(crate) sink: Arc<dyn FlowSink>,
+    pub(crate) upstream_mark: Option<Arc<dyn UpstreamMark>>,
 }
 
 /// The upstream connection of one client connection: one per client connection, to its
@@ -346,9 +350,14 @@ async fn forward(
 
 async fn connect(state: &ConnState, h2: bool) -> Result<Upstream, UpstreamError> {
     let cfg = &state.shared.config;
+    let mark = state
+        .shared
+        .upstream_mark
+        .as_ref()
+        .and_then(|m| m.mark(&state.ctx));
     let stream = tokio::time::timeout(
         cfg.connect_timeout,
-        TcpStream::connect(state.ctx.original_destination),
+        connect_marked(state.ctx.original_destination, mark),
     )
     .await
     .map_err(|_| UpstreamError::Timeout)??;
@@ -376,9 +385,41 @@ async fn connect(state: &ConnState, h2: bool) -> Result<Upstream, UpstreamError>
     }
 }
 
+/// Connects to `addr`, with `SO_MARK` set first when a mark is given.
+async fn connect_marked(addr: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_mark(mark)?;
+    socket.set_nonblocking(true)?;
+    TcpSocket::from_std_stream(socket.into())
+        .connect(addr)
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn upstream_connections_carry_the_mark() {
+        let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
+            return;
+        };
+        let Ok(addr) = listener.local_addr() else {
+            return;
+        };
+        match connect_marked(addr, Some(0x0A00)).await {
+            Ok(stream) => {
+                let mark = socket2::SockRef::from(&stream).mark();
+                assert_eq!(mark.ok(), Some(0x0A00));
+            }
+            // SO_MARK needs CAP_NET_ADMIN.
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}"),
+        }
+        assert!(connect_marked(addr, None).await.is_ok());
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

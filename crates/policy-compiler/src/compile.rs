@@ -50,8 +50,11 @@ pub struct CompilerConfig {
     /// Allow the local host to reach every local endpoint (ingress), as Cilium's
     /// `allow-localhost` does by default. A deny rule still wins.
     pub allow_localhost: bool,
-    /// Port of the HTTP proxy.
+    /// Port of the HTTP proxy for traffic leaving endpoints (egress L7 rules).
     pub http_proxy_port: u16,
+    /// Port of the HTTP proxy for traffic entering endpoints (ingress L7 rules). Separate, as
+    /// Cilium's per-direction listeners are, so the proxy knows whose policy applies.
+    pub http_ingress_proxy_port: u16,
     /// Port of the DNS proxy.
     pub dns_proxy_port: u16,
 }
@@ -63,6 +66,7 @@ impl Default for CompilerConfig {
             enforcement: EnforcementMode::Default,
             allow_localhost: true,
             http_proxy_port: 15001,
+            http_ingress_proxy_port: 15002,
             dns_proxy_port: 15053,
         }
     }
@@ -578,13 +582,21 @@ impl Compiler {
         self.identities.remove(id)
     }
 
-    pub(crate) fn action_for(&self, deny: bool, l7: Option<&Arc<L7Rules>>) -> EntryAction {
+    pub(crate) fn action_for(
+        &self,
+        deny: bool,
+        direction: Direction,
+        l7: Option<&Arc<L7Rules>>,
+    ) -> EntryAction {
         if deny {
             return EntryAction::Deny;
         }
         match l7.map(|r| r.as_ref()) {
             Some(L7Rules::Http(_)) => EntryAction::Redirect {
-                proxy_port: self.config.http_proxy_port,
+                proxy_port: match direction {
+                    Direction::Egress => self.config.http_proxy_port,
+                    Direction::Ingress => self.config.http_ingress_proxy_port,
+                },
                 priority: HTTP_REDIRECT_PRIORITY,
             },
             Some(L7Rules::Dns(_)) => EntryAction::Redirect {
@@ -735,7 +747,7 @@ impl Compiler {
         for k in keys {
             b.add(
                 k.key(id, c.direction),
-                self.action_for(c.deny, k.l7.as_ref()),
+                self.action_for(c.deny, c.direction, k.l7.as_ref()),
                 rule,
             );
         }

@@ -97,7 +97,8 @@ const DEFAULT_DENY: Verdict = Verdict::Deny {
 const DENY: Verdict = Verdict::Deny {
     reason: DROP_POLICY_DENY,
 };
-const HTTP: Verdict = Verdict::Redirect { proxy_port: 15001 };
+/// Every HTTP rule in these tests is an ingress rule: the ingress proxy port.
+const HTTP: Verdict = Verdict::Redirect { proxy_port: 15002 };
 const DNS: Verdict = Verdict::Redirect { proxy_port: 15053 };
 
 fn frontend() -> Selector {

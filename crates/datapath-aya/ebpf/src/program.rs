@@ -8,10 +8,10 @@
 //! identity. BPF_PROG_TEST_RUN returns both in `ctx_out`.
 
 use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple},
+    bindings::{BPF_F_CURRENT_NETNS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple},
     cty::c_void,
     helpers::{
-        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_sk_assign, bpf_sk_lookup_tcp,
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect, bpf_sk_assign, bpf_sk_lookup_tcp,
         bpf_sk_lookup_udp, bpf_sk_release,
     },
     macros::{classifier, map},
@@ -20,9 +20,10 @@ use aya_ebpf::{
 };
 use weir_datapath_abi::{
     CtEntry, CtKey, EndpointInfo, Event, FragKey, FragValue, IDENTITY_WORLD,
-    IPCACHE_FIXED_PREFIX_BITS, IpcacheKey, IpcacheValue, MARK_MAGIC_TO_PROXY,
-    POLICY_FIXED_PREFIX_BITS, POLICY_L3_ONLY, PolicyKey, PolicyValue, action, capacity, counter,
-    ct_flag, ct_lifetime, direction, drop_reason, event_kind, family, verdict,
+    IPCACHE_FIXED_PREFIX_BITS, IpcacheKey, IpcacheValue, MARK_MAGIC_FROM_EGRESS_PROXY,
+    MARK_MAGIC_FROM_INGRESS_PROXY, MARK_MAGIC_MASK, MARK_MAGIC_TO_PROXY, POLICY_FIXED_PREFIX_BITS,
+    POLICY_L3_ONLY, PolicyKey, PolicyValue, action, capacity, counter, ct_flag, ct_lifetime,
+    direction, drop_reason, egress_proxy_identity, event_kind, family, verdict,
 };
 
 #[map]
@@ -196,6 +197,23 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
         }
     }
     let pkt = &s.pkt;
+    // SAFETY: ctx.skb.skb is the valid context pointer the kernel passed in.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if dir == direction::EGRESS && mark & MARK_MAGIC_MASK == MARK_MAGIC_TO_PROXY {
+        // Hairpinned by `weir_to_pod` (see `hairpin`): the destination's policy redirected
+        // it; hand it to the proxy without judging it as if it left this pod.
+        let proxy_port = (mark >> 16) as u16;
+        return match steer_to_proxy(ctx, pkt, direction::EGRESS, proxy_port) {
+            Ok(_) => TC_ACT_OK,
+            Err(reason) => {
+                drop_packet(ctx, &ep, ifindex, direction::INGRESS, None, reason);
+                TC_ACT_SHOT
+            }
+        };
+    }
+    // The ingress proxy's own connection to the endpoint it just checked the request for.
+    let from_ingress_proxy =
+        dir == direction::INGRESS && mark & MARK_MAGIC_MASK == MARK_MAGIC_FROM_INGRESS_PROXY;
 
     if pkt.bypass {
         return pass(ctx, 0, ct_state::UNTRACKED_PASS);
@@ -212,7 +230,7 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
         if unsafe { WEIR_FRAGS.get(&s.frag) }.is_some() {
             return pass(ctx, 0, ct_state::FRAGMENT);
         }
-        let remote = remote_identity(ctx, pkt, dir);
+        let remote = remote_identity(ctx, pkt, dir, mark);
         drop_packet(
             ctx,
             &ep,
@@ -242,11 +260,14 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
                 ct_update(e, false, pkt.protocol, pkt.tcp_flags, len, now);
                 let proxy = e.proxy_port;
                 remember_fragment(pkt, &s.frag);
-                if let Err(reason) = steer_to_proxy(ctx, pkt, dir, proxy) {
-                    drop_packet(ctx, &ep, ifindex, dir, None, reason);
-                    return TC_ACT_SHOT;
-                }
-                return pass(ctx, proxy, ct_state::ESTABLISHED);
+                return match steer_to_proxy(ctx, pkt, dir, proxy) {
+                    Err(reason) => {
+                        drop_packet(ctx, &ep, ifindex, dir, None, reason);
+                        TC_ACT_SHOT
+                    }
+                    Ok(Steer::Hairpin) => hairpin(ctx, &ep, ifindex, proxy, ct_state::ESTABLISHED),
+                    Ok(Steer::Done) => pass(ctx, proxy, ct_state::ESTABLISHED),
+                };
             }
         }
         // A pure SYN opens a connection: it is never a reply, so skip that lookup.
@@ -268,8 +289,13 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
 
     // New connection: only now is the remote identity needed (established traffic skips the
     // ipcache trie).
-    let remote = remote_identity(ctx, pkt, dir);
-    match decide(ep.endpoint_id, remote, dir, pkt.protocol, pkt.policy_port) {
+    let remote = remote_identity(ctx, pkt, dir, mark);
+    let decision = if from_ingress_proxy {
+        Ok(0)
+    } else {
+        decide(ep.endpoint_id, remote, dir, pkt.protocol, pkt.policy_port)
+    };
+    match decision {
         Err(reason) => {
             if pkt.frag == 1 {
                 let _ = WEIR_FRAGS.remove(&s.frag);
@@ -280,13 +306,16 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
         Ok(proxy_port) => {
             // Steer first: a connection the proxy cannot take is dropped and leaves neither a
             // conntrack entry nor a fragment record behind for its later packets to ride on.
-            if let Err(reason) = steer_to_proxy(ctx, pkt, dir, proxy_port) {
-                if pkt.frag == 1 {
-                    let _ = WEIR_FRAGS.remove(&s.frag);
+            let steer = match steer_to_proxy(ctx, pkt, dir, proxy_port) {
+                Ok(steer) => steer,
+                Err(reason) => {
+                    if pkt.frag == 1 {
+                        let _ = WEIR_FRAGS.remove(&s.frag);
+                    }
+                    drop_packet(ctx, &ep, ifindex, dir, Some((pkt, remote)), reason);
+                    return TC_ACT_SHOT;
                 }
-                drop_packet(ctx, &ep, ifindex, dir, Some((pkt, remote)), reason);
-                return TC_ACT_SHOT;
-            }
+            };
             if pkt.trackable {
                 let mut entry = CtEntry {
                     expires_ns: 0,
@@ -308,7 +337,10 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
                 event_kind::ALLOW_NEW
             };
             emit(&ep, ifindex, dir, Some((pkt, remote)), kind, 0, proxy_port);
-            pass(ctx, proxy_port, ct_state::NEW)
+            match steer {
+                Steer::Hairpin => hairpin(ctx, &ep, ifindex, proxy_port, ct_state::NEW),
+                Steer::Done => pass(ctx, proxy_port, ct_state::NEW),
+            }
         }
     }
 }
@@ -331,6 +363,15 @@ struct SockTuple6 {
     dport: u16,
 }
 
+/// What is left to do for a packet bound for a proxy.
+#[derive(Clone, Copy)]
+enum Steer {
+    /// Nothing more: pass it on (marked, when it has a proxy port).
+    Done,
+    /// Send it back into this interface's ingress (see [`hairpin`]).
+    Hairpin,
+}
+
 /// Steers a redirected packet to the local proxy listening on `proxy_port` (an IP_TRANSPARENT
 /// socket, so that it accepts the original destination), or fails closed.
 ///
@@ -339,22 +380,30 @@ struct SockTuple6 {
 ///   table, and the stack's own socket lookup finds the proxy's connection by its 4-tuple
 ///   (assigning those to the listener would make it answer the handshake's last ACK with a RST).
 /// * UDP leaving a pod (DNS): every datagram is assigned to the proxy's UDP socket.
-/// * Anything else (traffic entering a pod, SCTP): not steerable yet, so it is dropped rather
-///   than delivered unchecked: an L7 rule must never fail open.
+/// * TCP and UDP entering a pod: on tc egress there is no socket assignment, so the packet
+///   goes back into the ingress of the same interface ([`Steer::Hairpin`]), where
+///   `weir_from_pod` steers it as above.
+/// * Anything else (SCTP, ICMP): not steerable, so it is dropped rather than delivered
+///   unchecked: an L7 rule must never fail open.
 #[inline(always)]
-fn steer_to_proxy(ctx: &mut TcContext, pkt: &Packet, dir: u8, proxy_port: u16) -> Result<(), u8> {
+fn steer_to_proxy(
+    ctx: &mut TcContext,
+    pkt: &Packet,
+    dir: u8,
+    proxy_port: u16,
+) -> Result<Steer, u8> {
     if proxy_port == 0 {
-        return Ok(());
-    }
-    if dir != direction::EGRESS {
-        return Err(drop_reason::PROXY_LOOKUP_FAILED);
+        return Ok(Steer::Done);
     }
     let udp = pkt.protocol == IPPROTO_UDP;
     if !udp && pkt.protocol != IPPROTO_TCP {
         return Err(drop_reason::PROXY_LOOKUP_FAILED);
     }
+    if dir != direction::EGRESS {
+        return Ok(Steer::Hairpin);
+    }
     if !udp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        return Ok(());
+        return Ok(Steer::Done);
     }
     let skb = ctx.skb.skb.cast::<c_void>();
     let netns = BPF_F_CURRENT_NETNS as u64;
@@ -403,8 +452,43 @@ fn steer_to_proxy(ctx: &mut TcContext, pkt: &Packet, dir: u8, proxy_port: u16) -
     if ret != 0 {
         Err(drop_reason::PROXY_ASSIGN_FAILED)
     } else {
-        Ok(())
+        Ok(Steer::Done)
     }
+}
+
+/// Sends a packet that was entering a pod, and that the pod's ingress policy redirects to a
+/// proxy, back into the ingress of the same host-side interface, marked for the proxy (as
+/// Cilium's ingress redirect does through its host device): `weir_from_pod` then assigns it to
+/// the proxy's socket and the node delivers it locally.
+#[inline(always)]
+fn hairpin(
+    ctx: &mut TcContext,
+    ep: &EndpointInfo,
+    ifindex: u32,
+    proxy_port: u16,
+    state: u32,
+) -> i32 {
+    // On tc egress the Ethernet source is this interface's own address; as the destination
+    // too, it makes the stack take the packet as addressed to the node, not to someone else.
+    let src: Result<[u8; 6], _> = ctx.load(6);
+    let stored = match src {
+        Ok(mac) => ctx.store(0, &mac, 0).is_ok(),
+        Err(_) => false,
+    };
+    if !stored {
+        drop_packet(
+            ctx,
+            ep,
+            ifindex,
+            direction::INGRESS,
+            None,
+            drop_reason::PROXY_ASSIGN_FAILED,
+        );
+        return TC_ACT_SHOT;
+    }
+    pass(ctx, proxy_port, state);
+    // SAFETY: a helper without memory arguments; it returns TC_ACT_REDIRECT on success.
+    unsafe { bpf_redirect(ifindex, u64::from(BPF_F_INGRESS)) as i32 }
 }
 
 /// Writes the conntrack key of `pkt` as seen by the hook (`reverse` = the key the opposite
@@ -593,9 +677,12 @@ fn ct_update(e: &mut CtEntry, reply: bool, protocol: u8, tcp_flags: u8, len: u64
 }
 
 #[inline(always)]
-fn remote_identity(ctx: &mut TcContext, pkt: &Packet, dir: u8) -> u32 {
+fn remote_identity(ctx: &mut TcContext, pkt: &Packet, dir: u8, mark: u32) -> u32 {
     let remote = if dir == direction::EGRESS {
         lookup_identity(pkt.family, &pkt.daddr)
+    } else if mark & MARK_MAGIC_MASK == MARK_MAGIC_FROM_EGRESS_PROXY {
+        // The egress proxy forwarding for a client: judge the client, not the node.
+        egress_proxy_identity(mark)
     } else {
         lookup_identity(pkt.family, &pkt.saddr)
     };
