@@ -125,27 +125,14 @@ impl SideOutcome {
     }
 }
 
-/// What the kernel must answer in a test run where `decide` says `decided`:
-/// * a TCP connection leaving a pod that policy redirects is assigned to the proxy's socket;
-///   test runs have no proxy listening, so the kernel fails closed with 178 — that drop is the
-///   proof it chose the redirect;
-/// * IPv6 neighbour discovery (ICMPv6 133–137) passes without policy, as in Cilium.
+/// What the kernel must answer in a test run where `decide` says `decided` (see
+/// [`weir_datapath::test_run_verdict`]).
 pub fn kernel_expectation(
     decided: Verdict,
-    _direction: Direction,
+    direction: Direction,
     packet: &ReplayPacket,
 ) -> Verdict {
-    if packet.protocol == 58 && (133..=137).contains(&packet.port) {
-        return Verdict::Allow;
-    }
-    match decided {
-        // Test runs have no proxy listening: a redirect the kernel steers fails closed (178),
-        // and one it cannot steer yet (into a pod, SCTP) is dropped the same way.
-        Verdict::Redirect { .. } => Verdict::Drop {
-            reason: abi::drop_reason::PROXY_LOOKUP_FAILED,
-        },
-        v => v,
-    }
+    weir_datapath::test_run_verdict(decided, direction, packet.protocol, packet.port)
 }
 
 /// Loaded programs on a private bpffs, with named endpoints whose maps can be replaced.

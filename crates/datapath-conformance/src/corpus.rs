@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use weir_datapath::packet::{L4, PacketSpec};
-use weir_datapath::{Datapath, DatapathError, EndpointId, Verdict};
+use weir_datapath::{Datapath, DatapathError, EndpointId};
 use weir_datapath_abi as abi;
 use weir_identity::Identity;
 use weir_policy_compiler::{MapState, MapStateDiff};
@@ -32,21 +32,6 @@ fn corpus() -> Vec<PathBuf> {
     }
     files.sort();
     files
-}
-
-/// What the kernel must answer in a test run where `decide` says `decided`: test runs have no
-/// proxy listening, so a redirect fails closed (178); IPv6 neighbour discovery (ICMPv6
-/// 133–137) passes without policy, as in Cilium.
-pub fn kernel_expectation(decided: Verdict, protocol: u8, port: u16) -> Verdict {
-    if protocol == 58 && (133..=137).contains(&port) {
-        return Verdict::Allow;
-    }
-    match decided {
-        Verdict::Redirect { .. } => Verdict::Drop {
-            reason: abi::drop_reason::PROXY_LOOKUP_FAILED,
-        },
-        v => v,
-    }
 }
 
 /// Named endpoints with replaceable policy maps and an ipcache, on one loaded datapath: each
@@ -183,7 +168,12 @@ pub fn corpus_verdicts_equal_decide<B: Backend>() {
                         (probe.src, probe.dst, probe.protocol, probe.port),
                     )
                     .expect("test run");
-                let want = kernel_expectation(side.expected.into(), probe.protocol, probe.port);
+                let want = weir_datapath::test_run_verdict(
+                    side.expected.into(),
+                    side.direction,
+                    probe.protocol,
+                    probe.port,
+                );
                 checked += 1;
                 if got.verdict != want || got.remote_identity != side.remote {
                     failures.push(format!(

@@ -136,7 +136,10 @@ while True:
 /// A client that prints what the server sends back.
 const ASK: &str = r#"
 import socket, sys
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.5)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_STREAM)
+if len(sys.argv) > 3:
+    s.setsockopt(socket.SOL_SOCKET, 36, int(sys.argv[3]))  # SO_MARK
+s.settimeout(1.5); s.connect((sys.argv[1], int(sys.argv[2])))
 s.sendall(b"hello"); print(s.recv(64).decode(), flush=True)
 "#;
 
@@ -314,6 +317,19 @@ impl Lab {
     /// that delivers packets marked for the proxy (0x200/0xf00) locally.
     pub fn start_proxy(&mut self, port: u16) {
         let node = self.node.clone();
+        // Early demux would hand packets of a connection the proxy accepted (after an ingress
+        // hairpin) to the proxy's socket while they are still being forwarded to the pod's
+        // interface, and the kernel drops forwarded packets that carry a socket.
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            &node,
+            "sysctl",
+            "-qw",
+            "net.ipv4.tcp_early_demux=0",
+            "net.ipv4.udp_early_demux=0",
+        ]);
         run(&[
             "ip",
             "-n",
@@ -361,17 +377,24 @@ impl Lab {
 
     /// Connects from `ns`, sends a line and returns what came back.
     pub fn ask(&self, ns: &str, host: &str, port: u16) -> Option<String> {
+        self.ask_marked(ns, host, port, None)
+    }
+
+    /// As [`Lab::ask`], with the client socket's `SO_MARK` set to `mark` when given.
+    pub fn ask_marked(&self, ns: &str, host: &str, port: u16, mark: Option<u32>) -> Option<String> {
+        let mut args = vec![
+            "netns".to_string(),
+            "exec".to_string(),
+            ns.to_string(),
+            "python3".to_string(),
+            "-c".to_string(),
+            ASK.to_string(),
+            host.to_string(),
+            port.to_string(),
+        ];
+        args.extend(mark.map(|m| m.to_string()));
         let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns,
-                "python3",
-                "-c",
-                ASK,
-                host,
-                &port.to_string(),
-            ])
+            .args(&args)
             .stderr(Stdio::null())
             .output()
             .ok()?;

@@ -148,6 +148,10 @@ macro_rules! suite {
             $crate::traffic::redirects_to_local_proxy::<$b>()
         }
         #[test]
+        fn ingress_redirect_hairpins_to_local_proxy() {
+            $crate::traffic::ingress_redirect_hairpins_to_local_proxy::<$b>()
+        }
+        #[test]
         fn restart_child() {
             $crate::restart::restart_child::<$b>()
         }

@@ -192,10 +192,11 @@ pub fn kernel_matches_oracle<B: Backend>() {
         .unwrap();
     let seen = seen.into_inner();
     eprintln!("verdicts seen: {seen:?}");
-    // Redirects show up as "drop 178": test runs have no proxy listening, and the kernel
-    // fails closed.
+    // Redirects leaving the pod show up as "drop 178": test runs have no proxy listening, and
+    // the kernel fails closed; those entering it as redirects (hairpinned).
     for k in [
-        "Allow", "drop 178", "drop 133", "drop 181", "drop 134", "drop 156", "drop 175", "drop 139",
+        "Allow", "Redirect", "drop 178", "drop 133", "drop 181", "drop 134", "drop 156",
+        "drop 175", "drop 139",
     ] {
         assert!(
             seen.get(k).copied().unwrap_or(0) > 0,
@@ -241,18 +242,16 @@ fn check_probe<B: Backend>(
         protocol,
         port: p.port,
     };
-    let mut policy = ORACLE(m, &flow);
-    // A redirect is steered to the proxy's socket (or, where it cannot be steered yet, dropped);
-    // test runs have no proxy listening, so the kernel fails closed (178).
-    if matches!(policy, Verdict::Redirect { .. }) {
-        policy = Verdict::Drop { reason: 178 };
-    }
-    // IPv6 neighbour discovery is link plumbing: it passes without policy, as in Cilium, unless
-    // fragmented (RFC 6980: never genuine), when policy judges it.
-    if protocol == 58 && (133..=137).contains(&p.port) && !matches!(p.shape, Shape::FirstThenLater)
-    {
-        policy = Verdict::Allow;
-    }
+    let decided = ORACLE(m, &flow);
+    // Redirects: test runs have no proxy listening (see `test_run_verdict`). IPv6 neighbour
+    // discovery is link plumbing: it passes without policy, as in Cilium, unless fragmented
+    // (RFC 6980: never genuine), when policy judges it.
+    let policy = if matches!(p.shape, Shape::FirstThenLater) {
+        // Port 0: outside the neighbour-discovery range, so only the redirect rule applies.
+        weir_datapath::test_run_verdict(decided, dir, protocol, 0)
+    } else {
+        weir_datapath::test_run_verdict(decided, dir, protocol, p.port)
+    };
     let ip_len = if v6 { 40 } else { 20 };
     let want = match p.shape {
         Shape::Plain => policy,

@@ -165,8 +165,8 @@ pub fn policy_table<B: Backend>() {
         Verdict::Drop { reason: 133 },
         f(300, 6, 8191),
     );
-    // `decide` says redirect; traffic entering a pod cannot be steered to the proxy yet, so the
-    // kernel drops it instead of delivering it unchecked (fail closed).
+    // `decide` says redirect; traffic entering a pod goes back into the host-side interface's
+    // ingress, marked for the proxy (the hairpin: a redirect verdict in a test run).
     assert_eq!(
         expected_verdict(
             &m,
@@ -184,9 +184,13 @@ pub fn policy_table<B: Backend>() {
         &m,
         to,
         &tcp(PEER, 8080),
-        Verdict::Drop { reason: 178 },
+        Verdict::Redirect { proxy_port: 15001 },
         None,
     );
+    // The hairpin itself: TC_ACT_REDIRECT, marked for the proxy (conntrack now knows the flow).
+    let out = B::test_run(&dp, to, &tcp(PEER, 8080).build(), 1).expect("test run");
+    assert_eq!(out.tc_action, 7, "{}: {out:?}", B::NAME);
+    assert_eq!(out.mark, 0x0200 | (15001 << 16), "{}: {out:?}", B::NAME);
     check::<B>(
         &dp,
         &m,

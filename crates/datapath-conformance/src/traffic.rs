@@ -3,9 +3,10 @@
 //! create (`weirt-<pid>-*`).
 
 use weir_datapath::{Datapath, EndpointId, EventKind};
+use weir_datapath_abi as abi;
 use weir_identity::Identity;
 use weir_policy_compiler::EntryAction;
-use weir_policy_model::Direction::Egress;
+use weir_policy_model::Direction::{Egress, Ingress};
 
 use crate::Backend;
 use crate::lab::{self, Lab};
@@ -141,6 +142,92 @@ pub fn redirects_to_local_proxy<B: Backend>() {
         "{ev:?}"
     );
     assert!(dp.counters().unwrap().redirected > 0);
+    lab.in_node(|| {
+        dp.detach_endpoint(&ep_a()).unwrap();
+        dp.detach_endpoint(&ep_b()).unwrap();
+    });
+}
+
+/// Conformance test `ingress_redirect_hairpins_to_local_proxy`: a connection entering pod B
+/// that B's ingress policy redirects goes back into the host-side interface and lands on the
+/// node's transparent proxy with its original destination; the ingress proxy's own
+/// connection to B (marked `MARK_MAGIC_FROM_INGRESS_PROXY`) passes B's policy, which would
+/// otherwise drop the node's traffic.
+pub fn ingress_redirect_hairpins_to_local_proxy<B: Backend>() {
+    if skip("ingress_redirect_hairpins_to_local_proxy") {
+        return;
+    }
+    let fs = Bpffs::new();
+    let mut lab = Lab::new();
+    lab.start_servers();
+    lab.start_proxy(15002);
+    let mut dp = B::load(&fs.pins()).unwrap_or_else(|e| panic!("load {}: {e}", B::NAME));
+    setup(&mut dp, &lab);
+    install(
+        &mut dp,
+        1,
+        &map(&[(key(0, Egress, 0, 0, 0), EntryAction::Allow)]),
+    );
+    // B: 8080 from A allowed; 9090 from A redirected to the ingress proxy; nothing else.
+    let mut b = policy_b(true, false);
+    b.entries.insert(
+        key(ID_A, Ingress, 6, 9090, 24),
+        entry(EntryAction::Redirect {
+            proxy_port: 15002,
+            priority: 1,
+        }),
+    );
+    install(&mut dp, 2, &b);
+    assert_eq!(
+        lab.ask(&lab.a, lab::B4, 8080).as_deref(),
+        Some("hello"),
+        "8080 reaches B"
+    );
+    let got = lab.ask(&lab.a, lab::B4, 9090);
+    assert_eq!(
+        got.as_deref(),
+        Some(format!("proxy {}:9090", lab::B4).as_str()),
+        "9090 lands on the proxy, which sees the original destination; events {:?}",
+        dp.drain_events()
+    );
+    let ev = dp.drain_events().unwrap();
+    assert!(
+        ev.iter().any(|e| e.kind == EventKind::RedirectNew
+            && e.proxy_port == 15002
+            && e.direction == Ingress),
+        "{ev:?}"
+    );
+    // The node (world to B's policy) is dropped, unless the connection carries the ingress
+    // proxy's mark.
+    let node = lab.node.clone();
+    assert_eq!(
+        lab.ask(&node, lab::B4, 8080),
+        None,
+        "the node is not allowed"
+    );
+    assert_eq!(
+        lab.ask_marked(
+            &node,
+            lab::B4,
+            8080,
+            Some(abi::MARK_MAGIC_FROM_INGRESS_PROXY)
+        )
+        .as_deref(),
+        Some("hello"),
+        "the ingress proxy's connection passes"
+    );
+    // An egress proxy's connection is judged by the identity in its mark: A's is allowed.
+    assert_eq!(
+        lab.ask_marked(&node, lab::B4, 8080, Some(abi::egress_proxy_mark(ID_A)))
+            .as_deref(),
+        Some("hello"),
+        "judged as A"
+    );
+    assert_eq!(
+        lab.ask_marked(&node, lab::B4, 8080, Some(abi::egress_proxy_mark(ID_A + 1))),
+        None,
+        "judged as another identity"
+    );
     lab.in_node(|| {
         dp.detach_endpoint(&ep_a()).unwrap();
         dp.detach_endpoint(&ep_b()).unwrap();

@@ -335,10 +335,16 @@ static __always_inline __u32 lookup_identity(__u8 fam, const __u8 *addr)
 }
 
 static __always_inline __u32 remote_identity(struct __sk_buff *skb, const struct packet *p,
-					     __u8 dir)
+					     __u8 dir, __u32 mark)
 {
-	__u32 remote = dir == WEIR_DIR_EGRESS ? lookup_identity(p->family, p->daddr)
-					      : lookup_identity(p->family, p->saddr);
+	__u32 remote;
+	if (dir == WEIR_DIR_EGRESS)
+		remote = lookup_identity(p->family, p->daddr);
+	else if ((mark & WEIR_MARK_MAGIC_MASK) == WEIR_MARK_MAGIC_FROM_EGRESS_PROXY)
+		/* The egress proxy forwarding for a client: judge the client, not the node. */
+		remote = WEIR_EGRESS_PROXY_IDENTITY(mark);
+	else
+		remote = lookup_identity(p->family, p->saddr);
 	skb->cb[1] = remote;
 	return remote;
 }
@@ -561,11 +567,15 @@ static __always_inline void remember_fragment(const struct packet *p,
 	}
 }
 
+/* steer_to_proxy's answer when the packet must go back into the interface's ingress. */
+#define STEER_HAIRPIN 0x100
+
 /*
  * Steers a redirected packet to the local proxy on `proxy_port`, or fails closed (returns a
  * drop reason). TCP leaving a pod: the SYN is assigned to the proxy's listener, later packets
  * are only marked (policy routing and the stack's socket lookup find the connection). UDP
- * leaving a pod: every datagram is assigned. Anything else cannot be steered yet: dropped
+ * leaving a pod: every datagram is assigned. TCP and UDP entering a pod: STEER_HAIRPIN (no
+ * socket assignment on tc egress; see hairpin()). Anything else cannot be steered: dropped
  * rather than delivered unchecked.
  */
 static __always_inline int steer_to_proxy(struct __sk_buff *skb, const struct packet *p, __u8 dir,
@@ -573,11 +583,11 @@ static __always_inline int steer_to_proxy(struct __sk_buff *skb, const struct pa
 {
 	if (!proxy_port)
 		return 0;
-	if (dir != WEIR_DIR_EGRESS)
-		return WEIR_DROP_PROXY_LOOKUP_FAILED;
 	int udp = p->protocol == IPPROTO_UDP_;
 	if (!udp && p->protocol != IPPROTO_TCP_)
 		return WEIR_DROP_PROXY_LOOKUP_FAILED;
+	if (dir != WEIR_DIR_EGRESS)
+		return STEER_HAIRPIN;
 	if (!udp && (p->tcp_flags & (TCP_SYN | TCP_ACK)) != TCP_SYN)
 		return 0;
 	struct bpf_sock_tuple t;
@@ -605,6 +615,24 @@ static __always_inline int steer_to_proxy(struct __sk_buff *skb, const struct pa
 	return r ? WEIR_DROP_PROXY_ASSIGN_FAILED : 0;
 }
 
+/*
+ * Sends a packet entering a pod, redirected by the pod's ingress policy, back into the
+ * ingress of the same host-side interface marked for the proxy: weir_from_pod assigns it to
+ * the proxy's socket and the node delivers it locally.
+ */
+static __always_inline int hairpin(struct __sk_buff *skb, const struct weir_endpoint_info *ep,
+				   __u32 ifindex, __u16 proxy_port, __u32 state)
+{
+	/* On tc egress the Ethernet source is this interface's own address; as the destination
+	 * too, it makes the stack take the packet as addressed to the node. */
+	__u8 mac[6];
+	if (bpf_skb_load_bytes(skb, 6, mac, 6) || bpf_skb_store_bytes(skb, 0, mac, 6, 0))
+		return drop_packet(skb, ep, ifindex, WEIR_DIR_INGRESS, NULL, 0,
+				   WEIR_DROP_PROXY_ASSIGN_FAILED);
+	pass(skb, proxy_port, state);
+	return bpf_redirect(ifindex, BPF_F_INGRESS);
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
 	__u32 ifindex = skb->ifindex;
@@ -619,6 +647,19 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		return TC_ACT_OK;
 	if (parsed != PARSED_IP)
 		return drop_packet(skb, &ep, ifindex, dir, NULL, 0, (__u8)parsed);
+
+	__u32 mark = skb->mark;
+	if (dir == WEIR_DIR_EGRESS && (mark & WEIR_MARK_MAGIC_MASK) == WEIR_MARK_MAGIC_TO_PROXY) {
+		/* Hairpinned by weir_to_pod: the destination's policy redirected it; hand it to
+		 * the proxy without judging it as if it left this pod. */
+		int r = steer_to_proxy(skb, &pkt, WEIR_DIR_EGRESS, (__u16)(mark >> 16));
+		if (r)
+			return drop_packet(skb, &ep, ifindex, WEIR_DIR_INGRESS, NULL, 0, (__u8)r);
+		return TC_ACT_OK;
+	}
+	/* The ingress proxy's own connection to the endpoint it just checked the request for. */
+	int from_ingress_proxy = dir == WEIR_DIR_INGRESS &&
+				 (mark & WEIR_MARK_MAGIC_MASK) == WEIR_MARK_MAGIC_FROM_INGRESS_PROXY;
 
 	if (pkt.bypass)
 		return pass(skb, 0, CT_UNTRACKED_PASS);
@@ -635,7 +676,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		/* A later fragment passes only if its first fragment passed. */
 		if (bpf_map_lookup_elem(&WEIR_FRAGS, &fk))
 			return pass(skb, 0, CT_FRAGMENT);
-		__u32 remote = remote_identity(skb, &pkt, dir);
+		__u32 remote = remote_identity(skb, &pkt, dir, mark);
 		return drop_packet(skb, &ep, ifindex, dir, &pkt, remote,
 				   WEIR_DROP_FRAG_NOT_FOUND);
 	}
@@ -657,6 +698,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 				__u16 proxy = e->proxy_port;
 				remember_fragment(&pkt, &fk);
 				int reason = steer_to_proxy(skb, &pkt, dir, proxy);
+				if (reason == STEER_HAIRPIN)
+					return hairpin(skb, &ep, ifindex, proxy, CT_ESTABLISHED);
 				if (reason)
 					return drop_packet(skb, &ep, ifindex, dir, NULL, 0, reason);
 				return pass(skb, proxy, CT_ESTABLISHED);
@@ -675,10 +718,11 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	}
 
 	/* New connection: only now is the remote identity needed. */
-	__u32 remote = remote_identity(skb, &pkt, dir);
+	__u32 remote = remote_identity(skb, &pkt, dir, mark);
 	__u16 proxy_port = 0;
-	int reason = decide(ep.endpoint_id, remote, dir, pkt.protocol, pkt.policy_port,
-			    &proxy_port);
+	int reason = from_ingress_proxy ? 0
+					: decide(ep.endpoint_id, remote, dir, pkt.protocol,
+						 pkt.policy_port, &proxy_port);
 	if (reason) {
 		if (pkt.frag == 1)
 			bpf_map_delete_elem(&WEIR_FRAGS, &fk);
@@ -686,7 +730,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	}
 	/* Steer first: a connection the proxy cannot take is dropped and leaves neither a
 	 * conntrack entry nor a fragment record behind for its later packets to ride on. */
-	reason = steer_to_proxy(skb, &pkt, dir, proxy_port);
+	int steer = steer_to_proxy(skb, &pkt, dir, proxy_port);
+	reason = steer == STEER_HAIRPIN ? 0 : steer;
 	if (reason) {
 		if (pkt.frag == 1)
 			bpf_map_delete_elem(&WEIR_FRAGS, &fk);
@@ -704,6 +749,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	remember_fragment(&pkt, &fk);
 	emit(&ep, ifindex, dir, &pkt, remote,
 	     proxy_port ? WEIR_EVENT_REDIRECT_NEW : WEIR_EVENT_ALLOW_NEW, 0, proxy_port);
+	if (steer == STEER_HAIRPIN)
+		return hairpin(skb, &ep, ifindex, proxy_port, CT_NEW);
 	return pass(skb, proxy_port, CT_NEW);
 }
 

@@ -74,7 +74,12 @@
 #define WEIR_CT_LIFETIME_OTHER 60ULL
 
 #define WEIR_IDENTITY_WORLD 2
+#define WEIR_MARK_MAGIC_MASK 0x0F00
 #define WEIR_MARK_MAGIC_TO_PROXY 0x0200
+#define WEIR_MARK_MAGIC_FROM_INGRESS_PROXY 0x0A00
+#define WEIR_MARK_MAGIC_FROM_EGRESS_PROXY 0x0B00
+/* The identity an egress proxy mark carries (see datapath-abi's egress_proxy_mark). */
+#define WEIR_EGRESS_PROXY_IDENTITY(mark) (((mark) >> 16) | (((mark) & 0xFF) << 16))
 #define WEIR_POLICY_L3_ONLY 0x80
 #define WEIR_POLICY_FIXED_PREFIX_BITS 72
 #define WEIR_IPCACHE_FIXED_PREFIX_BITS 32

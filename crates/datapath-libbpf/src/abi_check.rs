@@ -75,7 +75,7 @@ fn rust_side() -> BTreeMap<String, u64> {
         layout!(FragValue; sport_be, dport_be),
         layout!(Event; timestamp_ns, kind, verdict, drop_reason, direction, family, protocol, tcp_flags, pad, sport, dport, src_identity, dst_identity, endpoint_id, ifindex, proxy_port, pad2, saddr, daddr),
     ];
-    let consts: [(&str, u64); 44] = [
+    let consts: [(&str, u64); 48] = [
         ("capacity::POLICY", u64::from(abi::capacity::POLICY)),
         (
             "capacity::POLICY_EXACT",
@@ -159,6 +159,19 @@ fn rust_side() -> BTreeMap<String, u64> {
         ("ct_lifetime::OTHER", abi::ct_lifetime::OTHER),
         ("IDENTITY_WORLD", u64::from(abi::IDENTITY_WORLD)),
         ("MARK_MAGIC_TO_PROXY", u64::from(abi::MARK_MAGIC_TO_PROXY)),
+        ("MARK_MAGIC_MASK", u64::from(abi::MARK_MAGIC_MASK)),
+        (
+            "MARK_MAGIC_FROM_INGRESS_PROXY",
+            u64::from(abi::MARK_MAGIC_FROM_INGRESS_PROXY),
+        ),
+        (
+            "MARK_MAGIC_FROM_EGRESS_PROXY",
+            u64::from(abi::MARK_MAGIC_FROM_EGRESS_PROXY),
+        ),
+        (
+            "EGRESS_PROXY_IDENTITY(0x12345678)",
+            u64::from(abi::egress_proxy_identity(0x1234_5678)),
+        ),
         ("POLICY_L3_ONLY", abi::POLICY_L3_ONLY as u64),
         (
             "POLICY_FIXED_PREFIX_BITS",

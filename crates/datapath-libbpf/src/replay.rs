@@ -20,8 +20,8 @@ use weir_identity::Identity;
 use weir_policy_compiler::{MapState, MapStateDiff};
 use weir_policy_model::Direction;
 
+use crate::{HookDirection, LibbpfDatapath, LoadError, TestRunOutcome};
 use weir_datapath::packet::{L4, PacketSpec};
-use crate::{LibbpfDatapath, HookDirection, LoadError, TestRunOutcome};
 
 /// Test runs see the loopback device: the judging endpoint is registered on ifindex 1.
 const TEST_RUN_IFINDEX: u32 = 1;
@@ -60,7 +60,8 @@ impl PrivateBpffs {
     fn mount() -> Result<Self, ReplayError> {
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("weir-replay-libbpf-{}-{n}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("weir-replay-libbpf-{}-{n}", std::process::id()));
         let err = |source| ReplayError::Mount {
             path: dir.clone(),
             source,
@@ -127,27 +128,14 @@ impl SideOutcome {
     }
 }
 
-/// What the kernel must answer in a test run where `decide` says `decided`:
-/// * a TCP connection leaving a pod that policy redirects is assigned to the proxy's socket;
-///   test runs have no proxy listening, so the kernel fails closed with 178 — that drop is the
-///   proof it chose the redirect;
-/// * IPv6 neighbour discovery (ICMPv6 133–137) passes without policy, as in Cilium.
+/// What the kernel must answer in a test run where `decide` says `decided` (see
+/// [`weir_datapath::test_run_verdict`]).
 pub fn kernel_expectation(
     decided: Verdict,
-    _direction: Direction,
+    direction: Direction,
     packet: &ReplayPacket,
 ) -> Verdict {
-    if packet.protocol == 58 && (133..=137).contains(&packet.port) {
-        return Verdict::Allow;
-    }
-    match decided {
-        // Test runs have no proxy listening: a redirect the kernel steers fails closed (178),
-        // and one it cannot steer yet (into a pod, SCTP) is dropped the same way.
-        Verdict::Redirect { .. } => Verdict::Drop {
-            reason: abi::drop_reason::PROXY_LOOKUP_FAILED,
-        },
-        v => v,
-    }
+    weir_datapath::test_run_verdict(decided, direction, packet.protocol, packet.port)
 }
 
 /// Loaded programs on a private bpffs, with named endpoints whose maps can be replaced.

@@ -14,7 +14,7 @@ pub mod packet;
 mod types;
 
 pub use fake::FakeDatapath;
-pub use oracle::expected_verdict;
+pub use oracle::{expected_verdict, test_run_verdict};
 pub use types::*;
 pub use weir_policy_compiler::Flow;
 

@@ -3,6 +3,7 @@
 //! the fake and every kernel test use it through here.
 
 use weir_policy_compiler::{Flow, MapState, decide};
+use weir_policy_model::Direction;
 
 use crate::Verdict;
 
@@ -23,11 +24,41 @@ pub fn expected_verdict(map: &MapState, flow: &Flow) -> Verdict {
     decide(map, flow).verdict.into()
 }
 
+/// What a backend answers in a `BPF_PROG_TEST_RUN` of the first packet of a flow whose
+/// policy verdict is `decided`. Test runs have no proxy listening: a redirect leaving a pod
+/// fails closed (178, no proxy socket), while TCP and UDP entering a pod are hairpinned
+/// towards the proxy (a redirect verdict; the socket lookup happens on the second pass, in
+/// the other hook). Redirects the kernel cannot steer at all (SCTP, ICMP) drop with 178 too.
+/// IPv6 neighbour discovery (ICMPv6 133–137) passes without policy, as in Cilium.
+pub fn test_run_verdict(
+    decided: Verdict,
+    direction: Direction,
+    protocol: u8,
+    port: u16,
+) -> Verdict {
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+    const ICMPV6: u8 = 58;
+    if protocol == ICMPV6 && (133..=137).contains(&port) {
+        return Verdict::Allow;
+    }
+    match decided {
+        Verdict::Redirect { .. }
+            if direction == Direction::Ingress && matches!(protocol, TCP | UDP) =>
+        {
+            decided
+        }
+        Verdict::Redirect { .. } => Verdict::Drop {
+            reason: weir_datapath_abi::drop_reason::PROXY_LOOKUP_FAILED,
+        },
+        v => v,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use weir_identity::Identity;
     use weir_policy_compiler::{EntryAction, PolicyEntry, PolicyKey};
-    use weir_policy_model::Direction;
 
     use super::*;
 
