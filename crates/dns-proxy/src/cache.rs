@@ -188,12 +188,15 @@ impl NameCache {
         let now_ms = to_ms(now);
         let cap = self.config.max_ips_per_name.max(1);
         let mut state = self.lock();
-        let per_name = state
-            .endpoints
-            .entry(endpoint)
-            .or_default()
-            .entry(name.to_owned())
-            .or_default();
+        let names = state.endpoints.entry(endpoint).or_default();
+        // A known name (the common case: the same names are asked again and again) costs
+        // no allocation.
+        if !names.contains_key(name) {
+            names.insert(name.to_owned(), BTreeMap::new());
+        }
+        let Some(per_name) = names.get_mut(name) else {
+            return Vec::new();
+        };
         for &(ip, ttl) in ips {
             let expires_ms = now_ms.saturating_add(u64::from(ttl).saturating_mul(1000));
             let e = per_name.entry(ip).or_insert(IpState {
