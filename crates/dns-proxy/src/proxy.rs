@@ -69,7 +69,8 @@ struct Pending {
     ctx: QueryContext,
     raw: Vec<u8>,
     query: DnsMessage,
-    msg: Message,
+    /// The decoded query, when the quick reader could not read it.
+    msg: Option<Message>,
     endpoint: EndpointId,
     server_identity: Identity,
     rule: Option<String>,
@@ -273,7 +274,11 @@ impl DnsProxy {
             Counters::inc(&sh.counters.dropped);
             return Step::Reply(None);
         }
-        let (query, msg) = match wire::decode(raw) {
+        let parsed = match wire::quick_query(raw) {
+            Some(q) => Ok((q, None)),
+            None => wire::decode(raw).map(|(q, m)| (q, Some(m))),
+        };
+        let (query, msg) = match parsed {
             Ok(x) => x,
             Err(ParseError::TooShort(_)) => {
                 Counters::inc(&sh.counters.dropped);
@@ -296,7 +301,7 @@ impl DnsProxy {
             .collect();
         if query.opcode != 0 {
             Counters::inc(&sh.counters.malformed);
-            return self.answer_now(rec, wire::reply(&msg, raw, rcode::NOTIMP));
+            return self.answer_now(rec, wire::reply(msg.as_ref(), raw, rcode::NOTIMP));
         }
         let Some(question) = query
             .questions
@@ -304,7 +309,7 @@ impl DnsProxy {
             .filter(|_| query.questions.len() == 1)
         else {
             Counters::inc(&sh.counters.malformed);
-            return self.answer_now(rec, wire::reply(&msg, raw, rcode::FORMERR));
+            return self.answer_now(rec, wire::reply(msg.as_ref(), raw, rcode::FORMERR));
         };
         let decision = match endpoint {
             _ if question.qclass != rtype::CLASS_IN => DnsDecision {
@@ -332,12 +337,12 @@ impl DnsProxy {
                 DenyResponse::Refused => rcode::REFUSED,
                 DenyResponse::NameError => rcode::NXDOMAIN,
             };
-            return self.answer_now(rec, wire::reply(&msg, raw, code));
+            return self.answer_now(rec, wire::reply(msg.as_ref(), raw, code));
         };
         let Ok(permit) = sh.permits.clone().try_acquire_owned() else {
             Counters::inc(&sh.counters.overloaded);
             rec.verdict = DnsVerdict::Error;
-            return self.answer_now(rec, wire::reply(&msg, raw, rcode::SERVFAIL));
+            return self.answer_now(rec, wire::reply(msg.as_ref(), raw, rcode::SERVFAIL));
         };
         rec.verdict = DnsVerdict::Forwarded;
         let rule = rec.rule.clone();
@@ -482,7 +487,7 @@ impl DnsProxy {
         rec.ttl = None;
         rec.latency = p.started.elapsed();
         self.shared.sink.record(rec);
-        wire::reply(&p.msg, &p.raw, code).unwrap_or_default()
+        wire::reply(p.msg.as_ref(), &p.raw, code).unwrap_or_default()
     }
 
     /// Sends the client's query to its server and waits for the answer to exactly that
