@@ -61,6 +61,7 @@ light() {
 median() { sort -n | awk '{v[NR]=$1} END{print v[int((NR+1)/2)]}'; }
 echo "# $(date -u +%FT%TZ) $(uname -r) load $(cut -d' ' -f1-3 /proc/loadavg); $T s per test, $REPS reps, dnsperf -c $CLIENTS, proxy workers $WORKERS"
 declare -A QPS AVG P50 P99
+RATIOS=""
 for r in $(seq "$REPS"); do
   for path in direct forwarder weir; do
     case $path in direct) s=10.202.0.2;; forwarder) s=127.0.0.1;; weir) s=127.0.0.2;; esac
@@ -68,7 +69,10 @@ for r in $(seq "$REPS"); do
     read -r p50 p99 < <(light $s); sleep 1
     echo "rep $r $path: $q q/s (avg $a us, lost $lost) | at 2k q/s p50 $p50 us p99 $p99 us"
     QPS[$path]+="$q "; AVG[$path]+="$a "; P50[$path]+="$p50 "; P99[$path]+="$p99 "
+    eval "Q_$path=$q"
   done
+  # Each repetition's own ratio: its runs are seconds apart, so drift cancels better.
+  RATIOS+="$(awk -v a="$Q_weir" -v b="$Q_forwarder" 'BEGIN{printf "%.3f", a/b}') "
 done
 echo
 echo "path | saturating q/s (median) | avg latency us | at 2k q/s p50 us | p99 us | q/s ratio to forwarder"
@@ -77,5 +81,6 @@ for path in direct forwarder weir; do
   q=$(echo ${QPS[$path]} | tr ' ' '\n' | median)
   echo "$path | $q | $(echo ${AVG[$path]} | tr ' ' '\n' | median) | $(echo ${P50[$path]} | tr ' ' '\n' | median) | $(echo ${P99[$path]} | tr ' ' '\n' | median) | $(awk -v a="$q" -v b="$fwd" 'BEGIN{printf "%.2f", a/b}')"
 done
+echo "weir / forwarder per repetition: $RATIOS(median $(echo $RATIOS | tr ' ' '\n' | median))"
 kill -INT $PROXYPID 2>/dev/null; sleep 0.5
 echo "proxy counters: $(cat "$WORK/proxy.out")"
