@@ -19,6 +19,10 @@
 //!   selects a name of the chain, the [`DnsLearner`] is awaited **before** the answer is
 //!   released, so the client's first packet to a learned IP is already allowed; if it fails
 //!   the client gets SERVFAIL. The answer is then recorded in the [`NameCache`].
+//! - **Expiry.** [`NameCache::gc`] drops an IP when its TTL (raised to `min_ttl`) has passed
+//!   and no connection to it was live within `idle_grace` (default 0, as Cilium's
+//!   `--tofqdns-idle-connection-grace-period`), as the agent's [`ConnectionActivity`] reports
+//!   from conntrack: as in Cilium, expiry never cuts a live connection.
 //! - **Robustness.** Messages under 12 bytes or with QR set are dropped; messages that do
 //!   not parse (truncated, compression loops, bad counts) get a header-only FORMERR; opcodes
 //!   other than QUERY get NOTIMP; more or fewer than one question FORMERR; classes other than
