@@ -529,18 +529,15 @@ impl DnsProxy {
         raw: &mut [u8],
         query: &DnsMessage,
     ) -> Result<(Vec<u8>, DnsMessage), UpstreamError> {
+        let question = query.questions.first().ok_or(UpstreamError::Io)?;
         let mut exchange = self
             .shared
             .upstream
-            .send(server, raw)
+            .send(server, raw, question)
             .await
             .map_err(|_| UpstreamError::Io)?;
-        loop {
-            let data = exchange.recv().await.ok_or(UpstreamError::Io)?;
-            if let Some(answer) = self.accept_answer(query, &data) {
-                return Ok((data, answer));
-            }
-        }
+        // The pool checked ID, QR and question.
+        exchange.recv().await.ok_or(UpstreamError::Io)
     }
 
     async fn exchange_tcp(

@@ -3,16 +3,17 @@
 //! A fresh socket per query costs five system calls and an epoll registration and was the
 //! proxy's main cost. Instead, each upstream server gets a few connected sockets; every
 //! forwarded query takes a random message ID that is free on its socket, the datagram is sent
-//! with that ID, and the socket's reader task hands each answer to the query waiting on its ID
-//! (the [`Exchange`]), which restores the client's ID and checks the answer as before.
+//! with that ID, and the socket's reader task checks each answer (a response repeating the
+//! question) and hands it to the query waiting on its ID (the [`Exchange`]), which restores
+//! the client's ID.
 //!
 //! - **Spoofing.** The kernel only delivers datagrams from the server's address and port to a
 //!   connected socket; the ID is drawn from the OS random source; and a socket is retired
 //!   after [`MAX_QUERIES_PER_SOCKET`] queries, so its source port keeps changing, as a fresh
 //!   socket per query did, only less often.
-//! - **Late, unsolicited and duplicate answers** find no waiter (the query timed out, or never
-//!   was) and are dropped and counted; answers that do not match the question are dropped by
-//!   the waiter, which keeps waiting until its timeout.
+//! - **Late, unsolicited and duplicate answers** find no waiter (the query timed out, was
+//!   answered, or never was) and are dropped and counted; so are answers that do not repeat
+//!   the question, and the query keeps waiting until its timeout.
 //! - **Bounded.** At most [`MAX_SERVERS`] servers (the least recently used is dropped),
 //!   `sockets_per_server` sockets each, [`MAX_WAITERS_PER_SOCKET`] queries in flight per socket;
 //!   a retired socket's reader ends when its last query ends.
@@ -24,10 +25,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::net::UdpSocket;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, oneshot};
 
 use crate::stats::Counters;
-use crate::wire::MAX_MESSAGE_LEN;
+use crate::wire::{self, DnsMessage, MAX_MESSAGE_LEN, Question};
 
 /// A socket's source port is used for this many queries, then a fresh socket replaces it.
 pub(crate) const MAX_QUERIES_PER_SOCKET: u32 = 10_000;
@@ -38,9 +39,6 @@ pub(crate) const MAX_SERVERS: usize = 64;
 /// At most this many queries wait on one socket (a sixth of the ID space, so a free random
 /// ID is found in a few draws).
 pub(crate) const MAX_WAITERS_PER_SOCKET: usize = 10_000;
-
-/// Candidate answers queued for one waiter; more (a flood of copies) are dropped.
-const WAITER_QUEUE: usize = 4;
 
 /// Random IDs drawn per `getrandom` call.
 const RANDOM_IDS: usize = 128;
@@ -98,8 +96,14 @@ fn fill_random(buf: &mut [u16]) -> io::Result<()> {
     Ok(())
 }
 
+/// A query waiting for its answer: the question the answer must repeat.
+struct Waiter {
+    question: Question,
+    tx: oneshot::Sender<(Vec<u8>, DnsMessage)>,
+}
+
 struct Waiters {
-    by_id: HashMap<u16, mpsc::Sender<Vec<u8>>>,
+    by_id: HashMap<u16, Waiter>,
     ids: IdSource,
 }
 
@@ -156,22 +160,31 @@ impl UpSocket {
                 }
             };
             let data = buf.get(..n).unwrap_or_default();
-            let Some(id) = crate::wire::header_id(data) else {
+            let Ok(answer) = wire::parse_message(data) else {
                 Counters::inc(&counters.malformed_answers);
                 continue;
             };
-            let tx = self.lock().by_id.get(&id).cloned();
-            match tx {
-                // The waiter checks it; a full queue means a flood of copies: drop.
-                Some(tx) => {
-                    let _ = tx.try_send(data.to_vec());
-                }
-                // Late, duplicated or unsolicited (the cold path: classify for the counters).
-                None => Counters::inc(if crate::wire::parse_message(data).is_err() {
-                    &counters.malformed_answers
+            // The answer to a waiting query: a response under its ID repeating exactly its
+            // question. Anything else (late, duplicated, unsolicited, another question) is
+            // dropped and the query keeps waiting.
+            let waiter = {
+                let mut w = self.lock();
+                let matches = w.by_id.get(&answer.id).is_some_and(|q| {
+                    answer.is_response
+                        && answer.questions.len() == 1
+                        && answer.questions.first() == Some(&q.question)
+                });
+                if matches {
+                    w.by_id.remove(&answer.id)
                 } else {
-                    &counters.mismatched_answers
-                }),
+                    None
+                }
+            };
+            match waiter {
+                Some(w) => {
+                    let _ = w.tx.send((data.to_vec(), answer));
+                }
+                None => Counters::inc(&counters.mismatched_answers),
             }
         }
     }
@@ -183,18 +196,19 @@ pub(crate) struct Exchange {
     socket: Arc<UpSocket>,
     upstream_id: u16,
     client_id: [u8; 2],
-    rx: mpsc::Receiver<Vec<u8>>,
+    rx: oneshot::Receiver<(Vec<u8>, DnsMessage)>,
 }
 
 impl Exchange {
-    /// The next message the server sent with this query's ID, with the client's ID restored;
-    /// `None` if the socket failed (the query gets SERVFAIL).
-    pub(crate) async fn recv(&mut self) -> Option<Vec<u8>> {
-        let mut data = self.rx.recv().await?;
+    /// The answer (a response with this query's ID and question), with the client's ID
+    /// restored; `None` if the socket failed (the query gets SERVFAIL).
+    pub(crate) async fn recv(&mut self) -> Option<(Vec<u8>, DnsMessage)> {
+        let (mut data, mut answer) = (&mut self.rx).await.ok()?;
         if let Some(id) = data.get_mut(..2) {
             id.copy_from_slice(&self.client_id);
         }
-        Some(data)
+        answer.id = u16::from_be_bytes(self.client_id);
+        Some((data, answer))
     }
 }
 
@@ -257,15 +271,21 @@ impl UpstreamPool {
         }
     }
 
-    /// Sends `query` to `server` under a fresh ID (the client's ID is restored in the bytes
-    /// before returning) and registers for its answer. Must be called inside a tokio runtime.
-    pub(crate) async fn send(&self, server: SocketAddr, query: &mut [u8]) -> io::Result<Exchange> {
+    /// Sends `query` (asking `question`) to `server` under a fresh ID (the client's ID is
+    /// restored in the bytes before returning) and registers for its answer. Must be called
+    /// inside a tokio runtime.
+    pub(crate) async fn send(
+        &self,
+        server: SocketAddr,
+        query: &mut [u8],
+        question: &Question,
+    ) -> io::Result<Exchange> {
         let client_id = match query.get(..2) {
             Some(&[a, b]) => [a, b],
             _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "no DNS header")),
         };
         let socket = self.socket(server)?;
-        let (tx, rx) = mpsc::channel(WAITER_QUEUE);
+        let (tx, rx) = oneshot::channel();
         let upstream_id = {
             let mut w = socket.lock();
             if w.by_id.len() >= MAX_WAITERS_PER_SOCKET {
@@ -285,7 +305,13 @@ impl UpstreamPool {
             let id = free.ok_or_else(|| {
                 io::Error::new(io::ErrorKind::WouldBlock, "no free upstream DNS ID")
             })?;
-            w.by_id.insert(id, tx);
+            w.by_id.insert(
+                id,
+                Waiter {
+                    question: question.clone(),
+                    tx,
+                },
+            );
             id
         };
         // From here on, dropping the exchange frees the ID.
@@ -432,6 +458,11 @@ mod tests {
         (addr, s)
     }
 
+    async fn ask(p: &UpstreamPool, up: SocketAddr, q: &mut [u8]) -> io::Result<Exchange> {
+        let question = parse_message(q).expect("query").questions[0].clone();
+        p.send(up, q, &question).await
+    }
+
     fn pool(sockets: usize) -> (UpstreamPool, Arc<Counters>) {
         let c = Arc::new(Counters::default());
         (UpstreamPool::new(sockets, None, c.clone()), c)
@@ -452,13 +483,13 @@ mod tests {
         let (p, _) = pool(2);
         let q = build_query(0xabcd, "a.example.", 1).expect("query");
         let mut sent = q.clone();
-        let mut ex = p.send(up, &mut sent).await.expect("send");
+        let mut ex = ask(&p, up, &mut sent).await.expect("send");
         assert_eq!(sent, q, "the caller's bytes are restored");
-        let a = tokio::time::timeout(WAIT, ex.recv())
+        let (a, m) = tokio::time::timeout(WAIT, ex.recv())
             .await
             .expect("in time")
             .expect("answer");
-        let m = parse_message(&a).expect("parses");
+        assert_eq!(parse_message(&a).expect("parses"), m);
         assert_eq!(m.id, 0xabcd);
         assert!(m.is_response);
         drop(ex);
@@ -479,12 +510,12 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 let name = format!("q{i}.example.");
                 let mut q = build_query(7, &name, 1).expect("query");
-                let mut ex = p.send(up, &mut q).await.expect("send");
-                let a = tokio::time::timeout(WAIT, ex.recv())
+                let mut ex = ask(&p, up, &mut q).await.expect("send");
+                let (a, m) = tokio::time::timeout(WAIT, ex.recv())
                     .await
                     .expect("in time")
                     .expect("answer");
-                let m = parse_message(&a).expect("parses");
+                assert_eq!(&a[..2], &[0, 7]);
                 assert_eq!(m.id, 7);
                 assert_eq!(m.questions[0].name, name);
             }));
@@ -503,7 +534,7 @@ mod tests {
         let (up, srv) = server(Behaviour::Silent).await;
         let (p, c) = pool(1);
         let mut q = build_query(1, "late.example.", 1).expect("query");
-        let mut ex = p.send(up, &mut q).await.expect("send");
+        let mut ex = ask(&p, up, &mut q).await.expect("send");
         assert!(
             tokio::time::timeout(Duration::from_millis(100), ex.recv())
                 .await
@@ -542,7 +573,7 @@ mod tests {
         let (up, srv) = server(Behaviour::Silent).await;
         let (p, _) = pool(1);
         let mut q = build_query(9, "flood.example.", 1).expect("query");
-        let mut ex = p.send(up, &mut q).await.expect("send");
+        let mut ex = ask(&p, up, &mut q).await.expect("send");
         let proxy_side = {
             let servers = p.servers.lock().expect("lock");
             let s = servers[&up].slots[0].clone().expect("socket");
@@ -554,7 +585,7 @@ mod tests {
         for _ in 0..50 {
             srv.send_to(&a, proxy_side).await.expect("send");
         }
-        let got = tokio::time::timeout(WAIT, ex.recv())
+        let (got, _) = tokio::time::timeout(WAIT, ex.recv())
             .await
             .expect("in time")
             .expect("answer");
@@ -563,7 +594,7 @@ mod tests {
         // The reader still serves new queries.
         let (up2, _s2) = server(Behaviour::Echo).await;
         let mut q = build_query(10, "next.example.", 1).expect("query");
-        let mut ex = p.send(up2, &mut q).await.expect("send");
+        let mut ex = ask(&p, up2, &mut q).await.expect("send");
         assert!(tokio::time::timeout(WAIT, ex.recv()).await.is_ok());
     }
 
@@ -577,7 +608,7 @@ mod tests {
         let mut ports = std::collections::HashSet::new();
         for i in 0..9u16 {
             let mut q = build_query(i, "rot.example.", 1).expect("query");
-            let mut ex = p.send(up, &mut q).await.expect("send");
+            let mut ex = ask(&p, up, &mut q).await.expect("send");
             assert!(tokio::time::timeout(WAIT, ex.recv()).await.is_ok());
             let servers = p.servers.lock().expect("lock");
             let s = servers[&up].slots[0].clone().expect("socket");
@@ -587,7 +618,7 @@ mod tests {
         for _ in 0..MAX_SERVERS + 5 {
             let (other, _s) = server(Behaviour::Silent).await;
             let mut q = build_query(1, "x.example.", 1).expect("query");
-            drop(p.send(other, &mut q).await.expect("send"));
+            drop(ask(&p, other, &mut q).await.expect("send"));
         }
         assert!(p.servers.lock().expect("lock").len() <= MAX_SERVERS);
     }
@@ -599,7 +630,7 @@ mod tests {
         drop(free);
         let (p, _) = pool(1);
         let mut q = build_query(1, "closed.example.", 1).expect("query");
-        match p.send(up, &mut q).await {
+        match ask(&p, up, &mut q).await {
             // Refused on send: fine.
             Err(_) => {}
             Ok(mut ex) => {
