@@ -208,8 +208,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 {
                     warn!(error = %e, "conntrack gc");
                 }
-                // Expired DNS answers close access (no grace for live connections yet).
-                match m.gc_fqdn(std::time::SystemTime::now(), &weir_dns_proxy::NoConnections) {
+                // Expired DNS answers close access, except to addresses with a live
+                // connection in conntrack (read only when something has expired).
+                let now = std::time::SystemTime::now();
+                let activity = if m.proxy_handles().name_cache.has_expired(now) {
+                    let endpoints = m.proxy_handles().identities.load();
+                    weir_agent::fqdn_grace::ConntrackActivity::from_datapath(
+                        m.datapath(),
+                        &endpoints,
+                    )
+                    .unwrap_or_else(|e| {
+                        // Without conntrack, keep every expired address this round rather
+                        // than cut connections that may be live.
+                        warn!(error = %e, "conntrack for DNS grace");
+                        weir_agent::fqdn_grace::ConntrackActivity::everything_live(now)
+                    })
+                } else {
+                    weir_agent::fqdn_grace::ConntrackActivity::default()
+                };
+                match m.gc_fqdn(now, &activity) {
                     Ok(0) => {}
                     Ok(n) => info!(addresses = n, "learned DNS addresses expired"),
                     Err(e) => warn!(error = %e, "DNS name cache gc"),

@@ -22,8 +22,10 @@ pub struct CacheConfig {
     /// At most this many IPs per (endpoint, name); the oldest are evicted beyond it
     /// (Cilium's `--tofqdns-endpoint-max-ip-per-hostname`).
     pub max_ips_per_name: usize,
-    /// How long an expired IP is kept after its connections were last active (Cilium's
-    /// `--tofqdns-idle-connection-grace-period`).
+    /// How long an expired IP is kept after a connection to it was last seen live (Cilium's
+    /// `--tofqdns-idle-connection-grace-period`, default 0). Whatever its value, an expired IP
+    /// stays while [`ConnectionActivity`] reports a live connection to it at each
+    /// [`NameCache::gc`]: like Cilium, expiry never cuts an open connection.
     pub idle_grace: Duration,
 }
 
@@ -73,9 +75,11 @@ pub struct CacheRow {
 }
 
 /// Tells the garbage collector when connections to an IP were last active, so an expired
-/// IP with live connections keeps its access (the agent reads conntrack).
+/// IP with live connections keeps its access (the agent reads its datapath's conntrack).
 pub trait ConnectionActivity: Send + Sync {
-    /// When a connection from `endpoint` to `ip` was last seen; `None` if there is none.
+    /// When a connection from `endpoint` to `ip` was last seen live (a live connection:
+    /// now); `None` if there is none. The cache remembers the latest time it was told, so a
+    /// source that only knows about live connections suffices for the grace period.
     fn last_active(&self, endpoint: EndpointId, ip: IpAddr) -> Option<SystemTime>;
 }
 
@@ -104,6 +108,8 @@ pub enum CacheError {
 struct IpState {
     learned_ms: u64,
     expires_ms: u64,
+    /// When a connection to it was last reported live after it expired, 0 if never.
+    alive_ms: u64,
 }
 
 type Names = HashMap<String, BTreeMap<IpAddr, IpState>>;
@@ -182,17 +188,21 @@ impl NameCache {
         let now_ms = to_ms(now);
         let cap = self.config.max_ips_per_name.max(1);
         let mut state = self.lock();
-        let per_name = state
-            .endpoints
-            .entry(endpoint)
-            .or_default()
-            .entry(name.to_owned())
-            .or_default();
+        let names = state.endpoints.entry(endpoint).or_default();
+        // A known name (the common case: the same names are asked again and again) costs
+        // no allocation.
+        if !names.contains_key(name) {
+            names.insert(name.to_owned(), BTreeMap::new());
+        }
+        let Some(per_name) = names.get_mut(name) else {
+            return Vec::new();
+        };
         for &(ip, ttl) in ips {
             let expires_ms = now_ms.saturating_add(u64::from(ttl).saturating_mul(1000));
             let e = per_name.entry(ip).or_insert(IpState {
                 learned_ms: now_ms,
                 expires_ms,
+                alive_ms: 0,
             });
             e.learned_ms = now_ms;
             e.expires_ms = e.expires_ms.max(expires_ms);
@@ -267,13 +277,24 @@ impl NameCache {
             .collect()
     }
 
-    /// Removes expired entries whose connections have been idle for longer than the grace
-    /// period (per `activity`), and returns them with any entries evicted by the per-name
-    /// cap since the last call. The agent then withdraws access for IPs that
-    /// [`contains_ip`](Self::contains_ip) no longer reports.
+    /// Whether any entry has expired at `now` (a cheap check before reading conntrack).
+    pub fn has_expired(&self, now: SystemTime) -> bool {
+        let now_ms = to_ms(now);
+        let state = self.lock();
+        state.endpoints.values().any(|names| {
+            names
+                .values()
+                .any(|ips| ips.values().any(|s| s.expires_ms <= now_ms))
+        }) || !state.evicted.is_empty()
+    }
+
+    /// Removes expired entries with no live connection and none for longer than the grace
+    /// period (per `activity`, asked only about expired entries), and returns them with any
+    /// entries evicted by the per-name cap since the last call. The agent then withdraws
+    /// access for IPs that [`contains_ip`](Self::contains_ip) no longer reports.
     pub fn gc(&self, now: SystemTime, activity: &dyn ConnectionActivity) -> Vec<CacheEntry> {
         let now_ms = to_ms(now);
-        let grace = self.config.idle_grace;
+        let grace_ms = u64::try_from(self.config.idle_grace.as_millis()).unwrap_or(u64::MAX);
         let mut state = self.lock();
         let mut removed = std::mem::take(&mut state.evicted);
         for (ep, names) in state.endpoints.iter_mut() {
@@ -282,9 +303,10 @@ impl NameCache {
                     if s.expires_ms > now_ms {
                         return true;
                     }
-                    let alive = activity
-                        .last_active(*ep, *ip)
-                        .is_some_and(|t| t.checked_add(grace).is_some_and(|until| until > now));
+                    if let Some(t) = activity.last_active(*ep, *ip) {
+                        s.alive_ms = s.alive_ms.max(to_ms(t));
+                    }
+                    let alive = s.alive_ms != 0 && s.alive_ms.saturating_add(grace_ms) >= now_ms;
                     if !alive {
                         removed.push(CacheEntry {
                             endpoint: ep.0,
@@ -386,6 +408,7 @@ impl NameCache {
                         IpState {
                             learned_ms: e.learned_ms,
                             expires_ms: e.expires_ms,
+                            alive_ms: 0,
                         },
                     );
             }
@@ -488,6 +511,45 @@ mod tests {
         assert!(c.contains_ip(ip(1)));
         // Idle for longer than the grace period: removed.
         assert_eq!(c.gc(at(200), &Active(at(70))).len(), 1);
+    }
+
+    /// With no grace period (Cilium's default), an expired IP stays exactly while a
+    /// connection is live, and goes at the first collection after.
+    #[test]
+    fn zero_grace_keeps_only_live_connections() {
+        let c = NameCache::new(CacheConfig::default());
+        let ep = EndpointId(1);
+        c.insert(ep, "a.", &[(ip(1), 10), (ip(2), 10)], at(0));
+        assert!(!c.has_expired(at(5)));
+        assert!(c.has_expired(at(10)));
+        struct Live(IpAddr, SystemTime);
+        impl ConnectionActivity for Live {
+            fn last_active(&self, _: EndpointId, ip: IpAddr) -> Option<SystemTime> {
+                (ip == self.0).then_some(self.1)
+            }
+        }
+        let gone = c.gc(at(20), &Live(ip(1), at(20)));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].ip, ip(2));
+        assert!(c.contains_ip(ip(1)));
+        assert!(c.gc(at(21), &Live(ip(1), at(21))).is_empty());
+        assert_eq!(c.gc(at(22), &NoConnections).len(), 1);
+        assert!(!c.contains_ip(ip(1)));
+    }
+
+    /// A grace period counts from the last time a connection was seen live, even when the
+    /// activity source has forgotten it since (conntrack entries are deleted when closed).
+    #[test]
+    fn grace_counts_from_last_live_sighting() {
+        let c = NameCache::new(CacheConfig {
+            idle_grace: Duration::from_secs(30),
+            ..CacheConfig::default()
+        });
+        let ep = EndpointId(1);
+        c.insert(ep, "a.", &[(ip(1), 10)], at(0));
+        assert!(c.gc(at(50), &Active(at(50))).is_empty());
+        assert!(c.gc(at(79), &NoConnections).is_empty());
+        assert_eq!(c.gc(at(81), &NoConnections).len(), 1);
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct DnsProxyConfig {
     /// `SO_MARK` for upstream sockets, so the datapath does not redirect the proxy's own
     /// queries back to it. Setting it needs `CAP_NET_ADMIN`.
     pub upstream_mark: Option<u32>,
+    /// UDP sockets kept open per upstream server; forwarded queries are spread over them.
+    pub upstream_sockets: usize,
 }
 
 impl Default for DnsProxyConfig {
@@ -39,6 +41,7 @@ impl Default for DnsProxyConfig {
             deny_response: DenyResponse::Refused,
             tcp_idle_timeout: Duration::from_secs(10),
             upstream_mark: None,
+            upstream_sockets: 4,
         }
     }
 }

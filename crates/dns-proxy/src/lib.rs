@@ -7,16 +7,22 @@
 //!   Denied queries get REFUSED (or NXDOMAIN, [`DenyResponse`]) at once, without reaching
 //!   upstream. Fails closed: unknown clients, unredirected ports and uncompilable rules are
 //!   refused.
-//! - **Forwarding.** Allowed queries go, byte for byte, to the server the client addressed
-//!   (its original destination), from a fresh socket per query; the answer therefore carries
-//!   the client's ID. Only a message that matches the forwarded query (ID, QR, the single
-//!   question) is accepted; anything else is dropped and counted, and nothing is learned
-//!   from it. No answer within `upstream_timeout`: SERVFAIL.
+//! - **Forwarding.** Allowed queries go to the server the client addressed (its original
+//!   destination). Over UDP they share a few connected sockets per server, each query under
+//!   a fresh random ID that is swapped back to the client's in the answer (the sockets are
+//!   replaced every few thousand queries, so the source port still changes); over TCP each
+//!   query gets its own connection. Only a message that matches the forwarded query (ID, QR,
+//!   the single question) is accepted; anything else is dropped and counted, and nothing is
+//!   learned from it. No answer within `upstream_timeout`: SERVFAIL.
 //! - **Learning.** From an allowed NOERROR answer, the A/AAAA records of the query name's
 //!   CNAME chain (and only those) are extracted with their TTLs. If any `toFQDNs` selector
 //!   selects a name of the chain, the [`DnsLearner`] is awaited **before** the answer is
 //!   released, so the client's first packet to a learned IP is already allowed; if it fails
 //!   the client gets SERVFAIL. The answer is then recorded in the [`NameCache`].
+//! - **Expiry.** [`NameCache::gc`] drops an IP when its TTL (raised to `min_ttl`) has passed
+//!   and no connection to it was live within `idle_grace` (default 0, as Cilium's
+//!   `--tofqdns-idle-connection-grace-period`), as the agent's [`ConnectionActivity`] reports
+//!   from conntrack: as in Cilium, expiry never cuts a live connection.
 //! - **Robustness.** Messages under 12 bytes or with QR set are dropped; messages that do
 //!   not parse (truncated, compression loops, bad counts) get a header-only FORMERR; opcodes
 //!   other than QUERY get NOTIMP; more or fewer than one question FORMERR; classes other than
@@ -39,6 +45,7 @@ mod proxy;
 mod record;
 mod stats;
 mod udp;
+mod upstream;
 pub mod wire;
 
 pub use cache::{

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use hickory_proto::op::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weir_identity::Identity;
 use weir_l7_proxy::{EndpointId, IdentityResolver, OriginalDestination};
@@ -20,6 +20,7 @@ use crate::policy::{DnsDecision, DnsDenyReason, DnsPolicyStore, Transport};
 use crate::record::{DnsRecord, DnsRecordKind, DnsSink, DnsVerdict};
 use crate::stats::{Counters, DnsProxyStats};
 use crate::udp::DnsUdpSocket;
+use crate::upstream::UpstreamPool;
 use crate::wire::{
     self, DnsMessage, MAX_MESSAGE_LEN, Mismatch, ParseError, rcode, resolve_chain, rtype,
 };
@@ -49,8 +50,9 @@ struct Shared {
     learner: Arc<dyn DnsLearner>,
     cache: Arc<NameCache>,
     sink: Arc<dyn DnsSink>,
-    counters: Counters,
+    counters: Arc<Counters>,
     permits: Arc<Semaphore>,
+    upstream: UpstreamPool,
 }
 
 impl std::fmt::Debug for DnsProxy {
@@ -67,7 +69,8 @@ struct Pending {
     ctx: QueryContext,
     raw: Vec<u8>,
     query: DnsMessage,
-    msg: Message,
+    /// The decoded query, when the quick reader could not read it.
+    msg: Option<Message>,
     endpoint: EndpointId,
     server_identity: Identity,
     rule: Option<String>,
@@ -101,16 +104,22 @@ impl DnsProxy {
         cache: Arc<NameCache>,
         sink: Arc<dyn DnsSink>,
     ) -> Self {
+        let counters = Arc::new(Counters::default());
         DnsProxy {
             shared: Arc::new(Shared {
                 permits: Arc::new(Semaphore::new(config.max_outstanding.max(1))),
+                upstream: UpstreamPool::new(
+                    config.upstream_sockets,
+                    config.upstream_mark,
+                    counters.clone(),
+                ),
                 config,
                 policy,
                 identities,
                 learner,
                 cache,
                 sink,
-                counters: Counters::default(),
+                counters,
             }),
         }
     }
@@ -265,7 +274,11 @@ impl DnsProxy {
             Counters::inc(&sh.counters.dropped);
             return Step::Reply(None);
         }
-        let (query, msg) = match wire::decode(raw) {
+        let parsed = match wire::quick_query(raw) {
+            Some(q) => Ok((q, None)),
+            None => wire::decode(raw).map(|(q, m)| (q, Some(m))),
+        };
+        let (query, msg) = match parsed {
             Ok(x) => x,
             Err(ParseError::TooShort(_)) => {
                 Counters::inc(&sh.counters.dropped);
@@ -288,7 +301,7 @@ impl DnsProxy {
             .collect();
         if query.opcode != 0 {
             Counters::inc(&sh.counters.malformed);
-            return self.answer_now(rec, wire::reply(&msg, raw, rcode::NOTIMP));
+            return self.answer_now(rec, wire::reply(msg.as_ref(), raw, rcode::NOTIMP));
         }
         let Some(question) = query
             .questions
@@ -296,7 +309,7 @@ impl DnsProxy {
             .filter(|_| query.questions.len() == 1)
         else {
             Counters::inc(&sh.counters.malformed);
-            return self.answer_now(rec, wire::reply(&msg, raw, rcode::FORMERR));
+            return self.answer_now(rec, wire::reply(msg.as_ref(), raw, rcode::FORMERR));
         };
         let decision = match endpoint {
             _ if question.qclass != rtype::CLASS_IN => DnsDecision {
@@ -324,12 +337,12 @@ impl DnsProxy {
                 DenyResponse::Refused => rcode::REFUSED,
                 DenyResponse::NameError => rcode::NXDOMAIN,
             };
-            return self.answer_now(rec, wire::reply(&msg, raw, code));
+            return self.answer_now(rec, wire::reply(msg.as_ref(), raw, code));
         };
         let Ok(permit) = sh.permits.clone().try_acquire_owned() else {
             Counters::inc(&sh.counters.overloaded);
             rec.verdict = DnsVerdict::Error;
-            return self.answer_now(rec, wire::reply(&msg, raw, rcode::SERVFAIL));
+            return self.answer_now(rec, wire::reply(msg.as_ref(), raw, rcode::SERVFAIL));
         };
         rec.verdict = DnsVerdict::Forwarded;
         let rule = rec.rule.clone();
@@ -361,7 +374,7 @@ impl DnsProxy {
         Step::Reply(reply)
     }
 
-    async fn finish(&self, p: Pending) -> Vec<u8> {
+    async fn finish(&self, mut p: Pending) -> Vec<u8> {
         let sh = &self.shared;
         let mut rec = DnsRecord {
             time: p.time,
@@ -395,7 +408,7 @@ impl DnsProxy {
         Counters::inc(&sh.counters.forwarded);
         let exchanged = tokio::time::timeout(
             sh.config.upstream_timeout,
-            self.exchange(p.ctx, &p.raw, &p.query),
+            self.exchange(p.ctx, &mut p.raw, &p.query),
         )
         .await
         .unwrap_or(Err(UpstreamError::Timeout));
@@ -474,15 +487,16 @@ impl DnsProxy {
         rec.ttl = None;
         rec.latency = p.started.elapsed();
         self.shared.sink.record(rec);
-        wire::reply(&p.msg, &p.raw, code).unwrap_or_default()
+        wire::reply(p.msg.as_ref(), &p.raw, code).unwrap_or_default()
     }
 
-    /// Sends the client's query (bytes unchanged, so the answer carries the client's ID) to
-    /// its server and waits for the answer to exactly that query.
+    /// Sends the client's query to its server and waits for the answer to exactly that
+    /// query, carrying the client's ID. Over UDP the ID is rewritten on the way (see
+    /// [`UpstreamPool`]); `raw` is left as it was.
     async fn exchange(
         &self,
         ctx: QueryContext,
-        raw: &[u8],
+        raw: &mut [u8],
         query: &DnsMessage,
     ) -> Result<(Vec<u8>, DnsMessage), UpstreamError> {
         match ctx.transport {
@@ -509,54 +523,21 @@ impl DnsProxy {
         }
     }
 
-    fn upstream_socket(&self, server: SocketAddr) -> io::Result<UdpSocket> {
-        let bind: SocketAddr = if server.is_ipv4() {
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        } else {
-            SocketAddr::from(([0u16; 8], 0))
-        };
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(server),
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )?;
-        if let Some(mark) = self.shared.config.upstream_mark {
-            s.set_mark(mark)?;
-        }
-        s.set_nonblocking(true)?;
-        s.bind(&bind.into())?;
-        UdpSocket::from_std(s.into())
-    }
-
     async fn exchange_udp(
         &self,
         server: SocketAddr,
-        raw: &[u8],
+        raw: &mut [u8],
         query: &DnsMessage,
     ) -> Result<(Vec<u8>, DnsMessage), UpstreamError> {
-        // A fresh socket per query: a random source port, and the kernel drops datagrams from
-        // anyone but the server once it is connected.
-        let sock = self
-            .upstream_socket(server)
+        let question = query.questions.first().ok_or(UpstreamError::Io)?;
+        let mut exchange = self
+            .shared
+            .upstream
+            .send(server, raw, question)
+            .await
             .map_err(|_| UpstreamError::Io)?;
-        sock.connect(server).await.map_err(|_| UpstreamError::Io)?;
-        sock.send(raw).await.map_err(|_| UpstreamError::Io)?;
-        // Without EDNS a server answers in at most 512 bytes; a small buffer saves zeroing
-        // 64 KiB per query.
-        let size = if query.has_edns {
-            MAX_MESSAGE_LEN
-        } else {
-            4096
-        };
-        let mut buf = vec![0u8; size];
-        loop {
-            let n = sock.recv(&mut buf).await.map_err(|_| UpstreamError::Io)?;
-            let data = buf.get(..n).unwrap_or_default();
-            if let Some(answer) = self.accept_answer(query, data) {
-                buf.truncate(n);
-                return Ok((buf, answer));
-            }
-        }
+        // The pool checked ID, QR and question.
+        exchange.recv().await.ok_or(UpstreamError::Io)
     }
 
     async fn exchange_tcp(

@@ -34,8 +34,9 @@ counters! {
     malformed,
     /// Messages dropped without a reply (no header, or QR set).
     dropped,
-    /// Upstream messages that were not the answer to the forwarded query (wrong ID or
-    /// question, not a response): dropped, nothing learned.
+    /// Upstream messages that were not the answer to a forwarded query (wrong question, not
+    /// a response, or an ID no query waits for: late after a timeout, duplicated or
+    /// unsolicited): dropped, nothing learned.
     mismatched_answers,
     /// Upstream messages that did not parse: dropped.
     malformed_answers,

@@ -152,6 +152,89 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(DnsMessage, Message), ParseError> 
     Ok((summarise(&msg), msg))
 }
 
+/// Reads a query of the common shape without hickory: one question whose name has only
+/// letters, digits, `-` (not leading) and `_` in uncompressed labels, no answer or authority records, and
+/// either no additional record or one empty EDNS OPT record, ending exactly at the end of
+/// the bytes. Anything else is `None`, and the caller uses [`decode`]; where it is `Some`, it
+/// equals [`parse_message`]'s result (a property test checks this). Saves a full message
+/// decode per forwarded query.
+pub(crate) fn quick_query(bytes: &[u8]) -> Option<DnsMessage> {
+    let b = |i: usize| bytes.get(i).copied();
+    let be16 = |i: usize| Some(u16::from_be_bytes([b(i)?, b(i + 1)?]));
+    if bytes.len() > MAX_MESSAGE_LEN {
+        return None;
+    }
+    let id = be16(0)?;
+    let (flags_hi, flags_lo) = (b(2)?, b(3)?);
+    // QR clear, opcode QUERY.
+    if flags_hi & 0xf8 != 0 {
+        return None;
+    }
+    let (qd, an, ns, ar) = (be16(4)?, be16(6)?, be16(8)?, be16(10)?);
+    if qd != 1 || an != 0 || ns != 0 || ar > 1 {
+        return None;
+    }
+    let mut name = String::with_capacity(64);
+    let mut at = HEADER_LEN;
+    loop {
+        let len = usize::from(b(at)?);
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        // Compression pointers and extended label types: leave them to hickory.
+        if len > 63 {
+            return None;
+        }
+        let label = bytes.get(at..at + len)?;
+        // hickory escapes some characters when it prints a name (a leading `-`, for one);
+        // only labels it prints as they are take the quick way.
+        let plain = |c: &u8| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_';
+        if label.first().is_none_or(|c| *c == b'-') || !label.iter().all(plain) {
+            return None;
+        }
+        name.extend(label.iter().map(|c| char::from(c.to_ascii_lowercase())));
+        name.push('.');
+        at += len;
+        // The wire form of a name is at most 255 bytes.
+        if at - HEADER_LEN > 255 {
+            return None;
+        }
+    }
+    if name.is_empty() {
+        return None;
+    }
+    let (qtype, qclass) = (be16(at)?, be16(at + 2)?);
+    at += 4;
+    let mut rcode = u16::from(flags_lo & 0x0f);
+    let has_edns = ar == 1;
+    if has_edns {
+        // Root owner name, type OPT, payload size, extended rcode, version, flags, no options.
+        if b(at)? != 0 || be16(at + 1)? != 41 || be16(at + 9)? != 0 {
+            return None;
+        }
+        rcode |= u16::from(b(at + 5)?) << 4;
+        at += 11;
+    }
+    if at != bytes.len() {
+        return None;
+    }
+    Some(DnsMessage {
+        id,
+        is_response: false,
+        opcode: 0,
+        rcode,
+        truncated: flags_hi & 0x02 != 0,
+        has_edns,
+        questions: vec![Question {
+            name,
+            qtype,
+            qclass,
+        }],
+        answers: Vec::new(),
+    })
+}
+
 fn name_string(name: &hickory_proto::rr::Name) -> String {
     let mut s = name.to_ascii();
     s.make_ascii_lowercase();
@@ -226,8 +309,20 @@ pub(crate) fn header_only_reply(query: &[u8], code: u16) -> Option<Vec<u8>> {
 }
 
 /// A reply the proxy makes itself for a query that parsed: the query's ID, opcode, RD and
-/// question echoed, the given code, an OPT record if the query had one.
-pub(crate) fn reply(query: &Message, raw_query: &[u8], code: u16) -> Option<Vec<u8>> {
+/// question echoed, the given code, an OPT record if the query had one. `query` is the
+/// decoded query, or `None` to decode `raw_query` here (after [`quick_query`]).
+pub(crate) fn reply(query: Option<&Message>, raw_query: &[u8], code: u16) -> Option<Vec<u8>> {
+    let decoded;
+    let query = match query {
+        Some(q) => q,
+        None => match Message::from_vec(raw_query) {
+            Ok(m) => {
+                decoded = m;
+                &decoded
+            }
+            Err(_) => return header_only_reply(raw_query, code),
+        },
+    };
     let md = &query.metadata;
     let mut m = Message::response(md.id, md.op_code);
     m.metadata.recursion_desired = md.recursion_desired;
@@ -416,7 +511,7 @@ mod tests {
     fn reply_echoes_question() {
         let q = build_query(77, "evil-site.com.", rtype::AAAA).unwrap_or_default();
         let (_, msg) = decode(&q).unwrap_or_else(|e| panic!("{e}"));
-        let r = reply(&msg, &q, rcode::REFUSED).unwrap_or_default();
+        let r = reply(Some(&msg), &q, rcode::REFUSED).unwrap_or_default();
         let m = parse_message(&r).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(m.id, 77);
         assert!(m.is_response);
@@ -509,11 +604,81 @@ mod tests {
         assert_eq!(check_answer(&q, &a), Err(Mismatch::Question));
     }
 
+    #[test]
+    fn quick_query_reads_common_queries_and_leaves_the_rest() {
+        let q = build_query(0x55aa, "API.Stripe.com.", rtype::AAAA).unwrap_or_default();
+        assert_eq!(quick_query(&q), parse_message(&q).ok());
+        assert!(quick_query(&q).is_some());
+        // Trailing bytes, a second question, a response, an escaped label: hickory decides.
+        let mut t = q.clone();
+        t.push(0);
+        assert_eq!(quick_query(&t), None);
+        let mut r = q.clone();
+        r[2] |= 0x80;
+        assert_eq!(quick_query(&r), None);
+        let odd = build_query(1, "a\\.b.com.", rtype::A).unwrap_or_default();
+        assert_eq!(quick_query(&odd), None);
+        // An empty OPT record is read; one with options is not.
+        let mut e = q.clone();
+        e[11] = 1;
+        e.extend_from_slice(&[0, 0, 41, 4, 0xd0, 0, 0, 0x80, 0, 0, 0]);
+        let quick = quick_query(&e);
+        assert!(quick.as_ref().is_some_and(|m| m.has_edns));
+        assert_eq!(quick, parse_message(&e).ok());
+        let mut o = e.clone();
+        let n = o.len();
+        o[n - 1] = 4;
+        o.extend_from_slice(&[0, 10, 0, 0]);
+        assert_eq!(quick_query(&o), None);
+    }
+
     proptest::proptest! {
+        /// Wherever the quick reader answers, it agrees with hickory.
+        #[test]
+        fn quick_query_agrees_with_hickory(
+            labels in proptest::collection::vec("[a-zA-Z0-9_-]{1,20}", 1..5),
+            qtype in proptest::num::u16::ANY,
+            qclass in proptest::num::u16::ANY,
+            flags in proptest::num::u16::ANY,
+            opt in proptest::option::of((proptest::num::u16::ANY, proptest::num::u32::ANY)),
+            cut in 0usize..80,
+            pos in 0usize..80,
+            val in proptest::num::u8::ANY,
+        ) {
+            let mut m = vec![0x12, 0x34];
+            m.extend_from_slice(&flags.to_be_bytes());
+            m.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(opt.is_some())]);
+            for l in &labels {
+                m.push(l.len() as u8);
+                m.extend_from_slice(l.as_bytes());
+            }
+            m.push(0);
+            m.extend_from_slice(&qtype.to_be_bytes());
+            m.extend_from_slice(&qclass.to_be_bytes());
+            if let Some((payload, ttl)) = opt {
+                m.extend_from_slice(&[0, 0, 41]);
+                m.extend_from_slice(&payload.to_be_bytes());
+                m.extend_from_slice(&ttl.to_be_bytes());
+                m.extend_from_slice(&[0, 0]);
+            }
+            for bytes in [m.clone(), m.get(..cut).unwrap_or(&m).to_vec(), {
+                let mut x = m.clone();
+                if let Some(b) = x.get_mut(pos) { *b = val; }
+                x
+            }] {
+                if let Some(quick) = quick_query(&bytes) {
+                    proptest::prop_assert_eq!(Some(quick), parse_message(&bytes).ok());
+                }
+            }
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
             let _ = parse_message(&bytes);
             let _ = header_only_reply(&bytes, rcode::FORMERR);
+            if let Some(quick) = quick_query(&bytes) {
+                proptest::prop_assert_eq!(Some(quick), parse_message(&bytes).ok());
+            }
         }
 
         #[test]
@@ -521,7 +686,8 @@ mod tests {
             let mut q = build_query(9, "a.b.example.com.", rtype::A).unwrap_or_default();
             if let Some(b) = q.get_mut(pos) { *b = val; }
             if let Ok((m, msg)) = decode(&q) {
-                let _ = reply(&msg, &q, rcode::REFUSED);
+                let _ = reply(Some(&msg), &q, rcode::REFUSED);
+                let _ = reply(None, &q, rcode::REFUSED);
                 let _ = resolve_chain(m.questions.first().map(|q| q.name.as_str()).unwrap_or("."), &m.answers);
             }
         }

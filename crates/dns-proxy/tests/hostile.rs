@@ -163,6 +163,109 @@ async fn garbage_from_upstream_is_dropped() {
     assert!(h.learner.calls().is_empty());
 }
 
+/// An upstream that loses queries for `lost*` names, answers `late*` names after the proxy's
+/// timeout, precedes every answer with junk and a copy under a wrong ID, and answers the rest
+/// in bursts out of order.
+async fn flaky_upstream() -> SocketAddr {
+    let s = std::sync::Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let addr = s.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65535];
+        let mut burst = Vec::new();
+        loop {
+            let Ok((n, from)) = s.recv_from(&mut buf).await else {
+                return;
+            };
+            let q = buf[..n].to_vec();
+            let Ok(m) = parse_message(&q) else { continue };
+            let name = m.questions[0].name.clone();
+            let id = m.id;
+            let a = answer(&q, id, &[(None, [203, 0, 113, 10])]);
+            if name.starts_with("lost") {
+                continue;
+            }
+            if name.starts_with("late") {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    let _ = s.send_to(&a, from).await;
+                });
+                continue;
+            }
+            let _ = s.send_to(&[0xff, 0x00, 0x13], from).await;
+            let _ = s
+                .send_to(&answer(&q, id ^ 0x5555, &[(None, [6, 6, 6, 6])]), from)
+                .await;
+            burst.push((a, from));
+            if burst.len() >= 4 {
+                for (r, to) in burst.drain(..).rev() {
+                    let _ = s.send_to(&r, to).await;
+                }
+            }
+        }
+    });
+    addr
+}
+
+/// Many concurrent clients with the same query ID through one proxy, against an upstream that
+/// loses, delays, duplicates and corrupts: every client gets its own answer or SERVFAIL, never
+/// another client's; nothing is learned from junk; the proxy keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_upstream_sockets_survive_a_flaky_server() {
+    let up = flaky_upstream().await;
+    let h = start(
+        up,
+        snapshot(&seed_policy(up.port())),
+        config(),
+        CacheConfig::default(),
+        RecordingLearner::default(),
+    )
+    .await;
+    let udp = h.udp;
+    let mut tasks = Vec::new();
+    for i in 0..48u16 {
+        tasks.push(tokio::spawn(async move {
+            let kind = match i % 6 {
+                0 => "lost",
+                1 => "late",
+                _ => "ok",
+            };
+            let name = format!("{kind}{i}.example.com.");
+            let r = udp_query(udp, 0x0101, &name, A, Duration::from_secs(3)).await;
+            (kind, name, r)
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let (kind, name, r) = t.await.expect("task");
+        let (m, _) = r.unwrap_or_else(|| panic!("{name}: no reply"));
+        assert_eq!(m.id, 0x0101, "{name}");
+        assert_eq!(m.questions[0].name, name, "{name}: another client's answer");
+        match kind {
+            "ok" => {
+                // 32 answered queries: bursts of 4 leave none behind.
+                assert_eq!(m.rcode, rcode::NOERROR, "{name}");
+                assert_eq!(ips(&m), vec![IpAddr::from([203, 0, 113, 10])], "{name}");
+                ok += 1;
+            }
+            _ => assert_eq!(m.rcode, rcode::SERVFAIL, "{name}"),
+        }
+    }
+    assert_eq!(ok, 32, "{ok} of 32 answered");
+    // Late answers arrive after their queries timed out.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let st = h.proxy.stats();
+    assert!(st.mismatched_answers >= 32, "{st:?}");
+    assert!(st.malformed_answers >= 32, "{st:?}");
+    assert!(st.upstream_timeouts >= 16, "{st:?}");
+    assert!(!h.cache.contains_ip(IpAddr::from([6, 6, 6, 6])));
+    // Still serving.
+    let (m, _) = udp_query(udp, 3, "ok-again.example.com", A, Duration::from_secs(3))
+        .await
+        .expect("answer");
+    assert_eq!(m.questions[0].name, "ok-again.example.com.");
+}
+
 /// Malformed queries from clients: clear answers where a header exists, silence otherwise,
 /// never a crash; the proxy keeps serving afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
