@@ -5,5 +5,7 @@
 
 pub mod api;
 pub mod manager;
+pub mod policy_api;
 pub mod policy_source;
+pub mod policy_store;
 pub mod proxies;
