@@ -1,5 +1,6 @@
 //! `weir`: the command-line front end.
 
+mod connectivity;
 mod inspect;
 mod lab;
 mod policy;
@@ -28,7 +29,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate and test policies offline; show the agent's policies.
+    /// Validate and test policies offline; show, import and delete the agent's policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
     /// The agent's health, datapath backend, endpoints, policy revision and errors.
@@ -45,6 +46,9 @@ enum Command {
     /// A node, pods, a world and real traffic in private network namespaces.
     #[command(subcommand)]
     Lab(lab::LabCommand),
+    /// The built-in connectivity suite, on real traffic in a private lab.
+    #[command(subcommand)]
+    Connectivity(connectivity::ConnectivityCommand),
     /// Print the version and the datapath backend this binary carries.
     Version,
 }
@@ -61,6 +65,12 @@ fn main() -> ExitCode {
         Command::Policy(policy::PolicyCommand::Get) => {
             inspect::run(inspect::Query::Policies, &cli.socket, cli.json)
         }
+        Command::Policy(policy::PolicyCommand::Import { paths }) => {
+            policy::agent::import(&paths, &cli.socket, cli.json)
+        }
+        Command::Policy(policy::PolicyCommand::Delete { name, kind }) => {
+            policy::agent::delete(&name, kind.as_deref(), &cli.socket, cli.json)
+        }
         Command::Policy(cmd) => policy::run(cmd),
         Command::Status => inspect::run(inspect::Query::Status, &cli.socket, cli.json),
         Command::Endpoint(inspect::ListOnly::List) => {
@@ -71,6 +81,7 @@ fn main() -> ExitCode {
         }
         Command::Bpf(b) => inspect::run(inspect::Query::Bpf(b), &cli.socket, cli.json),
         Command::Lab(cmd) => lab::run(cmd),
+        Command::Connectivity(cmd) => connectivity::run(cmd, cli.json),
         Command::Version => {
             println!(
                 "weir {} (datapath backends: aya)",

@@ -617,7 +617,7 @@ impl Lab {
             "stateDir": self.cfg.dir.join("cni"),
             "agentSocket": self.cfg.socket(),
             "readyTimeoutSeconds": 30,
-            "runtimeConfig": {"labels": pod.labels, "namedPorts": named},
+            "runtimeConfig": {"labels": pod.cni_labels(), "namedPorts": named},
         });
         if let Some(prev) =
             prev_result.and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
@@ -802,12 +802,17 @@ impl Lab {
             "--user=root",
             "--pid-file=",
         ])
-        .arg(format!("--listen-address={}", pod.spec.ip));
+        .arg(format!("--listen-address={}", pod.spec.ip))
+        // Answers live a minute, like a cluster DNS's, so names learned stay learned.
+        .arg("--local-ttl=60");
         for (name, ips) in dns {
             for a in ips {
                 cmd.arg(format!("--address=/{name}/{a}"));
             }
         }
+        // Every other name is NXDOMAIN (without upstreams dnsmasq would say REFUSED, which
+        // is what the DNS proxy says to a query the policy denies).
+        cmd.arg("--address=/#/");
         let log = self
             .cfg
             .dir

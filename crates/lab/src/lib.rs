@@ -7,6 +7,7 @@
 //! lab directory; the root namespace's networking is never changed.
 
 pub mod cluster;
+pub mod connectivity;
 pub mod lab;
 pub mod probe;
 pub mod sys;
