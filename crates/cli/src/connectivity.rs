@@ -39,7 +39,8 @@ fn config() -> anyhow::Result<LabConfig> {
     let bin_dir = exe.parent().unwrap_or(Path::new("."));
     let dir = std::env::var_os("WEIR_CONNECTIVITY_DIR")
         .map_or_else(|| PathBuf::from(DEFAULT_DIR), PathBuf::from);
-    Ok(LabConfig::new(PREFIX, &dir, bin_dir))
+    let prefix = std::env::var("WEIR_CONNECTIVITY_PREFIX").unwrap_or_else(|_| PREFIX.into());
+    Ok(LabConfig::new(&prefix, &dir, bin_dir))
 }
 
 /// Runs a `weir connectivity` subcommand.

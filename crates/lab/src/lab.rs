@@ -12,8 +12,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use weir_agent_api::v1::endpoint_service_client::EndpointServiceClient;
+use weir_agent_api::v1::inspect_service_client::InspectServiceClient;
 use weir_agent_api::v1::status_service_client::StatusServiceClient;
-use weir_agent_api::v1::{Endpoint, ListEndpointsRequest, StatusRequest, StatusResponse};
+use weir_agent_api::v1::{
+    BpfPolicyEntry, BpfPolicyGetRequest, Endpoint, ListEndpointsRequest, StatusRequest,
+    StatusResponse,
+};
 
 use crate::LabError;
 use crate::cluster::{ClusterSpec, Listeners, PodSpec};
@@ -442,6 +446,21 @@ impl Lab {
                 .list_endpoints(ListEndpointsRequest {})
                 .await
                 .map(|r| r.into_inner().endpoints)
+                .map_err(|e| LabError::Agent(e.to_string()))
+        })
+    }
+
+    /// The policy map entries the kernel holds for every endpoint (`weir bpf policy get --all`).
+    pub fn policy_entries(&self) -> Result<Vec<BpfPolicyEntry>, LabError> {
+        let socket = self.cfg.socket();
+        self.rt.block_on(async {
+            let channel = weir_agent_api::connect_unix(&socket)
+                .await
+                .map_err(|e| LabError::Agent(e.to_string()))?;
+            InspectServiceClient::new(channel)
+                .bpf_policy_get(BpfPolicyGetRequest { endpoint_id: 0 })
+                .await
+                .map(|r| r.into_inner().entries)
                 .map_err(|e| LabError::Agent(e.to_string()))
         })
     }

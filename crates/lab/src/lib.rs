@@ -14,6 +14,8 @@ pub mod sys;
 
 pub use cluster::{ClusterSpec, PodSpec};
 pub use lab::{ApplyReport, Lab, LabConfig, down};
+/// The signal type [`Lab::stop_agent`] takes.
+pub use nix::sys::signal::Signal;
 pub use probe::{FlowOutcome, Observed, run_flows};
 
 use std::path::PathBuf;
