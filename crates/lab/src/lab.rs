@@ -541,7 +541,8 @@ impl Lab {
         if changed {
             report.policy_error = self.wait_policy_settled(before)?;
         }
-        // Pods.
+        // Pods. A kube-dns pod kept from before answers from the old names: restart it.
+        let dns_changed = self.state.dns != spec.dns;
         self.state.dns = spec.dns.clone();
         report.removed += self.remove_pods(|p| !spec.pods.iter().any(|s| s.same_pod(&p.spec)))?;
         let new: Vec<PodSpec> = spec
@@ -553,18 +554,22 @@ impl Lab {
         report.added = self.add_pods(&new)?;
         // Servers whose ports changed.
         let mut restart = Vec::new();
+        let mut stopped = Vec::new();
         for s in &spec.pods {
+            let is_dns = s.labels.get("k8s-app").is_some_and(|v| v == "kube-dns");
             if let Some(p) = self.state.pods.iter_mut().find(|p| p.spec.same_pod(s))
-                && (p.spec.tcp_ports != s.tcp_ports || p.spec.udp_ports != s.udp_ports)
+                && (p.spec.tcp_ports != s.tcp_ports
+                    || p.spec.udp_ports != s.udp_ports
+                    || (is_dns && dns_changed && !new.iter().any(|n| n.name == s.name)))
             {
                 p.spec.tcp_ports = s.tcp_ports.clone();
                 p.spec.udp_ports = s.udp_ports.clone();
-                for pid in p.pids.drain(..) {
-                    sys::signal(pid, Signal::SIGKILL);
-                }
+                stopped.extend(p.pids.drain(..));
                 restart.push(s.name.clone());
             }
         }
+        // Gone for good before the new servers bind the same ports.
+        self.kill_all(&stopped);
         for name in restart {
             self.start_pod_servers(&name)?;
         }
