@@ -16,7 +16,11 @@ ROUNDS=${1:-20}
 cargo build --release -q -p weir-agent -p weir-cni -p weir-cli
 cargo build --release -q -p weir-lab --example control_bench
 echo "# $(date -u +%FT%TZ) $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
-target/release/examples/control_bench "$PWD/target/release" "$ROUNDS" | tee /dev/stderr | python3 -c '
+OUT=$(mktemp)
+trap 'rm -f "$OUT"' EXIT
+target/release/examples/control_bench "$PWD/target/release" "$ROUNDS" >"$OUT"
+cat "$OUT"
+python3 -c '
 import sys
 f = {}
 for line in sys.stdin:
@@ -36,4 +40,4 @@ for name, v, base, r in rows:
     print(f"| {name} | {v:.1f} | {base} | {r:.2f}x |")
 wrong = int(f["wrong_verdicts_after_change"])
 print("wrong verdicts right after a change:", wrong)
-'
+' <"$OUT"

@@ -564,7 +564,7 @@ impl Lab {
             {
                 p.spec.tcp_ports = s.tcp_ports.clone();
                 p.spec.udp_ports = s.udp_ports.clone();
-                stopped.extend(p.pids.drain(..));
+                stopped.append(&mut p.pids);
                 restart.push(s.name.clone());
             }
         }
