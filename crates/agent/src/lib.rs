@@ -7,5 +7,7 @@ pub mod api;
 pub mod fqdn_grace;
 pub mod manager;
 pub mod observe;
+pub mod policy_api;
 pub mod policy_source;
+pub mod policy_store;
 pub mod proxies;

@@ -241,10 +241,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let api = AgentApi::new(manager.clone(), backend::NAME);
+    // `weir policy import/delete`: persisted in the watched directory (see policy_store).
+    let policy_api = weir_agent::policy_api::PolicyApi::new(
+        manager.clone(),
+        weir_agent::policy_store::PolicyStore::new(&args.policy_dir),
+    );
     let router = tonic::transport::Server::builder()
         .add_service(EndpointServiceServer::new(api.clone()))
         .add_service(InspectServiceServer::new(api.clone()))
-        .add_service(StatusServiceServer::new(api));
+        .add_service(StatusServiceServer::new(api))
+        .add_service(
+            weir_agent_api::v1::policy_service_server::PolicyServiceServer::new(policy_api),
+        );
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -514,6 +514,10 @@ impl<D: Datapath> Manager<D> {
         let new: BTreeSet<PolicyName> = policies.iter().map(|p| p.name.clone()).collect();
         let mut changed: Vec<PolicyName> = Vec::new();
         for gone in old.difference(&new) {
+            // A policy moved to another file (an import taking it over) stays enforced.
+            if self.defined_elsewhere(gone, path) {
+                continue;
+            }
             self.compiler.remove_policy(gone);
             changed.push(gone.clone());
         }
@@ -543,13 +547,25 @@ impl<D: Datapath> Manager<D> {
         let Some(file) = self.files.remove(path) else {
             return Ok(());
         };
-        for name in &file.policies {
+        let gone: Vec<PolicyName> = file
+            .policies
+            .into_iter()
+            .filter(|name| !self.defined_elsewhere(name, path))
+            .collect();
+        for name in &gone {
             self.compiler.remove_policy(name);
         }
         info!(file = %path.display(), "policy file removed");
-        let r = self.regenerate(&file.policies);
+        let r = self.regenerate(&gone);
         self.publish_proxies();
         r
+    }
+
+    /// Whether a file other than `path` holds `name` (its last good version).
+    fn defined_elsewhere(&self, name: &PolicyName, path: &Path) -> bool {
+        self.files
+            .iter()
+            .any(|(p, f)| p.as_path() != path && f.policies.contains(name))
     }
 
     /// Brings CIDR identities and every endpoint's map up to date after the named policies

@@ -63,13 +63,15 @@ pub enum Query {
     Bpf(BpfCommand),
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// A runtime for one command's calls.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
 }
 
-async fn connect(socket: &Path) -> anyhow::Result<Channel> {
+/// A channel to the agent, or an error that says how to get one.
+pub(crate) async fn connect(socket: &Path) -> anyhow::Result<Channel> {
     weir_agent_api::connect_unix(socket).await.with_context(|| {
         format!(
             "cannot reach the agent at {} (is weir-agent running, and are you root?)",

@@ -1,5 +1,6 @@
 //! `weir`: the command-line front end.
 
+mod connectivity;
 mod inspect;
 mod lab;
 mod observe;
@@ -29,7 +30,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate and test policies offline; show the agent's policies.
+    /// Validate and test policies offline; show, import and delete the agent's policies.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
     /// The agent's health, datapath backend, endpoints, policy revision and errors.
@@ -49,6 +50,9 @@ enum Command {
     /// Flows from the agent's Observer (Hubble) API: verdicts, drop reasons and the policy
     /// rules behind them.
     Observe(Box<observe::ObserveArgs>),
+    /// The built-in connectivity suite, on real traffic in a private lab.
+    #[command(subcommand)]
+    Connectivity(connectivity::ConnectivityCommand),
     /// Print the version and the datapath backend this binary carries.
     Version,
 }
@@ -65,6 +69,12 @@ fn main() -> ExitCode {
         Command::Policy(policy::PolicyCommand::Get) => {
             inspect::run(inspect::Query::Policies, &cli.socket, cli.json)
         }
+        Command::Policy(policy::PolicyCommand::Import { paths }) => {
+            policy::agent::import(&paths, &cli.socket, cli.json)
+        }
+        Command::Policy(policy::PolicyCommand::Delete { name, kind }) => {
+            policy::agent::delete(&name, kind.as_deref(), &cli.socket, cli.json)
+        }
         Command::Policy(cmd) => policy::run(cmd),
         Command::Status => inspect::run(inspect::Query::Status, &cli.socket, cli.json),
         Command::Endpoint(inspect::ListOnly::List) => {
@@ -76,6 +86,7 @@ fn main() -> ExitCode {
         Command::Bpf(b) => inspect::run(inspect::Query::Bpf(b), &cli.socket, cli.json),
         Command::Lab(cmd) => lab::run(cmd),
         Command::Observe(args) => observe::run(&args),
+        Command::Connectivity(cmd) => connectivity::run(cmd, cli.json),
         Command::Version => {
             let backends: Vec<&str> = [
                 ("aya", cfg!(feature = "aya")),

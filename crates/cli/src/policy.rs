@@ -1,10 +1,12 @@
-//! `weir policy validate` and `weir policy test`.
+//! `weir policy validate` and `weir policy test` (offline); `import`, `delete` and `get` ask
+//! the agent.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Subcommand, ValueEnum};
 
+pub(crate) mod agent;
 mod kernel;
 
 /// `weir policy ...`
@@ -12,6 +14,22 @@ mod kernel;
 pub enum PolicyCommand {
     /// The policies the running agent enforces, by file, with rejected files' errors.
     Get,
+    /// Validate policy files whole and have the agent enforce them (persisted in its policy
+    /// directory); on any error nothing changes and every error is printed (exit 1).
+    Import {
+        /// Files or directories (.yaml, .yml, .json, recursively); `-` reads standard input.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Delete one policy from the agent (and from its policy directory).
+    Delete {
+        /// `NAMESPACE/NAME`, or `NAME` for a cluster-wide policy.
+        name: String,
+        /// The kind, when a name is used by several (`CiliumNetworkPolicy`, `cnp`,
+        /// `CiliumClusterwideNetworkPolicy`, `ccnp`, `NetworkPolicy`, `netpol`).
+        #[arg(long)]
+        kind: Option<String>,
+    },
     /// Parse and check policy files or directories; print every error (exit 1 on any).
     Validate {
         /// Files or directories (read recursively: .yaml, .yml, .json).
@@ -73,7 +91,9 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
             }
             kernel::test(&scenario_files(&scenarios)?, datapath)
         }
-        PolicyCommand::Get => anyhow::bail!("`weir policy get` asks the agent; handled in main"),
+        PolicyCommand::Get | PolicyCommand::Import { .. } | PolicyCommand::Delete { .. } => {
+            anyhow::bail!("this `weir policy` command asks the agent; handled in main")
+        }
     }
 }
 

@@ -24,7 +24,17 @@ pub struct PodSpec {
     pub tcp_ports: BTreeSet<u16>,
     /// UDP ports its server answers on.
     pub udp_ports: BTreeSet<u16>,
+    /// Its service account (`k8s:io.cilium.k8s.policy.serviceaccount` in its identity).
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
 }
+
+fn default_service_account() -> String {
+    "default".into()
+}
+
+/// The label that carries a pod's service account to the agent, as Cilium names it.
+pub const SERVICE_ACCOUNT_LABEL: &str = "io.cilium.k8s.policy.serviceaccount";
 
 impl PodSpec {
     /// Whether `other` can be kept in place of this pod (same identity inputs and address).
@@ -34,6 +44,20 @@ impl PodSpec {
             && self.labels == other.labels
             && self.ip == other.ip
             && self.named_ports == other.named_ports
+            && self.service_account == other.service_account
+    }
+
+    /// The labels the CNI plugin passes to the agent: the pod's labels and its service
+    /// account (Kubernetes keeps that in the pod spec; the agent reads it from this label).
+    pub fn cni_labels(&self) -> BTreeMap<String, String> {
+        let mut labels = self.labels.clone();
+        if !self.service_account.is_empty() {
+            labels.insert(
+                SERVICE_ACCOUNT_LABEL.to_string(),
+                self.service_account.clone(),
+            );
+        }
+        labels
     }
 }
 
@@ -212,6 +236,7 @@ impl ClusterSpec {
                     named_ports: e.ports.clone(),
                     tcp_ports: e.ports.values().copied().collect(),
                     udp_ports: BTreeSet::new(),
+                    service_account: e.service_account.clone(),
                 });
             }
             for (name, ips) in &s.dns {

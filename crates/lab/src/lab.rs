@@ -12,8 +12,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use weir_agent_api::v1::endpoint_service_client::EndpointServiceClient;
+use weir_agent_api::v1::inspect_service_client::InspectServiceClient;
 use weir_agent_api::v1::status_service_client::StatusServiceClient;
-use weir_agent_api::v1::{Endpoint, ListEndpointsRequest, StatusRequest, StatusResponse};
+use weir_agent_api::v1::{
+    BpfPolicyEntry, BpfPolicyGetRequest, Endpoint, ListEndpointsRequest, StatusRequest,
+    StatusResponse,
+};
 
 use crate::LabError;
 use crate::cluster::{ClusterSpec, Listeners, PodSpec};
@@ -446,6 +450,21 @@ impl Lab {
         })
     }
 
+    /// The policy map entries the kernel holds for every endpoint (`weir bpf policy get --all`).
+    pub fn policy_entries(&self) -> Result<Vec<BpfPolicyEntry>, LabError> {
+        let socket = self.cfg.socket();
+        self.rt.block_on(async {
+            let channel = weir_agent_api::connect_unix(&socket)
+                .await
+                .map_err(|e| LabError::Agent(e.to_string()))?;
+            InspectServiceClient::new(channel)
+                .bpf_policy_get(BpfPolicyGetRequest { endpoint_id: 0 })
+                .await
+                .map(|r| r.into_inner().entries)
+                .map_err(|e| LabError::Agent(e.to_string()))
+        })
+    }
+
     /// Writes one policy file into the agent's policy directory (atomically).
     pub fn write_policy(&mut self, name: &str, text: &str) -> Result<(), LabError> {
         write_file(&self.cfg.policy_dir().join(name), text.as_bytes())?;
@@ -522,7 +541,8 @@ impl Lab {
         if changed {
             report.policy_error = self.wait_policy_settled(before)?;
         }
-        // Pods.
+        // Pods. A kube-dns pod kept from before answers from the old names: restart it.
+        let dns_changed = self.state.dns != spec.dns;
         self.state.dns = spec.dns.clone();
         report.removed += self.remove_pods(|p| !spec.pods.iter().any(|s| s.same_pod(&p.spec)))?;
         let new: Vec<PodSpec> = spec
@@ -534,18 +554,22 @@ impl Lab {
         report.added = self.add_pods(&new)?;
         // Servers whose ports changed.
         let mut restart = Vec::new();
+        let mut stopped = Vec::new();
         for s in &spec.pods {
+            let is_dns = s.labels.get("k8s-app").is_some_and(|v| v == "kube-dns");
             if let Some(p) = self.state.pods.iter_mut().find(|p| p.spec.same_pod(s))
-                && (p.spec.tcp_ports != s.tcp_ports || p.spec.udp_ports != s.udp_ports)
+                && (p.spec.tcp_ports != s.tcp_ports
+                    || p.spec.udp_ports != s.udp_ports
+                    || (is_dns && dns_changed && !new.iter().any(|n| n.name == s.name)))
             {
                 p.spec.tcp_ports = s.tcp_ports.clone();
                 p.spec.udp_ports = s.udp_ports.clone();
-                for pid in p.pids.drain(..) {
-                    sys::signal(pid, Signal::SIGKILL);
-                }
+                stopped.append(&mut p.pids);
                 restart.push(s.name.clone());
             }
         }
+        // Gone for good before the new servers bind the same ports.
+        self.kill_all(&stopped);
         for name in restart {
             self.start_pod_servers(&name)?;
         }
@@ -617,7 +641,7 @@ impl Lab {
             "stateDir": self.cfg.dir.join("cni"),
             "agentSocket": self.cfg.socket(),
             "readyTimeoutSeconds": 30,
-            "runtimeConfig": {"labels": pod.labels, "namedPorts": named},
+            "runtimeConfig": {"labels": pod.cni_labels(), "namedPorts": named},
         });
         if let Some(prev) =
             prev_result.and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
@@ -802,12 +826,17 @@ impl Lab {
             "--user=root",
             "--pid-file=",
         ])
-        .arg(format!("--listen-address={}", pod.spec.ip));
+        .arg(format!("--listen-address={}", pod.spec.ip))
+        // Answers live a minute, like a cluster DNS's, so names learned stay learned.
+        .arg("--local-ttl=60");
         for (name, ips) in dns {
             for a in ips {
                 cmd.arg(format!("--address=/{name}/{a}"));
             }
         }
+        // Every other name is NXDOMAIN (without upstreams dnsmasq would say REFUSED, which
+        // is what the DNS proxy says to a query the policy denies).
+        cmd.arg("--address=/#/");
         let log = self
             .cfg
             .dir

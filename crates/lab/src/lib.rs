@@ -7,12 +7,15 @@
 //! lab directory; the root namespace's networking is never changed.
 
 pub mod cluster;
+pub mod connectivity;
 pub mod lab;
 pub mod probe;
 pub mod sys;
 
 pub use cluster::{ClusterSpec, PodSpec};
 pub use lab::{ApplyReport, Lab, LabConfig, down};
+/// The signal type [`Lab::stop_agent`] takes.
+pub use nix::sys::signal::Signal;
 pub use probe::{FlowOutcome, Observed, run_flows};
 
 use std::path::PathBuf;

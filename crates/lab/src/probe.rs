@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use weir_scenario::{DenyReason, Expect, FlowProto, FlowSpec, Peer, Scenario};
 
-use crate::cluster::has_l7_rules;
 use crate::lab::{Lab, NODE_IP};
 use crate::sys;
 
@@ -21,6 +20,8 @@ pub enum Observed {
     Allow,
     /// Nothing came back before the deadline (a drop).
     Deny,
+    /// A proxy answered with a denial: HTTP 403 or DNS REFUSED.
+    Refused(String),
     /// Not run, and why.
     Skipped(String),
     /// The probe itself failed.
@@ -32,6 +33,7 @@ impl std::fmt::Display for Observed {
         match self {
             Observed::Allow => f.write_str("allow"),
             Observed::Deny => f.write_str("deny"),
+            Observed::Refused(how) => write!(f, "deny ({how})"),
             Observed::Skipped(why) => write!(f, "skipped: {why}"),
             Observed::Error(e) => write!(f, "error: {e}"),
         }
@@ -49,16 +51,30 @@ pub struct FlowOutcome {
     pub flow: String,
     /// The expected verdict.
     pub expected: Expect,
+    /// The expected reason of a denial, when the scenario gives one.
+    pub reason: Option<DenyReason>,
     /// What happened.
     pub observed: Observed,
 }
 
 impl FlowOutcome {
-    /// `Some(true)` when observed equals expected, `None` when skipped.
+    /// `Some(true)` when observed equals expected, `None` when skipped. A denial must also be
+    /// of the expected kind: a drop for `policy-denied`/`policy-deny`, the proxy's answer for
+    /// `http-403`/`dns-refused`.
     pub fn passed(&self) -> Option<bool> {
+        let proxy_reason = matches!(
+            self.reason,
+            Some(DenyReason::Http403 | DenyReason::DnsRefused)
+        );
+        let drop_reason = matches!(
+            self.reason,
+            Some(DenyReason::PolicyDenied | DenyReason::PolicyDeny)
+        );
         match (&self.observed, self.expected) {
             (Observed::Skipped(_), _) => None,
-            (Observed::Allow, Expect::Allow) | (Observed::Deny, Expect::Deny) => Some(true),
+            (Observed::Allow, Expect::Allow) => Some(true),
+            (Observed::Deny, Expect::Deny) => Some(!proxy_reason),
+            (Observed::Refused(_), Expect::Deny) => Some(!drop_reason),
             _ => Some(false),
         }
     }
@@ -71,6 +87,8 @@ struct Plan {
     dst: Ipv4Addr,
     port: u16,
     kind: Kind,
+    /// Resolve this name through kube-dns from the source first (`after_dns`).
+    resolve_first: Option<(Ipv4Addr, String)>,
 }
 
 enum Kind {
@@ -98,15 +116,14 @@ fn describe(f: &FlowSpec) -> String {
     if let Some(q) = &f.dns_query {
         s.push_str(&format!(" query {q}"));
     }
+    if let Some(name) = &f.after_dns {
+        s.push_str(&format!(" after resolving {name}"));
+    }
     s
 }
 
-/// Why a flow cannot be checked with L3/L4 traffic alone, if it cannot.
+/// Why a flow cannot be checked with real traffic in the lab, if it cannot.
 pub fn skip_reason(s: &Scenario, f: &FlowSpec) -> Option<String> {
-    let l7_reason = matches!(f.reason, Some(DenyReason::Http403 | DenyReason::DnsRefused));
-    if f.after_dns.is_some() || l7_reason || (has_l7_rules(s) && f.expect == Expect::Allow) {
-        return Some("needs the L7/DNS proxy (issues 7/8)".into());
-    }
     if f.proto == FlowProto::Sctp {
         return Some("SCTP is not probed".into());
     }
@@ -155,6 +172,13 @@ fn plan(lab: &Lab, s: &Scenario, f: &FlowSpec) -> Result<Plan, String> {
         Peer::World(IpAddr::V4(ip)) => *ip,
         other => return Err(format!("cannot send to {other}")),
     };
+    let resolve_first = match &f.after_dns {
+        Some(name) => Some((
+            kube_dns(lab).ok_or("no kube-dns pod to resolve with")?,
+            name.clone(),
+        )),
+        None => None,
+    };
     let _ = s;
     // Port 53 gets a real query, so that dnsmasq answers (it ignores anything else).
     let query = f
@@ -176,11 +200,103 @@ fn plan(lab: &Lab, s: &Scenario, f: &FlowSpec) -> Result<Plan, String> {
         dst,
         port: f.port,
         kind,
+        resolve_first,
     })
 }
 
-/// Runs every flow of `s` against the lab at once and returns one outcome per flow, in order.
+/// The address of the lab's kube-dns pod (label `k8s-app=kube-dns`).
+fn kube_dns(lab: &Lab) -> Option<Ipv4Addr> {
+    lab.state()
+        .pods
+        .iter()
+        .find(|p| {
+            p.spec
+                .labels
+                .get("k8s-app")
+                .is_some_and(|v| v == "kube-dns")
+        })
+        .map(|p| p.spec.ip)
+}
+
+/// Whether a scenario's flows depend on each other (DNS answers open `toFQDNs` addresses,
+/// and a flow before the lookup must see them closed), so they run one after another.
+fn ordered(s: &Scenario) -> bool {
+    s.flows
+        .iter()
+        .any(|f| f.after_dns.is_some() || f.dns_query.is_some())
+        || s.policies.text.contains("toFQDNs")
+}
+
+/// `(pod, IP protocol, port)` a pod's ingress policy redirects to an L7 proxy, from what the
+/// kernel holds: the agent runs egress proxies only, so such connections fail closed.
+struct IngressRedirects(Vec<(String, u8, u16, u8)>);
+
+impl IngressRedirects {
+    fn load(lab: &Lab) -> Self {
+        let (Ok(endpoints), Ok(entries)) = (lab.endpoints(), lab.policy_entries()) else {
+            return IngressRedirects(Vec::new());
+        };
+        let mut out = Vec::new();
+        for e in entries
+            .iter()
+            .filter(|e| e.direction == "ingress" && e.action == "redirect")
+        {
+            let Some(ep) = endpoints
+                .iter()
+                .find(|ep| u64::from(e.endpoint_id) == ep.endpoint_id)
+            else {
+                continue;
+            };
+            let Some(pod) = lab
+                .state()
+                .pods
+                .iter()
+                .find(|p| p.container_id == ep.container_id)
+            else {
+                continue;
+            };
+            out.push((
+                pod.spec.name.clone(),
+                u8::try_from(e.protocol).unwrap_or(0),
+                u16::try_from(e.port).unwrap_or(0),
+                u8::try_from(e.prefix_len.min(16)).unwrap_or(16),
+            ));
+        }
+        IngressRedirects(out)
+    }
+
+    fn covers(&self, pod: &str, proto: FlowProto, port: u16) -> bool {
+        let p = match proto {
+            FlowProto::Tcp => 6,
+            FlowProto::Udp => 17,
+            FlowProto::Sctp => 132,
+            FlowProto::Icmp => 1,
+        };
+        self.0.iter().any(|(name, ep, eport, plen)| {
+            let shift = 16 - u32::from(*plen);
+            name == pod
+                && (*ep == 0 || *ep == p)
+                && (*plen == 0
+                    || u32::from(port).checked_shr(shift) == u32::from(*eport).checked_shr(shift))
+        })
+    }
+}
+
+/// Flows that would need an ingress L7 proxy: the connection's destination redirects the port
+/// and the flow expects to get through it or to be refused by it.
+fn needs_ingress_proxy(redirects: &IngressRedirects, f: &FlowSpec) -> bool {
+    let dst = if f.reply { &f.from } else { &f.to };
+    let Peer::Endpoint(pod) = dst else {
+        return false;
+    };
+    let through_proxy = f.expect == Expect::Allow || f.reason == Some(DenyReason::Http403);
+    through_proxy && redirects.covers(pod, f.proto, f.port)
+}
+
+/// Runs every flow of `s` against the lab and returns one outcome per flow, in order. Flows
+/// run at once, or one after another when they depend on DNS lookups.
 pub fn run_flows(lab: &Lab, s: &Scenario, deadline: Duration) -> Vec<FlowOutcome> {
+    let redirects = IngressRedirects::load(lab);
     let plans: Vec<(usize, Result<Plan, Observed>)> = s
         .flows
         .iter()
@@ -188,31 +304,40 @@ pub fn run_flows(lab: &Lab, s: &Scenario, deadline: Duration) -> Vec<FlowOutcome
         .map(|(i, f)| {
             let p = match skip_reason(s, f) {
                 Some(why) => Err(Observed::Skipped(why)),
+                None if needs_ingress_proxy(&redirects, f) => Err(Observed::Skipped(
+                    "ingress L7 policy: the agent runs egress proxies only".into(),
+                )),
                 None => plan(lab, s, f).map_err(Observed::Error),
             };
             (i, p)
         })
         .collect();
+    let one_by_one = ordered(s);
     let observed: Vec<Observed> = std::thread::scope(|scope| {
-        let handles: Vec<_> = plans
-            .into_iter()
-            .map(|(i, p)| {
-                scope.spawn(move || match p {
-                    Err(o) => o,
-                    Ok(plan) => match sys::enter_netns(&plan.netns) {
-                        Ok(()) => probe(&plan, deadline, i),
-                        Err(e) => Observed::Error(e.to_string()),
-                    },
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Observed::Error("probe thread panicked".into()))
-            })
-            .collect()
+        let run = move |(i, p): (usize, Result<Plan, Observed>)| match p {
+            Err(o) => o,
+            Ok(plan) => match sys::enter_netns(&plan.netns) {
+                Ok(()) => probe(&plan, deadline, i),
+                Err(e) => Observed::Error(e.to_string()),
+            },
+        };
+        let join = |h: std::thread::ScopedJoinHandle<'_, Observed>| {
+            h.join()
+                .unwrap_or_else(|_| Observed::Error("probe thread panicked".into()))
+        };
+        if one_by_one {
+            // Each probe still gets a fresh thread: it enters the source's namespace.
+            plans
+                .into_iter()
+                .map(|p| join(scope.spawn(move || run(p))))
+                .collect()
+        } else {
+            let handles: Vec<_> = plans
+                .into_iter()
+                .map(|p| scope.spawn(move || run(p)))
+                .collect();
+            handles.into_iter().map(join).collect()
+        }
     });
     s.flows
         .iter()
@@ -222,27 +347,100 @@ pub fn run_flows(lab: &Lab, s: &Scenario, deadline: Duration) -> Vec<FlowOutcome
             line: f.line,
             flow: describe(f),
             expected: f.expect,
+            reason: f.reason,
             observed,
         })
         .collect()
 }
 
 fn probe(p: &Plan, deadline: Duration, seq: usize) -> Observed {
+    if let Some((server, name)) = &p.resolve_first {
+        let lookup = Plan {
+            netns: p.netns.clone(),
+            bind: p.bind,
+            dst: *server,
+            port: 53,
+            kind: Kind::Dns(name.clone()),
+            resolve_first: None,
+        };
+        match udp(&lookup, deadline, dns_query(name, seq)) {
+            Ok(Reply::Data(_)) => {}
+            Ok(other) => {
+                return Observed::Error(format!("resolving {name} first: {}", other.observed()));
+            }
+            Err(e) => return Observed::Error(format!("resolving {name} first: {e}")),
+        }
+    }
     let r = match &p.kind {
-        Kind::Tcp => tcp(p, deadline, b"weir-lab ping\n".to_vec()),
-        Kind::Http(h) => tcp(p, deadline, http_request(h)),
+        Kind::Tcp => tcp(p, deadline, b"weir-lab ping\n".to_vec()).map(Reply::observed),
+        Kind::Http(h) => tcp(p, deadline, http_request(h)).map(|r| r.http()),
         Kind::TcpDns(name) => {
             // DNS over TCP: the message with a two-byte length in front.
             let q = dns_query(name, seq);
             let mut msg = u16::try_from(q.len()).unwrap_or(0).to_be_bytes().to_vec();
             msg.extend(q);
-            tcp(p, deadline, msg)
+            tcp(p, deadline, msg).map(|r| r.dns(2))
         }
-        Kind::Udp => udp(p, deadline, b"weir-lab ping\n".to_vec()),
-        Kind::Dns(name) => udp(p, deadline, dns_query(name, seq)),
+        Kind::Udp => udp(p, deadline, b"weir-lab ping\n".to_vec()).map(Reply::observed),
+        Kind::Dns(name) => udp(p, deadline, dns_query(name, seq)).map(|r| r.dns(0)),
         Kind::Icmp(t) => icmp(p, deadline, *t, seq),
     };
     r.unwrap_or_else(|e| Observed::Error(e.to_string()))
+}
+
+/// What came back on a TCP or UDP exchange.
+enum Reply {
+    /// The first bytes of the answer.
+    Data(Vec<u8>),
+    /// Connection refused or port unreachable: the packet got through, nobody listened.
+    Refused,
+    /// Nothing before the deadline.
+    Nothing,
+    /// A connection that carried nothing back.
+    Silent(String),
+}
+
+impl Reply {
+    fn observed(self) -> Observed {
+        match self {
+            Reply::Data(_) | Reply::Refused => Observed::Allow,
+            Reply::Nothing => Observed::Deny,
+            Reply::Silent(why) => Observed::Error(why),
+        }
+    }
+
+    /// An HTTP answer: 403 is the proxy's denial, any other status went through.
+    fn http(self) -> Observed {
+        match self {
+            Reply::Data(d) => match http_status(&d) {
+                Some(403) => Observed::Refused("http 403".into()),
+                Some(_) => Observed::Allow,
+                None => Observed::Error("not an HTTP answer".into()),
+            },
+            other => other.observed(),
+        }
+    }
+
+    /// A DNS answer (after `skip` bytes of TCP length): REFUSED is the proxy's denial.
+    fn dns(self, skip: usize) -> Observed {
+        match self {
+            Reply::Data(d) => match d.get(skip + 3).map(|b| b & 0x0f) {
+                Some(5) => Observed::Refused("dns REFUSED".into()),
+                Some(_) => Observed::Allow,
+                None => Observed::Error("short DNS answer".into()),
+            },
+            other => other.observed(),
+        }
+    }
+}
+
+/// The status code of an HTTP/1.x response's first line.
+fn http_status(data: &[u8]) -> Option<u16> {
+    let line = data.split(|b| *b == b'\n').next()?;
+    let text = std::str::from_utf8(line).ok()?;
+    let mut parts = text.split_whitespace();
+    parts.next().filter(|v| v.starts_with("HTTP/"))?;
+    parts.next()?.parse().ok()
 }
 
 fn bound(p: &Plan, ty: Type, proto: Protocol) -> std::io::Result<Socket> {
@@ -276,14 +474,14 @@ fn http_request(h: &weir_scenario::HttpSpec) -> Vec<u8> {
     req.into_bytes()
 }
 
-fn tcp(p: &Plan, deadline: Duration, msg: Vec<u8>) -> std::io::Result<Observed> {
+fn tcp(p: &Plan, deadline: Duration, msg: Vec<u8>) -> std::io::Result<Reply> {
     let s = bound(p, Type::STREAM, Protocol::TCP)?;
     let addr = SockAddr::from(SocketAddr::new(IpAddr::V4(p.dst), p.port));
     match s.connect_timeout(&addr, deadline) {
         Ok(()) => {}
-        Err(e) if is_timeout(&e) => return Ok(Observed::Deny),
+        Err(e) if is_timeout(&e) => return Ok(Reply::Nothing),
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            return Ok(Observed::Allow);
+            return Ok(Reply::Refused);
         }
         Err(e) => return Err(e),
     }
@@ -292,26 +490,26 @@ fn tcp(p: &Plan, deadline: Duration, msg: Vec<u8>) -> std::io::Result<Observed> 
     stream.write_all(&msg)?;
     let mut buf = [0u8; 512];
     match stream.read(&mut buf) {
-        Ok(n) if n > 0 => Ok(Observed::Allow),
-        Ok(_) => Ok(Observed::Error("connection closed without data".into())),
-        Err(e) if is_timeout(&e) => Ok(Observed::Error(
+        Ok(n) if n > 0 => Ok(Reply::Data(buf.get(..n).unwrap_or_default().to_vec())),
+        Ok(_) => Ok(Reply::Silent("connection closed without data".into())),
+        Err(e) if is_timeout(&e) => Ok(Reply::Silent(
             "connected but no data came back (a proxy holding the connection?)".into(),
         )),
         Err(e) => Err(e),
     }
 }
 
-fn udp(p: &Plan, deadline: Duration, msg: Vec<u8>) -> std::io::Result<Observed> {
+fn udp(p: &Plan, deadline: Duration, msg: Vec<u8>) -> std::io::Result<Reply> {
     let s = bound(p, Type::DGRAM, Protocol::UDP)?;
     s.connect(&SockAddr::from(SocketAddr::new(IpAddr::V4(p.dst), p.port)))?;
     s.set_read_timeout(Some(deadline))?;
     s.send(&msg)?;
     let mut buf = [0u8; 1500];
     match (&s).read(&mut buf) {
-        Ok(_) => Ok(Observed::Allow),
-        Err(e) if is_timeout(&e) => Ok(Observed::Deny),
+        Ok(n) => Ok(Reply::Data(buf.get(..n).unwrap_or_default().to_vec())),
+        Err(e) if is_timeout(&e) => Ok(Reply::Nothing),
         // ICMP port unreachable came back: the datagram got through.
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(Observed::Allow),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(Reply::Refused),
         Err(e) => Err(e),
     }
 }
@@ -397,6 +595,42 @@ mod tests {
     fn checksum_of_an_echo_request() {
         // Type 8, code 0, id 1, seq 1: 0xf7fd by hand.
         assert_eq!(checksum(&[8, 0, 0, 0, 0, 1, 0, 1]), 0xf7fd);
+    }
+
+    #[test]
+    fn http_status_and_dns_rcode() {
+        assert_eq!(http_status(b"HTTP/1.1 403 Forbidden\r\n"), Some(403));
+        assert_eq!(http_status(b"SSH-2.0"), None);
+        let refused = Reply::Data(vec![0x57, 0, 0x81, 0x85]).dns(0);
+        assert_eq!(refused, Observed::Refused("dns REFUSED".into()));
+        let nx = Reply::Data(vec![0, 20, 0x57, 0, 0x81, 0x83]).dns(2);
+        assert_eq!(nx, Observed::Allow);
+    }
+
+    #[test]
+    fn a_denial_must_be_of_the_expected_kind() {
+        let o = |observed, reason| FlowOutcome {
+            scenario: "s".into(),
+            line: 1,
+            flow: "f".into(),
+            expected: Expect::Deny,
+            reason,
+            observed,
+        };
+        let refused = Observed::Refused("http 403".into());
+        assert_eq!(
+            o(refused.clone(), Some(DenyReason::Http403)).passed(),
+            Some(true)
+        );
+        assert_eq!(
+            o(Observed::Deny, Some(DenyReason::Http403)).passed(),
+            Some(false)
+        );
+        assert_eq!(
+            o(refused.clone(), Some(DenyReason::PolicyDenied)).passed(),
+            Some(false)
+        );
+        assert_eq!(o(refused, None).passed(), Some(true));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use weir_lab::cluster::{ClusterSpec, has_l7_rules, is_ipv4_only};
+use weir_lab::cluster::{ClusterSpec, is_ipv4_only};
 use weir_lab::{Lab, LabConfig, run_flows};
 use weir_scenario::Scenario;
 
@@ -108,7 +108,7 @@ fn run_all(
 }
 
 #[test]
-fn seed_l3_l4_checks_on_real_traffic() -> TestResult {
+fn seed_checks_on_real_traffic() -> TestResult {
     let Some((mut lab, _dir)) = lab("seed")? else {
         return Ok(());
     };
@@ -121,27 +121,14 @@ fn seed_l3_l4_checks_on_real_traffic() -> TestResult {
 }
 
 #[test]
-fn corpus_without_l7_on_real_traffic() -> TestResult {
+fn corpus_on_real_traffic() -> TestResult {
     let Some((mut lab, _dir)) = lab("corpus")? else {
         return Ok(());
     };
     let all = load_dir(&repo().join("tests/scenarios"))?;
-    // Service accounts have no field in the CNI -> agent request yet, so those scenarios
-    // cannot give their pods the right identity.
-    let runnable: Vec<Scenario> = all
-        .into_iter()
-        .filter(|s| !has_l7_rules(s) && is_ipv4_only(s))
-        .filter(|s| {
-            let sa = s.endpoints.iter().any(|e| e.service_account != "default");
-            if sa {
-                eprintln!(
-                    "skipped {}: service accounts are not passed to the agent yet",
-                    s.name
-                );
-            }
-            !sa
-        })
-        .collect();
+    // L7 and DNS flows go through the agent's proxies; service accounts reach the agent as
+    // the pod label Cilium uses. Only IPv6 stays out of the lab.
+    let runnable: Vec<Scenario> = all.into_iter().filter(is_ipv4_only).collect();
     let start = Instant::now();
     let (checked, failures) = run_all(&mut lab, &runnable, Duration::from_millis(1000))?;
     eprintln!(
