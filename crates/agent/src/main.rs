@@ -361,18 +361,17 @@ mod proxy {
                 warn!(error = %msg.trim(), "no IPv6 proxy route");
             }
         }
-        // Early demux would hand packets of a connection the ingress proxy accepted (after the
-        // datapath's hairpin) to the proxy's socket while they are still being forwarded to
-        // the pod's interface, and the kernel drops forwarded packets that carry a socket.
-        // The cost: local TCP/UDP delivery in this namespace skips one socket-lookup shortcut.
-        for key in ["tcp_early_demux", "udp_early_demux"] {
-            let path = format!("/proc/sys/net/ipv4/{key}");
-            std::fs::write(&path, "0").with_context(|| format!("writing {path}"))?;
-        }
+        // TCP early demux would hand packets of a connection the ingress proxy accepted
+        // (after the datapath's hairpin) to the proxy's socket while they are still being
+        // forwarded to the pod's interface, and the kernel drops forwarded packets that carry
+        // a socket. The cost: local TCP delivery in this namespace skips one lookup shortcut.
+        // (UDP is never redirected into a pod: DNS rules are egress only.)
+        let path = "/proc/sys/net/ipv4/tcp_early_demux";
+        std::fs::write(path, "0").with_context(|| format!("writing {path}"))?;
         info!(
             mark = PROXY_MARK,
             table = PROXY_TABLE,
-            "proxy policy routing in place (TCP/UDP early demux off)"
+            "proxy policy routing in place (TCP early demux off)"
         );
         Ok(())
     }

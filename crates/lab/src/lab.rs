@@ -541,10 +541,13 @@ impl Lab {
         if changed {
             report.policy_error = self.wait_policy_settled(before)?;
         }
-        // Pods. A kube-dns pod kept from before answers from the old names: restart it.
+        // Pods. When the scenario's DNS data changes, every pod is made anew: an endpoint
+        // keeps the names it resolved (and the addresses toFQDNs opened for them) for their
+        // TTL, as in Cilium, and one scenario's lookups must not open another's flows.
         let dns_changed = self.state.dns != spec.dns;
         self.state.dns = spec.dns.clone();
-        report.removed += self.remove_pods(|p| !spec.pods.iter().any(|s| s.same_pod(&p.spec)))?;
+        report.removed +=
+            self.remove_pods(|p| dns_changed || !spec.pods.iter().any(|s| s.same_pod(&p.spec)))?;
         let new: Vec<PodSpec> = spec
             .pods
             .iter()
@@ -837,6 +840,8 @@ impl Lab {
         // Every other name is NXDOMAIN (without upstreams dnsmasq would say REFUSED, which
         // is what the DNS proxy says to a query the policy denies).
         cmd.arg("--address=/#/");
+        // Its log on stderr, so that readiness ("started") can be read below.
+        cmd.arg("--log-facility=-");
         let log = self
             .cfg
             .dir
@@ -844,8 +849,28 @@ impl Lab {
         let f = std::fs::File::create(&log).map_err(|e| LabError::Io(log.clone(), e))?;
         let f2 = f.try_clone().map_err(|e| LabError::Io(log.clone(), e))?;
         cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
-        let child = spawn_detached(&mut cmd)?;
+        let mut child = spawn_detached(&mut cmd)?;
         let pid = child.id();
+        // Flows must not race its start: a query before it binds is answered by "port
+        // unreachable", which the probes would read as a packet that got through.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("started") {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(LabError::Command(format!(
+                    "dnsmasq in {} exited ({status}): {}",
+                    pod.spec.name,
+                    text.trim()
+                )));
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.children.push(child);
         Ok(pid)
     }

@@ -227,76 +227,9 @@ fn ordered(s: &Scenario) -> bool {
         || s.policies.text.contains("toFQDNs")
 }
 
-/// `(pod, IP protocol, port)` a pod's ingress policy redirects to an L7 proxy, from what the
-/// kernel holds: the agent runs egress proxies only, so such connections fail closed.
-struct IngressRedirects(Vec<(String, u8, u16, u8)>);
-
-impl IngressRedirects {
-    fn load(lab: &Lab) -> Self {
-        let (Ok(endpoints), Ok(entries)) = (lab.endpoints(), lab.policy_entries()) else {
-            return IngressRedirects(Vec::new());
-        };
-        let mut out = Vec::new();
-        for e in entries
-            .iter()
-            .filter(|e| e.direction == "ingress" && e.action == "redirect")
-        {
-            let Some(ep) = endpoints
-                .iter()
-                .find(|ep| u64::from(e.endpoint_id) == ep.endpoint_id)
-            else {
-                continue;
-            };
-            let Some(pod) = lab
-                .state()
-                .pods
-                .iter()
-                .find(|p| p.container_id == ep.container_id)
-            else {
-                continue;
-            };
-            out.push((
-                pod.spec.name.clone(),
-                u8::try_from(e.protocol).unwrap_or(0),
-                u16::try_from(e.port).unwrap_or(0),
-                u8::try_from(e.prefix_len.min(16)).unwrap_or(16),
-            ));
-        }
-        IngressRedirects(out)
-    }
-
-    fn covers(&self, pod: &str, proto: FlowProto, port: u16) -> bool {
-        let p = match proto {
-            FlowProto::Tcp => 6,
-            FlowProto::Udp => 17,
-            FlowProto::Sctp => 132,
-            FlowProto::Icmp => 1,
-        };
-        self.0.iter().any(|(name, ep, eport, plen)| {
-            let shift = 16 - u32::from(*plen);
-            name == pod
-                && (*ep == 0 || *ep == p)
-                && (*plen == 0
-                    || u32::from(port).checked_shr(shift) == u32::from(*eport).checked_shr(shift))
-        })
-    }
-}
-
-/// Flows that would need an ingress L7 proxy: the connection's destination redirects the port
-/// and the flow expects to get through it or to be refused by it.
-fn needs_ingress_proxy(redirects: &IngressRedirects, f: &FlowSpec) -> bool {
-    let dst = if f.reply { &f.from } else { &f.to };
-    let Peer::Endpoint(pod) = dst else {
-        return false;
-    };
-    let through_proxy = f.expect == Expect::Allow || f.reason == Some(DenyReason::Http403);
-    through_proxy && redirects.covers(pod, f.proto, f.port)
-}
-
 /// Runs every flow of `s` against the lab and returns one outcome per flow, in order. Flows
 /// run at once, or one after another when they depend on DNS lookups.
 pub fn run_flows(lab: &Lab, s: &Scenario, deadline: Duration) -> Vec<FlowOutcome> {
-    let redirects = IngressRedirects::load(lab);
     let plans: Vec<(usize, Result<Plan, Observed>)> = s
         .flows
         .iter()
@@ -304,9 +237,6 @@ pub fn run_flows(lab: &Lab, s: &Scenario, deadline: Duration) -> Vec<FlowOutcome
         .map(|(i, f)| {
             let p = match skip_reason(s, f) {
                 Some(why) => Err(Observed::Skipped(why)),
-                None if needs_ingress_proxy(&redirects, f) => Err(Observed::Skipped(
-                    "ingress L7 policy: the agent runs egress proxies only".into(),
-                )),
                 None => plan(lab, s, f).map_err(Observed::Error),
             };
             (i, p)

@@ -128,7 +128,16 @@ fn corpus_on_real_traffic() -> TestResult {
     let all = load_dir(&repo().join("tests/scenarios"))?;
     // L7 and DNS flows go through the agent's proxies; service accounts reach the agent as
     // the pod label Cilium uses. Only IPv6 stays out of the lab.
-    let runnable: Vec<Scenario> = all.into_iter().filter(is_ipv4_only).collect();
+    // WEIR_LAB_SCENARIOS=a,b narrows the run to scenarios whose names contain a or b.
+    let only = std::env::var("WEIR_LAB_SCENARIOS").unwrap_or_default();
+    let wanted = |s: &Scenario| {
+        only.is_empty() || only.split(',').any(|w| !w.is_empty() && s.name.contains(w))
+    };
+    let runnable: Vec<Scenario> = all
+        .into_iter()
+        .filter(is_ipv4_only)
+        .filter(wanted)
+        .collect();
     let start = Instant::now();
     let (checked, failures) = run_all(&mut lab, &runnable, Duration::from_millis(1000))?;
     eprintln!(
