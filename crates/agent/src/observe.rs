@@ -26,6 +26,10 @@ use crate::manager::{Endpoint, Manager};
 /// 16k): at 50k events/s a 5 ms period leaves it almost empty.
 pub const DRAIN_PERIOD: Duration = Duration::from_millis(5);
 
+/// The most flows the event task publishes before it lets other tasks (ring readers) run:
+/// well under the default ring of 4095.
+pub const PUBLISH_CHUNK: usize = 512;
+
 /// Capacity of the queues between the proxies and the observer.
 pub const PROXY_QUEUE: usize = 8192;
 
@@ -222,9 +226,7 @@ pub fn spawn_event_pump<D: Datapath + Send + 'static>(
                     (last_stats.elapsed() >= Duration::from_secs(1)).then(|| obs.agent_stats(&m));
                 (captured, stats)
             };
-            let lost = captured.lost;
-            let flows = obs.enrich(&captured);
-            if let Some(lost) = lost {
+            if let Some(lost) = captured.lost {
                 publish_loss(
                     &obs.observer,
                     LostEventSource::PerfEventRingBuffer,
@@ -232,7 +234,14 @@ pub fn spawn_event_pump<D: Datapath + Send + 'static>(
                     lost,
                 );
             }
-            obs.observer.publish_all(flows);
+            // After a stall (the thread descheduled, a slow tick) one drain can hold more
+            // events than the flow ring: publish it in slices and let readers on this thread
+            // read each one before the next overwrites it.
+            for chunk in captured.events.chunks(PUBLISH_CHUNK) {
+                let flows = obs.enricher.datapath_flows(&captured.context, chunk);
+                obs.observer.publish_all(flows);
+                tokio::task::yield_now().await;
+            }
             if let Some(s) = stats {
                 obs.observer.metrics().set_agent_stats(s);
                 last_stats = Instant::now();

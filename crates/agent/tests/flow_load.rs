@@ -162,7 +162,7 @@ fn event(n: u64, identities: &[Identity]) -> DatapathEvent {
     x ^= x >> 32;
     let local = 1 + (x % u64::from(ENDPOINTS)) as u32;
     let peer = 1 + ((x >> 8) % u64::from(ENDPOINTS)) as u32;
-    let ipv6 = (x >> 16) % 3 == 0;
+    let ipv6 = (x >> 16).is_multiple_of(3);
     let addr = |i| if ipv6 { v6(i) } else { v4(i) };
     let roll = (x >> 20) % 100;
     let peer_identity = identities

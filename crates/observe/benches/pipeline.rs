@@ -180,7 +180,7 @@ fn events(n: usize) -> Vec<DatapathEvent> {
             let r = next();
             let local = 1 + (r % u64::from(ENDPOINTS)) as u32;
             let peer = 1 + ((r >> 8) % u64::from(ENDPOINTS)) as u32;
-            let ipv6 = (r >> 16) % 3 == 0;
+            let ipv6 = (r >> 16).is_multiple_of(3);
             let addr = |n| if ipv6 { v6(n) } else { v4(n) };
             let roll = (r >> 20) % 100;
             let (kind, reason, dport, proxy_port, src) = if roll < 50 {

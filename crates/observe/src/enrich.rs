@@ -513,7 +513,7 @@ impl Enricher {
 pub(crate) fn policy_query(ev: &DatapathEvent) -> Option<weir_policy_compiler::Flow> {
     let policy_event = matches!(ev.kind, EventKind::AllowNew | EventKind::RedirectNew)
         || model::is_policy_drop(u32::from(ev.drop_reason));
-    policy_event.then(|| weir_policy_compiler::Flow {
+    policy_event.then_some(weir_policy_compiler::Flow {
         direction: ev.direction,
         remote: match ev.direction {
             Direction::Ingress => ev.src_identity,
