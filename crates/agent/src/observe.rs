@@ -2,6 +2,8 @@
 //! that drains datapath events into the [`Observer`] often enough not to lose them, the tasks
 //! that turn proxy records into L7 flows, and the agent gauges for the metrics endpoint.
 
+use std::cell::OnceCell;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,12 +12,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 use tracing::warn;
-use weir_datapath::{Datapath, EndpointId};
+use weir_datapath::{Datapath, DatapathEvent, EndpointId};
 use weir_dns_proxy::{DnsChannelSink, DnsRecord};
 use weir_identity::{Identity, ReservedIdentity};
 use weir_l7_proxy::{ChannelSink, L7Record};
 use weir_observe::proto::flow::LostEventSource;
-use weir_observe::{AgentStats, EndpointMeta, Enricher, FlowContext, Observer};
+use weir_observe::{AgentStats, ContextSnapshot, EndpointMeta, Enricher, FlowContext, Observer};
 use weir_policy_compiler::Decision;
 
 use crate::manager::{Endpoint, Manager};
@@ -24,11 +26,38 @@ use crate::manager::{Endpoint, Manager};
 /// 16k): at 50k events/s a 5 ms period leaves it almost empty.
 pub const DRAIN_PERIOD: Duration = Duration::from_millis(5);
 
+/// The most flows the event task publishes before it lets other tasks (ring readers) run:
+/// well under the default ring of 4095.
+pub const PUBLISH_CHUNK: usize = 512;
+
 /// Capacity of the queues between the proxies and the observer.
 pub const PROXY_QUEUE: usize = 8192;
 
-/// A [`FlowContext`] reading the manager (hold its lock while enriching).
-pub struct ManagerContext<'a, D: Datapath>(pub &'a Manager<D>);
+/// A [`FlowContext`] reading the manager (hold its lock while enriching). Peers are found
+/// by address through an index built on the first such question.
+pub struct ManagerContext<'a, D: Datapath> {
+    manager: &'a Manager<D>,
+    by_ip: OnceCell<HashMap<IpAddr, EndpointId>>,
+}
+
+impl<'a, D: Datapath> ManagerContext<'a, D> {
+    /// A context over `manager`'s current state.
+    pub fn new(manager: &'a Manager<D>) -> Self {
+        ManagerContext {
+            manager,
+            by_ip: OnceCell::new(),
+        }
+    }
+
+    fn by_ip(&self) -> &HashMap<IpAddr, EndpointId> {
+        self.by_ip.get_or_init(|| {
+            self.manager
+                .endpoints()
+                .flat_map(|e| e.spec.addresses.iter().map(|ip| (*ip, e.id)))
+                .collect()
+        })
+    }
+}
 
 fn meta(ep: &Endpoint) -> EndpointMeta {
     EndpointMeta {
@@ -42,18 +71,16 @@ fn meta(ep: &Endpoint) -> EndpointMeta {
 
 impl<D: Datapath> FlowContext for ManagerContext<'_, D> {
     fn local_endpoint(&self, id: EndpointId) -> Option<EndpointMeta> {
-        self.0.endpoint(id).map(meta)
+        self.manager.endpoint(id).map(meta)
     }
 
     fn endpoint_by_ip(&self, ip: IpAddr) -> Option<EndpointMeta> {
-        self.0
-            .endpoints()
-            .find(|e| e.spec.addresses.contains(&ip))
-            .map(meta)
+        let id = self.by_ip().get(&ip)?;
+        self.manager.endpoint(*id).map(meta)
     }
 
     fn identity_labels(&self, identity: Identity) -> Vec<String> {
-        if let Some(info) = self.0.compiler().identities().get(identity) {
+        if let Some(info) = self.manager.compiler().identities().get(identity) {
             return info.labels.iter().map(ToString::to_string).collect();
         }
         ReservedIdentity::from_identity(identity)
@@ -62,8 +89,21 @@ impl<D: Datapath> FlowContext for ManagerContext<'_, D> {
     }
 
     fn decide(&self, endpoint: EndpointId, flow: &weir_policy_compiler::Flow) -> Option<Decision> {
-        self.0.endpoint(endpoint).map(|e| e.policy.decide(flow))
+        self.manager
+            .endpoint(endpoint)
+            .map(|e| e.policy.decide(flow))
     }
+}
+
+/// Datapath events and what enriching them needs, taken under the manager lock.
+#[derive(Debug, Default)]
+pub struct Captured {
+    /// The events, in the datapath's order.
+    pub events: Vec<DatapathEvent>,
+    /// The manager's answers for them.
+    pub context: ContextSnapshot,
+    /// The datapath's lost-event total, when it could be read.
+    pub lost: Option<u64>,
 }
 
 /// The observer, its enricher and the agent's policy-regeneration timings.
@@ -97,12 +137,21 @@ impl AgentObserver {
         self.regenerations.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Drains the datapath once: enriches its events into flows (under the manager lock,
-    /// which `manager` is) and returns them with the datapath's lost-event total.
+    /// Drains the datapath once and enriches its events into flows; returns them with the
+    /// datapath's lost-event total. [`AgentObserver::capture`] then [`AgentObserver::enrich`].
     pub fn drain<D: Datapath>(
         &self,
         manager: &mut Manager<D>,
     ) -> (Vec<weir_observe::proto::flow::Flow>, Option<u64>) {
+        let captured = self.capture(manager);
+        let lost = captured.lost;
+        (self.enrich(&captured), lost)
+    }
+
+    /// The part of a drain that needs the manager (call it under the manager lock): takes the
+    /// datapath's events and answers every question enriching them asks, once per distinct
+    /// question.
+    pub fn capture<D: Datapath>(&self, manager: &mut Manager<D>) -> Captured {
         let events = match manager.datapath_mut().drain_events() {
             Ok(e) => e,
             Err(e) => {
@@ -111,12 +160,22 @@ impl AgentObserver {
             }
         };
         let lost = manager.datapath().counters().ok().map(|c| c.events_lost);
-        let ctx = ManagerContext(&*manager);
-        let flows = events
-            .iter()
-            .map(|ev| self.enricher.datapath_flow(&ctx, ev))
-            .collect();
-        (flows, lost)
+        let context = if events.is_empty() {
+            ContextSnapshot::default()
+        } else {
+            ContextSnapshot::capture(&ManagerContext::new(manager), &events)
+        };
+        Captured {
+            events,
+            context,
+            lost,
+        }
+    }
+
+    /// The flows of captured events (no lock needed).
+    pub fn enrich(&self, captured: &Captured) -> Vec<weir_observe::proto::flow::Flow> {
+        self.enricher
+            .datapath_flows(&captured.context, &captured.events)
     }
 
     /// The agent gauges from the manager's current state.
@@ -159,14 +218,15 @@ pub fn spawn_event_pump<D: Datapath + Send + 'static>(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let (flows, lost, stats) = {
+            // The lock is held for the drain and the lookups only; flows are built after.
+            let (captured, stats) = {
                 let mut m = manager.lock().await;
-                let (flows, lost) = obs.drain(&mut m);
+                let captured = obs.capture(&mut m);
                 let stats =
                     (last_stats.elapsed() >= Duration::from_secs(1)).then(|| obs.agent_stats(&m));
-                (flows, lost, stats)
+                (captured, stats)
             };
-            if let Some(lost) = lost {
+            if let Some(lost) = captured.lost {
                 publish_loss(
                     &obs.observer,
                     LostEventSource::PerfEventRingBuffer,
@@ -174,7 +234,14 @@ pub fn spawn_event_pump<D: Datapath + Send + 'static>(
                     lost,
                 );
             }
-            obs.observer.publish_all(flows);
+            // After a stall (the thread descheduled, a slow tick) one drain can hold more
+            // events than the flow ring: publish it in slices and let readers on this thread
+            // read each one before the next overwrites it.
+            for chunk in captured.events.chunks(PUBLISH_CHUNK) {
+                let flows = obs.enricher.datapath_flows(&captured.context, chunk);
+                obs.observer.publish_all(flows);
+                tokio::task::yield_now().await;
+            }
             if let Some(s) = stats {
                 obs.observer.metrics().set_agent_stats(s);
                 last_stats = Instant::now();
@@ -234,7 +301,7 @@ async fn pump<D, R, F>(
     while rx.recv_many(&mut batch, 256).await > 0 {
         let flows: Vec<_> = {
             let m = manager.lock().await;
-            let ctx = ManagerContext(&*m);
+            let ctx = ManagerContext::new(&m);
             batch
                 .drain(..)
                 .flat_map(|r| to_flows(&obs, &ctx, r))

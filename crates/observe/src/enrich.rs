@@ -1,6 +1,7 @@
 //! Turning datapath verdict events and proxy records into Hubble flows: endpoint, identity
 //! and policy-decision data come from a [`FlowContext`] the agent implements.
 
+use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
@@ -20,6 +21,7 @@ use crate::proto::flow::{
     L7FlowType, Layer4, Layer7, NetworkInterface, Policy, Sctp, Tcp, TcpFlags, TrafficDirection,
     Udp, Verdict, layer4, layer7,
 };
+use crate::snapshot::ContextSnapshot;
 
 /// What the flow model shows of an endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,6 +51,45 @@ pub trait FlowContext {
     /// DNS names the proxy has seen for `ip` (Hubble's `source_names`/`destination_names`).
     fn names_of(&self, _ip: IpAddr) -> Vec<String> {
         Vec::new()
+    }
+}
+
+/// The questions enrichment asks, answered with borrowed data where the answerer keeps it
+/// (a [`ContextSnapshot`]) and owned data where it builds it (a [`FlowContext`]).
+pub(crate) trait Resolve {
+    fn local(&self, id: EndpointId) -> Option<Cow<'_, EndpointMeta>>;
+    fn by_ip(&self, ip: IpAddr) -> Option<Cow<'_, EndpointMeta>>;
+    fn labels(&self, identity: Identity) -> Cow<'_, [String]>;
+    fn decision(
+        &self,
+        endpoint: EndpointId,
+        flow: &weir_policy_compiler::Flow,
+    ) -> Option<Cow<'_, Decision>>;
+    fn names(&self, ip: IpAddr) -> Cow<'_, [String]>;
+}
+
+/// A [`FlowContext`] asked directly.
+struct Direct<'a, C>(&'a C);
+
+impl<C: FlowContext> Resolve for Direct<'_, C> {
+    fn local(&self, id: EndpointId) -> Option<Cow<'_, EndpointMeta>> {
+        self.0.local_endpoint(id).map(Cow::Owned)
+    }
+    fn by_ip(&self, ip: IpAddr) -> Option<Cow<'_, EndpointMeta>> {
+        self.0.endpoint_by_ip(ip).map(Cow::Owned)
+    }
+    fn labels(&self, identity: Identity) -> Cow<'_, [String]> {
+        Cow::Owned(self.0.identity_labels(identity))
+    }
+    fn decision(
+        &self,
+        endpoint: EndpointId,
+        flow: &weir_policy_compiler::Flow,
+    ) -> Option<Cow<'_, Decision>> {
+        self.0.decide(endpoint, flow).map(Cow::Owned)
+    }
+    fn names(&self, ip: IpAddr) -> Cow<'_, [String]> {
+        Cow::Owned(self.0.names_of(ip))
     }
 }
 
@@ -143,14 +184,24 @@ impl Enricher {
     fn uuid(&self) -> String {
         let n = self.uuid_counter.fetch_add(1, Ordering::Relaxed);
         let p = self.uuid_prefix;
-        format!(
-            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-            p >> 32,
-            (p >> 16) & 0xffff,
-            p & 0xfff,
-            (n >> 48) & 0xfff,
-            n & 0xffff_ffff_ffff
-        )
+        // Written digit by digit: one allocation, no formatting machinery (once per flow).
+        let mut out = String::with_capacity(36);
+        fn hex(out: &mut String, value: u64, digits: u32) {
+            for i in (0..digits).rev() {
+                let nibble = ((value >> (4 * i)) & 0xf) as u32;
+                out.push(char::from_digit(nibble, 16).unwrap_or('0'));
+            }
+        }
+        hex(&mut out, p >> 32, 8);
+        out.push('-');
+        hex(&mut out, (p >> 16) & 0xffff, 4);
+        out.push_str("-4");
+        hex(&mut out, p & 0xfff, 3);
+        out.push_str("-8");
+        hex(&mut out, (n >> 48) & 0xfff, 3);
+        out.push('-');
+        hex(&mut out, n & 0xffff_ffff_ffff, 12);
+        out
     }
 
     fn base(&self, time: SystemTime) -> Flow {
@@ -164,6 +215,24 @@ impl Enricher {
 
     /// The flow of one datapath verdict event.
     pub fn datapath_flow(&self, ctx: &impl FlowContext, ev: &DatapathEvent) -> Flow {
+        self.datapath_flow_with(&Direct(ctx), ev)
+    }
+
+    /// The flows of a batch of datapath events from what [`ContextSnapshot::capture`] took:
+    /// the same flows as [`Enricher::datapath_flow`] with the original context, built from
+    /// borrowed answers (each flow copies what it shows, once).
+    pub fn datapath_flows(
+        &self,
+        snapshot: &ContextSnapshot,
+        events: &[DatapathEvent],
+    ) -> Vec<Flow> {
+        events
+            .iter()
+            .map(|ev| self.datapath_flow_with(snapshot, ev))
+            .collect()
+    }
+
+    fn datapath_flow_with(&self, ctx: &impl Resolve, ev: &DatapathEvent) -> Flow {
         let mut flow = self.base(self.wall_time(ev.timestamp_ns));
         let reason = u32::from(ev.drop_reason);
         let verdict = match ev.kind {
@@ -196,65 +265,51 @@ impl Enricher {
             name: String::new(),
         });
         flow.proxy_port = u32::from(ev.proxy_port);
-        let policy_event = matches!(ev.kind, EventKind::AllowNew | EventKind::RedirectNew)
-            || model::is_policy_drop(reason);
+        let query = policy_query(ev);
         // Policy verdict events are emitted for a connection's first packet only.
-        if policy_event {
+        if query.is_some() {
             flow.is_reply = Some(false);
         }
 
-        let local = ctx.local_endpoint(ev.endpoint_id);
+        let mut local = ctx.local(ev.endpoint_id);
         let peer = |ip: Option<IpAddr>, identity: Identity| -> Endpoint {
-            match ip.and_then(|ip| ctx.endpoint_by_ip(ip)) {
-                Some(meta) => endpoint(meta),
+            match ip.and_then(|ip| ctx.by_ip(ip)) {
+                Some(meta) => endpoint(meta.into_owned()),
                 None => Endpoint {
                     identity: identity.get(),
-                    labels: ctx.identity_labels(identity),
+                    labels: ctx.labels(identity).into_owned(),
                     ..Endpoint::default()
                 },
             }
         };
-        let local_ep = |identity: Identity| match &local {
-            Some(meta) => endpoint(meta.clone()),
+        // Called once per flow: the endpoint's data moves into it.
+        let mut local_ep = |identity: Identity| match local.take() {
+            Some(meta) => endpoint(meta.into_owned()),
             None => Endpoint {
                 id: ev.endpoint_id.0,
                 identity: identity.get(),
-                labels: ctx.identity_labels(identity),
+                labels: ctx.labels(identity).into_owned(),
                 ..Endpoint::default()
             },
         };
-        let (source, destination, remote) = match ev.direction {
-            Direction::Ingress => (
-                peer(ev.src, ev.src_identity),
-                local_ep(ev.dst_identity),
-                ev.src_identity,
-            ),
-            Direction::Egress => (
-                local_ep(ev.src_identity),
-                peer(ev.dst, ev.dst_identity),
-                ev.dst_identity,
-            ),
+        let (source, destination) = match ev.direction {
+            Direction::Ingress => (peer(ev.src, ev.src_identity), local_ep(ev.dst_identity)),
+            Direction::Egress => (local_ep(ev.src_identity), peer(ev.dst, ev.dst_identity)),
         };
         flow.source = Some(source);
         flow.destination = Some(destination);
         if let Some(ip) = ev.src {
-            flow.source_names = ctx.names_of(ip);
+            flow.source_names = ctx.names(ip).into_owned();
         }
         if let Some(ip) = ev.dst {
-            flow.destination_names = ctx.names_of(ip);
+            flow.destination_names = ctx.names(ip).into_owned();
         }
         flow.summary = l4_summary(&flow);
 
-        if policy_event {
-            let query = weir_policy_compiler::Flow {
-                direction: ev.direction,
-                remote,
-                protocol: ev.protocol,
-                port: ev.dport,
-            };
-            if let Some(decision) = ctx.decide(ev.endpoint_id, &query) {
-                apply_decision(&mut flow, ev.direction, &decision);
-            }
+        if let Some(query) = query
+            && let Some(decision) = ctx.decision(ev.endpoint_id, &query)
+        {
+            apply_decision(&mut flow, ev.direction, &decision);
         }
         flow
     }
@@ -453,6 +508,22 @@ impl Enricher {
     }
 }
 
+/// The policy lookup behind a datapath event that is a policy verdict (a new connection
+/// allowed or redirected, or a policy drop); `None` for other events.
+pub(crate) fn policy_query(ev: &DatapathEvent) -> Option<weir_policy_compiler::Flow> {
+    let policy_event = matches!(ev.kind, EventKind::AllowNew | EventKind::RedirectNew)
+        || model::is_policy_drop(u32::from(ev.drop_reason));
+    policy_event.then_some(weir_policy_compiler::Flow {
+        direction: ev.direction,
+        remote: match ev.direction {
+            Direction::Ingress => ev.src_identity,
+            Direction::Egress => ev.dst_identity,
+        },
+        protocol: ev.protocol,
+        port: ev.dport,
+    })
+}
+
 fn peer_or(ctx: &impl FlowContext, ip: IpAddr, fallback: Endpoint) -> Endpoint {
     ctx.endpoint_by_ip(ip).map(endpoint).unwrap_or(fallback)
 }
@@ -529,6 +600,13 @@ fn l4_of(protocol: u8, sport: u16, dport: u16, flags: u8) -> Option<Layer4> {
 
 /// The flags set, Hubble style: `SYN, ACK`.
 pub fn tcp_flags_text(f: &TcpFlags) -> String {
+    let mut out = String::new();
+    push_tcp_flags(&mut out, f);
+    out
+}
+
+/// Appends the flags set, `SYN, ACK`, to `out`.
+fn push_tcp_flags(out: &mut String, f: &TcpFlags) {
     let names = [
         (f.syn, "SYN"),
         (f.ack, "ACK"),
@@ -540,19 +618,26 @@ pub fn tcp_flags_text(f: &TcpFlags) -> String {
         (f.cwr, "CWR"),
         (f.ns, "NS"),
     ];
-    names
-        .iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, n)| *n)
-        .collect::<Vec<_>>()
-        .join(", ")
+    let mut first = true;
+    for (_, name) in names.iter().filter(|(on, _)| *on) {
+        if !first {
+            out.push_str(", ");
+        }
+        out.push_str(name);
+        first = false;
+    }
 }
 
 /// Hubble's L3/L4 summary: `TCP Flags: SYN`, `UDP`, `ICMPv4 EchoRequest`.
 fn l4_summary(flow: &Flow) -> String {
     match flow.l4.as_ref().and_then(|l| l.protocol.as_ref()) {
         Some(layer4::Protocol::Tcp(t)) => match &t.flags {
-            Some(f) => format!("TCP Flags: {}", tcp_flags_text(f)),
+            Some(f) => {
+                let mut out = String::with_capacity(24);
+                out.push_str("TCP Flags: ");
+                push_tcp_flags(&mut out, f);
+                out
+            }
             None => "TCP".to_string(),
         },
         Some(layer4::Protocol::Udp(_)) => "UDP".to_string(),
@@ -819,6 +904,45 @@ mod tests {
         assert!(f.ip.is_none() && f.l4.is_none());
         assert_eq!(f.destination.map(|d| d.id), Some(99));
         assert_eq!(f.is_reply, None);
+    }
+
+    #[test]
+    fn a_snapshot_gives_the_flows_the_context_gives() {
+        let e = Enricher::new("n");
+        let mut events = vec![
+            event(EventKind::Drop, 133, 9999),
+            event(EventKind::AllowNew, 0, 8080),
+            event(EventKind::Drop, 134, 80),
+        ];
+        let mut egress = event(EventKind::RedirectNew, 0, 8080);
+        egress.direction = Direction::Egress;
+        egress.endpoint_id = EndpointId(99);
+        egress.dst_identity = Identity(2);
+        events.push(egress);
+        events.push(event(EventKind::AllowNew, 0, 8080));
+        let snap = ContextSnapshot::capture(&Ctx, &events);
+        let strip = |mut f: Flow| {
+            f.uuid.clear();
+            f
+        };
+        let direct: Vec<Flow> = events
+            .iter()
+            .map(|ev| strip(e.datapath_flow(&Ctx, ev)))
+            .collect();
+        let batched: Vec<Flow> = e
+            .datapath_flows(&snap, &events)
+            .into_iter()
+            .map(strip)
+            .collect();
+        assert_eq!(direct, batched);
+        let via_trait: Vec<Flow> = events
+            .iter()
+            .map(|ev| strip(e.datapath_flow(&snap, ev)))
+            .collect();
+        assert_eq!(direct, via_trait);
+        // Questions it was not asked get the unknown answer.
+        assert!(snap.local_endpoint(EndpointId(1234)).is_none());
+        assert!(snap.identity_labels(Identity(77)).is_empty());
     }
 
     #[test]

@@ -17,9 +17,11 @@ pub mod observer;
 pub mod proto;
 pub mod ring;
 pub mod server;
+pub mod snapshot;
 
 pub use enrich::{EndpointMeta, Enricher, FlowContext, NoContext};
 pub use filter::{FilterError, FilterSet};
 pub use metrics::{AgentStats, Metrics};
 pub use observer::{Follower, Observer, ObserverConfig, ObserverStatus};
 pub use ring::{DEFAULT_CAPACITY, Event, FlowRing};
+pub use snapshot::ContextSnapshot;

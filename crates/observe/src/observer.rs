@@ -177,10 +177,15 @@ impl Observer {
 
     /// A follower reading every event from now on.
     pub fn follow(self: &Arc<Self>) -> Follower {
+        let (next, extra) = {
+            let ring = self.ring();
+            (ring.next_seq(), ring.extra_at(ring.next_seq()))
+        };
         Follower {
             observer: self.clone(),
             rx: self.watch(),
-            next: self.next_seq(),
+            next,
+            extra,
         }
     }
 
@@ -190,6 +195,7 @@ impl Observer {
             observer: self.clone(),
             rx: self.watch(),
             next: from,
+            extra: self.ring().extra_at(from),
         }
     }
 }
@@ -201,6 +207,8 @@ pub struct Follower {
     observer: Arc<Observer>,
     rx: watch::Receiver<u64>,
     next: u64,
+    /// [`FlowRing::extra_at`] `next`: what a lost-event record it never saw stood for.
+    extra: u64,
 }
 
 impl Follower {
@@ -215,15 +223,20 @@ impl Follower {
             self.next = read.next;
             let mut out = Vec::with_capacity(read.events.len() + 1);
             if read.missed > 0 {
+                // Overwritten lost-event records count the events they stood for.
+                let missed = read
+                    .missed
+                    .saturating_add(read.extra_at_first.saturating_sub(self.extra));
                 self.observer
                     .metrics
-                    .record_lost(LostEventSource::HubbleRingBuffer, read.missed);
+                    .record_lost(LostEventSource::HubbleRingBuffer, missed);
                 out.push(Event::Lost(LostEvent {
                     source: LostEventSource::HubbleRingBuffer as i32,
-                    num_events_lost: read.missed,
+                    num_events_lost: missed,
                     cpu: None,
                 }));
             }
+            self.extra = read.extra_at_next;
             out.extend(read.events.into_iter().map(|(_, e)| e));
             if !out.is_empty() {
                 return Some(out);
@@ -255,6 +268,28 @@ mod tests {
         let s = o.status();
         assert_eq!((s.num_flows, s.max_flows, s.seen_flows), (2, 2, 5));
         assert_eq!(s.lost_events, 3);
+    }
+
+    #[tokio::test]
+    async fn an_overwritten_lost_record_still_counts_its_events() {
+        let o = obs(4);
+        let mut f = o.follow();
+        o.publish_all((0..2).map(|_| Flow::default()));
+        o.publish_lost(LostEventSource::PerfEventRingBuffer, 1000);
+        o.publish_all((0..10).map(|_| Flow::default()));
+        let (mut delivered, mut lost) = (0u64, 0u64);
+        while delivered + lost < 1012 {
+            let Some(batch) = f.next_batch(16).await else {
+                break;
+            };
+            for e in batch {
+                match e {
+                    Event::Flow(_) => delivered += 1,
+                    Event::Lost(l) => lost += l.num_events_lost,
+                }
+            }
+        }
+        assert_eq!((delivered, lost), (4, 1008));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,6 +27,10 @@ pub struct Read {
     pub events: Vec<(u64, Event)>,
     /// Where the reader continues.
     pub next: u64,
+    /// [`FlowRing::extra_at`] the oldest held event when the read was made.
+    pub extra_at_first: u64,
+    /// [`FlowRing::extra_at`] `next`.
+    pub extra_at_next: u64,
 }
 
 /// A fixed-capacity ring: the oldest event is overwritten when it is full.
@@ -36,6 +40,18 @@ pub struct FlowRing {
     entries: VecDeque<Event>,
     /// Sequence number of `entries[0]`.
     first_seq: u64,
+    /// Per entry, [`FlowRing::extra_at`] its sequence number.
+    extra_before: VecDeque<u64>,
+    /// The same after the newest entry.
+    total_extra: u64,
+}
+
+/// How many events beyond one an entry stands for: a lost-event record counts its events.
+fn extra(event: &Event) -> u64 {
+    match event {
+        Event::Flow(_) => 0,
+        Event::Lost(l) => l.num_events_lost.saturating_sub(1),
+    }
 }
 
 impl FlowRing {
@@ -46,6 +62,8 @@ impl FlowRing {
             capacity,
             entries: VecDeque::with_capacity(capacity.min(1 << 16)),
             first_seq: 0,
+            extra_before: VecDeque::with_capacity(capacity.min(1 << 16)),
+            total_extra: 0,
         }
     }
 
@@ -78,10 +96,25 @@ impl FlowRing {
     pub fn push(&mut self, event: Event) -> u64 {
         if self.entries.len() >= self.capacity {
             self.entries.pop_front();
+            self.extra_before.pop_front();
             self.first_seq += 1;
         }
+        self.extra_before.push_back(self.total_extra);
+        self.total_extra = self.total_extra.saturating_add(extra(&event));
         self.entries.push_back(event);
         self.next_seq() - 1
+    }
+
+    /// How many events beyond one per entry the entries before sequence number `seq` stood
+    /// for (lost-event records count their events), for `seq` from the oldest held entry to
+    /// [`FlowRing::next_seq`]; earlier numbers answer as the oldest held entry. A reader
+    /// that missed entries from `a` to `b` missed `b - a + extra_at(b) - extra_at(a)` events.
+    pub fn extra_at(&self, seq: u64) -> u64 {
+        let offset = usize::try_from(seq.saturating_sub(self.first_seq)).unwrap_or(usize::MAX);
+        self.extra_before
+            .get(offset)
+            .copied()
+            .unwrap_or(self.total_extra)
     }
 
     /// Up to `max` events from sequence number `from` on.
@@ -97,11 +130,15 @@ impl FlowRing {
             .enumerate()
             .map(|(i, e)| (start + i as u64, e.clone()))
             .collect();
-        let next = start + events.len() as u64;
+        let next = (start + events.len() as u64)
+            .min(self.next_seq())
+            .max(start);
         Read {
             missed,
             events,
-            next: next.min(self.next_seq()).max(start),
+            next,
+            extra_at_first: self.extra_at(self.first_seq),
+            extra_at_next: self.extra_at(next),
         }
     }
 
@@ -140,6 +177,24 @@ mod tests {
         assert_eq!(read.next, 5);
         let again = r.read_from(read.next, 10);
         assert_eq!((again.missed, again.events.len(), again.next), (0, 0, 5));
+    }
+
+    #[test]
+    fn overwritten_lost_records_count_their_events() {
+        let mut r = FlowRing::new(2);
+        r.push(flow(0));
+        r.push(Event::Lost(LostEvent {
+            source: 1,
+            num_events_lost: 10,
+            cpu: None,
+        }));
+        r.push(flow(2));
+        r.push(flow(3));
+        assert_eq!((r.extra_at(0), r.extra_at(2), r.extra_at(4)), (9, 9, 9));
+        let read = r.read_from(0, 10);
+        // Entries 0 and 1 were missed: one flow and ten lost events.
+        assert_eq!(read.missed + read.extra_at_first, 11);
+        assert_eq!(read.extra_at_next, 9);
     }
 
     #[test]
