@@ -39,7 +39,7 @@ pub mod replay;
 mod testrun;
 
 pub use loader::{AyaDatapath, LoadError};
-pub use testrun::{CtState, HookDirection, TestRunOutcome};
+pub use weir_datapath::testrun::{CtState, HookDirection, TestRunOutcome};
 
 /// The compiled eBPF object, built by `build.rs`.
 pub(crate) static EBPF_OBJECT: &[u8] =

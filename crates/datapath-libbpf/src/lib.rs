@@ -21,7 +21,7 @@ mod testrun;
 mod abi_check;
 
 pub use loader::{LibbpfDatapath, LoadError};
-pub use testrun::{CtState, HookDirection, TestRunOutcome};
+pub use weir_datapath::testrun::{CtState, HookDirection, TestRunOutcome};
 
 /// The compiled object, 8-aligned for libelf.
 #[repr(C, align(8))]

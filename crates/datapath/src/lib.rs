@@ -11,6 +11,7 @@ pub mod encode;
 mod fake;
 mod oracle;
 pub mod packet;
+pub mod testrun;
 mod types;
 
 pub use fake::FakeDatapath;
