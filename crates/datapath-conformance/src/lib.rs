@@ -19,54 +19,13 @@ pub mod traffic;
 pub mod two_pods;
 
 use std::path::Path;
-use std::time::Duration;
 
-use weir_datapath::{Datapath, DatapathError, Verdict};
+use weir_datapath::{Datapath, DatapathError};
 use weir_datapath_abi as abi;
-use weir_identity::Identity;
 
-/// Which program a test run goes through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hook {
-    /// `weir_from_pod`: the packet leaves the pod (egress policy).
-    FromPod,
-    /// `weir_to_pod`: the packet enters the pod (ingress policy).
-    ToPod,
-    /// `weir_empty`: returns at once (benchmark baseline).
-    Empty,
-}
-
-/// Conntrack state a program reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CtState {
-    /// New: policy decided.
-    New,
-    /// Same direction as an existing entry.
-    Established,
-    /// Reply to an existing entry.
-    Reply,
-    /// A later fragment of an allowed datagram.
-    Fragment,
-    /// Passed without conntrack or policy (neighbour discovery).
-    Untracked,
-}
-
-/// What one test run produced, in backend-neutral terms.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
-    /// The TC action returned (0 = OK, 2 = SHOT).
-    pub tc_action: u32,
-    /// The verdict.
-    pub verdict: Verdict,
-    /// Conntrack state, for forwarded packets.
-    pub ct_state: Option<CtState>,
-    /// The remote identity the ipcache gave (0 if the packet did not get that far).
-    pub remote_identity: Identity,
-    /// skb mark after the run.
-    pub mark: u32,
-    /// Kernel-measured average run time.
-    pub duration: Duration,
-}
+/// Test-run types shared by every backend: which program (`Hook`), the conntrack state and
+/// the outcome (see `weir_datapath::testrun`).
+pub use weir_datapath::testrun::{CtState, HookDirection as Hook, TestRunOutcome as Outcome};
 
 /// A kernel datapath backend under test.
 pub trait Backend {

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use weir_datapath::DatapathError;
 use weir_datapath_abi as abi;
-use weir_datapath_aya::{self as aya, AyaDatapath};
-use weir_datapath_conformance::{Backend, CtState, Hook, Outcome};
+use weir_datapath_aya::AyaDatapath;
+use weir_datapath_conformance::{Backend, Hook, Outcome};
 
 /// The aya backend (Rust programs).
 pub struct Aya;
@@ -36,25 +36,6 @@ impl Backend for Aya {
         packet: &[u8],
         repeat: u32,
     ) -> Result<Outcome, DatapathError> {
-        let hook = match hook {
-            Hook::FromPod => aya::HookDirection::FromPod,
-            Hook::ToPod => aya::HookDirection::ToPod,
-            Hook::Empty => aya::HookDirection::Empty,
-        };
-        let o = dp.test_run(hook, packet, repeat)?;
-        Ok(Outcome {
-            tc_action: o.tc_action,
-            verdict: o.verdict,
-            ct_state: o.ct_state.map(|s| match s {
-                aya::CtState::New => CtState::New,
-                aya::CtState::Established => CtState::Established,
-                aya::CtState::Reply => CtState::Reply,
-                aya::CtState::Fragment => CtState::Fragment,
-                aya::CtState::Untracked => CtState::Untracked,
-            }),
-            remote_identity: o.remote_identity,
-            mark: o.mark,
-            duration: o.duration,
-        })
+        dp.test_run(hook, packet, repeat)
     }
 }

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use weir_datapath::DatapathError;
 use weir_datapath_abi as abi;
-use weir_datapath_conformance::{Backend, CtState, Hook, Outcome};
-use weir_datapath_libbpf::{self as libbpf, LibbpfDatapath};
+use weir_datapath_conformance::{Backend, Hook, Outcome};
+use weir_datapath_libbpf::LibbpfDatapath;
 
 /// The libbpf backend (C programs).
 pub struct Libbpf;
@@ -36,25 +36,6 @@ impl Backend for Libbpf {
         packet: &[u8],
         repeat: u32,
     ) -> Result<Outcome, DatapathError> {
-        let hook = match hook {
-            Hook::FromPod => libbpf::HookDirection::FromPod,
-            Hook::ToPod => libbpf::HookDirection::ToPod,
-            Hook::Empty => libbpf::HookDirection::Empty,
-        };
-        let o = dp.test_run(hook, packet, repeat)?;
-        Ok(Outcome {
-            tc_action: o.tc_action,
-            verdict: o.verdict,
-            ct_state: o.ct_state.map(|s| match s {
-                libbpf::CtState::New => CtState::New,
-                libbpf::CtState::Established => CtState::Established,
-                libbpf::CtState::Reply => CtState::Reply,
-                libbpf::CtState::Fragment => CtState::Fragment,
-                libbpf::CtState::Untracked => CtState::Untracked,
-            }),
-            remote_identity: o.remote_identity,
-            mark: o.mark,
-            duration: o.duration,
-        })
+        dp.test_run(hook, packet, repeat)
     }
 }
