@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use ipnet::IpNet;
 use weir_datapath::Verdict;
+use weir_datapath::replay::{KernelBackend, ReplayPacket, Replayer, kernel_expectation};
 use weir_identity::Identity;
 use weir_policy_compiler::MapState;
 use weir_policy_model::Direction;
@@ -15,7 +16,7 @@ use weir_scenario::{DenyReason, Expect, KernelProbe, Outcome, ScenarioRun};
 
 use super::DatapathChoice;
 
-/// A new-connection packet (the same fields in both backends' `ReplayPacket`).
+/// A new-connection packet (`ReplayPacket`'s fields).
 #[derive(Clone, Copy)]
 struct Packet {
     src: std::net::IpAddr,
@@ -24,7 +25,7 @@ struct Packet {
     port: u16,
 }
 
-/// What `run_one` needs from a backend's replayer: both backends offer the same API.
+/// What `run_one` needs from a replayer, whichever backend it drives.
 trait Replay {
     fn sync_ipcache(&mut self, entries: &[(IpNet, Identity)]) -> anyhow::Result<()>;
     fn sync_policy(&mut self, name: &str, map: &MapState) -> anyhow::Result<()>;
@@ -39,42 +40,33 @@ trait Replay {
     ) -> anyhow::Result<(Verdict, Verdict)>;
 }
 
-macro_rules! replay_impl {
-    ($krate:ident) => {
-        impl Replay for $krate::replay::Replayer {
-            fn sync_ipcache(&mut self, entries: &[(IpNet, Identity)]) -> anyhow::Result<()> {
-                Ok($krate::replay::Replayer::sync_ipcache(self, entries)?)
-            }
-            fn sync_policy(&mut self, name: &str, map: &MapState) -> anyhow::Result<()> {
-                $krate::replay::Replayer::sync_policy(self, name, map)?;
-                Ok(())
-            }
-            fn run(
-                &mut self,
-                name: &str,
-                identity: Identity,
-                direction: Direction,
-                p: Packet,
-                decided: Verdict,
-            ) -> anyhow::Result<(Verdict, Verdict)> {
-                let packet = $krate::replay::ReplayPacket {
-                    src: p.src,
-                    dst: p.dst,
-                    protocol: p.protocol,
-                    port: p.port,
-                };
-                let got = $krate::replay::Replayer::run(self, name, identity, direction, &packet)?;
-                let want = $krate::replay::kernel_expectation(decided, direction, &packet);
-                Ok((got.verdict, want))
-            }
-        }
-    };
+impl<D: KernelBackend> Replay for Replayer<D> {
+    fn sync_ipcache(&mut self, entries: &[(IpNet, Identity)]) -> anyhow::Result<()> {
+        Ok(Replayer::sync_ipcache(self, entries)?)
+    }
+    fn sync_policy(&mut self, name: &str, map: &MapState) -> anyhow::Result<()> {
+        Replayer::sync_policy(self, name, map)?;
+        Ok(())
+    }
+    fn run(
+        &mut self,
+        name: &str,
+        identity: Identity,
+        direction: Direction,
+        p: Packet,
+        decided: Verdict,
+    ) -> anyhow::Result<(Verdict, Verdict)> {
+        let packet = ReplayPacket {
+            src: p.src,
+            dst: p.dst,
+            protocol: p.protocol,
+            port: p.port,
+        };
+        let got = Replayer::run(self, name, identity, direction, &packet)?;
+        let want = kernel_expectation(decided, direction, &packet);
+        Ok((got.verdict, want))
+    }
 }
-
-#[cfg(feature = "aya")]
-replay_impl!(weir_datapath_aya);
-#[cfg(feature = "libbpf")]
-replay_impl!(weir_datapath_libbpf);
 
 /// A fresh replayer of the chosen backend, or why this binary has none.
 fn replayer(choice: DatapathChoice) -> anyhow::Result<Box<dyn Replay>> {
