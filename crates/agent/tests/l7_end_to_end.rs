@@ -7,70 +7,17 @@
 //! so its bpffs mount on a temporary directory is private), and its state, policies and API
 //! socket live in a temporary directory. The agent process is killed by its guard.
 
+mod common;
+
+use common::*;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use weir_agent_api::v1::CreateEndpointRequest;
 use weir_agent_api::v1::endpoint_service_client::EndpointServiceClient;
-
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn skip() -> Option<&'static str> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
-        return Some("needs root (network namespaces, veth, eBPF)");
-    }
-    for tool in ["ip", "python3"] {
-        if !have(tool) {
-            return Some("needs iproute2's `ip` and python3");
-        }
-    }
-    None
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
-fn ip(args: &[&str]) -> Result<String, Box<dyn std::error::Error>> {
-    let out = Command::new("ip").args(args).output()?;
-    if !out.status.success() {
-        return Err(format!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Namespaces removed on drop, and child processes killed first.
-#[derive(Default)]
-struct Guard {
-    namespaces: Vec<String>,
-    children: Vec<Child>,
-}
-
-impl Guard {
-    fn netns(&mut self, name: String) -> Result<String, Box<dyn std::error::Error>> {
-        ip(&["netns", "add", &name])?;
-        self.namespaces.push(name.clone());
-        ip(&["-n", &name, "link", "set", "lo", "up"])?;
-        Ok(name)
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
 
 /// Answers every GET with 200 and the path.
 const SERVER: &str = r#"
@@ -129,78 +76,12 @@ spec:
       toPorts: [{ports: [{port: '8080', protocol: TCP}]}]
 ";
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn get(ns: &str, url: &str) -> String {
     Command::new("ip")
         .args(["netns", "exec", ns, "python3", "-c", CLIENT, url])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|e| format!("error {e}"))
-}
-
-fn agent_log(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-struct Pod<'a> {
-    ns: &'a str,
-    host_if: &'a str,
-    net: &'a str,
-    app: &'a str,
-}
-
-fn wire_pod(node: &str, pod: &Pod<'_>) -> TestResult {
-    ip(&[
-        "-n",
-        node,
-        "link",
-        "add",
-        pod.host_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        pod.ns,
-    ])?;
-    ip(&[
-        "-n",
-        node,
-        "addr",
-        "add",
-        &format!("{}.1/24", pod.net),
-        "dev",
-        pod.host_if,
-    ])?;
-    ip(&["-n", node, "link", "set", pod.host_if, "up"])?;
-    ip(&[
-        "-n",
-        pod.ns,
-        "addr",
-        "add",
-        &format!("{}.2/24", pod.net),
-        "dev",
-        "eth0",
-    ])?;
-    ip(&["-n", pod.ns, "link", "set", "eth0", "up"])?;
-    ip(&[
-        "-n",
-        pod.ns,
-        "route",
-        "add",
-        "default",
-        "via",
-        &format!("{}.1", pod.net),
-    ])?;
-    Ok(())
 }
 
 #[test]

@@ -5,10 +5,13 @@
 //! Safety: as in l7_end_to_end.rs, every namespace is `weirobs-<pid>-*`, removed by a Drop
 //! guard; the agent runs inside the node namespace with its sockets in a temporary directory.
 
+mod common;
+
+use common::*;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use weir_agent_api::v1::CreateEndpointRequest;
@@ -16,62 +19,6 @@ use weir_agent_api::v1::endpoint_service_client::EndpointServiceClient;
 use weir_observe::proto::flow::{Flow, FlowFilter, Verdict};
 use weir_observe::proto::observer::observer_client::ObserverClient;
 use weir_observe::proto::observer::{GetFlowsRequest, ServerStatusRequest, get_flows_response};
-
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn skip() -> Option<&'static str> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
-        return Some("needs root (network namespaces, veth, eBPF)");
-    }
-    for tool in ["ip", "python3"] {
-        if !have(tool) {
-            return Some("needs iproute2's `ip` and python3");
-        }
-    }
-    None
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
-fn ip(args: &[&str]) -> Result<String, Box<dyn std::error::Error>> {
-    let out = Command::new("ip").args(args).output()?;
-    if !out.status.success() {
-        return Err(format!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Namespaces removed on drop, and child processes killed first.
-#[derive(Default)]
-struct Guard {
-    namespaces: Vec<String>,
-    children: Vec<Child>,
-}
-
-impl Guard {
-    fn netns(&mut self, name: String) -> Result<String, Box<dyn std::error::Error>> {
-        ip(&["netns", "add", &name])?;
-        self.namespaces.push(name.clone());
-        ip(&["-n", &name, "link", "set", "lo", "up"])?;
-        Ok(name)
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
 
 /// Listens on 8080 and 9090 and accepts connections.
 const SERVER: &str = r#"
@@ -113,14 +60,6 @@ spec:
       toPorts: [{ports: [{port: '8080', protocol: TCP}]}]
 ";
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn connect(ns: &str, ip: &str, port: u16) -> String {
     Command::new("ip")
         .args([
@@ -136,64 +75,6 @@ fn connect(ns: &str, ip: &str, port: u16) -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|e| format!("error {e}"))
-}
-
-fn agent_log(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-struct Pod<'a> {
-    ns: &'a str,
-    host_if: &'a str,
-    net: &'a str,
-    app: &'a str,
-}
-
-fn wire_pod(node: &str, pod: &Pod<'_>) -> TestResult {
-    ip(&[
-        "-n",
-        node,
-        "link",
-        "add",
-        pod.host_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        pod.ns,
-    ])?;
-    ip(&[
-        "-n",
-        node,
-        "addr",
-        "add",
-        &format!("{}.1/24", pod.net),
-        "dev",
-        pod.host_if,
-    ])?;
-    ip(&["-n", node, "link", "set", pod.host_if, "up"])?;
-    ip(&[
-        "-n",
-        pod.ns,
-        "addr",
-        "add",
-        &format!("{}.2/24", pod.net),
-        "dev",
-        "eth0",
-    ])?;
-    ip(&["-n", pod.ns, "link", "set", "eth0", "up"])?;
-    ip(&[
-        "-n",
-        pod.ns,
-        "route",
-        "add",
-        "default",
-        "via",
-        &format!("{}.1", pod.net),
-    ])?;
-    Ok(())
 }
 
 fn dport(f: &Flow) -> Option<u32> {

@@ -1,0 +1,128 @@
+//! Shared by the root-only agent tests: skip when not root, `ip`, the namespace guard, and
+//! wiring a pod namespace to the node namespace with a veth pair.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+pub fn skip() -> Option<&'static str> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        return Some("needs root (network namespaces, veth, eBPF)");
+    }
+    for tool in ["ip", "python3"] {
+        if !have(tool) {
+            return Some("needs iproute2's `ip` and python3");
+        }
+    }
+    None
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+pub fn ip(args: &[&str]) -> Result<String, Box<dyn std::error::Error>> {
+    let out = Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        return Err(format!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Namespaces removed on drop, and child processes killed first.
+#[derive(Default)]
+pub struct Guard {
+    pub namespaces: Vec<String>,
+    pub children: Vec<Child>,
+}
+
+impl Guard {
+    pub fn netns(&mut self, name: String) -> Result<String, Box<dyn std::error::Error>> {
+        ip(&["netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+pub fn agent_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+pub struct Pod<'a> {
+    pub ns: &'a str,
+    pub host_if: &'a str,
+    pub net: &'a str,
+    pub app: &'a str,
+}
+
+pub fn wire_pod(node: &str, pod: &Pod<'_>) -> TestResult {
+    ip(&[
+        "-n",
+        node,
+        "link",
+        "add",
+        pod.host_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pod.ns,
+    ])?;
+    ip(&[
+        "-n",
+        node,
+        "addr",
+        "add",
+        &format!("{}.1/24", pod.net),
+        "dev",
+        pod.host_if,
+    ])?;
+    ip(&["-n", node, "link", "set", pod.host_if, "up"])?;
+    ip(&[
+        "-n",
+        pod.ns,
+        "addr",
+        "add",
+        &format!("{}.2/24", pod.net),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", pod.ns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        pod.ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("{}.1", pod.net),
+    ])?;
+    Ok(())
+}
