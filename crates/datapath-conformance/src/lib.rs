@@ -20,7 +20,8 @@ pub mod two_pods;
 
 use std::path::Path;
 
-use weir_datapath::{Datapath, DatapathError};
+use weir_datapath::DatapathError;
+use weir_datapath::replay::KernelBackend;
 use weir_datapath_abi as abi;
 
 /// Test-run types shared by every backend: which program (`Hook`), the conntrack state and
@@ -32,7 +33,7 @@ pub trait Backend {
     /// Name used in messages (`aya`, `libbpf`).
     const NAME: &'static str;
     /// The backend's datapath.
-    type Dp: Datapath + Send;
+    type Dp: KernelBackend + Send;
 
     /// Loads the programs with maps pinned under `pin_dir` (reusing pins already there).
     fn load(pin_dir: &Path) -> Result<Self::Dp, String>;

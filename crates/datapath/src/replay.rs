@@ -175,12 +175,17 @@ impl<D: KernelBackend> Replayer<D> {
         // Unmount now, so that nothing stays behind even if the process is killed (a closed
         // pipe kills `weir policy test ... | head`).
         drop(fs);
-        Ok(Self {
+        Ok(Self::with_datapath(dp))
+    }
+
+    /// Replays through a datapath the caller already loaded (nothing attached to it).
+    pub fn with_datapath(dp: D) -> Self {
+        Self {
             dp,
             endpoints: BTreeMap::new(),
             ipcache: BTreeSet::new(),
             next_port: 20000,
-        })
+        }
     }
 
     /// The loaded datapath.
