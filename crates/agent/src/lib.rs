@@ -4,6 +4,7 @@
 //! The `weir-agent` binary composes them with the datapath backend chosen at build time.
 
 pub mod api;
+pub mod config;
 pub mod fqdn_grace;
 pub mod manager;
 pub mod observe;

@@ -40,8 +40,22 @@ mod backend {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "weir-agent", version, about = "The Weir agent")]
+#[command(
+    name = "weir-agent",
+    version,
+    about = "The Weir agent",
+    // Settings from the configuration files come first; a flag given again overrides them.
+    args_override_self = true
+)]
 struct Args {
+    /// A YAML file of settings keyed by the long flag names (`policy-dir: /etc/weir/policies`).
+    /// Precedence: defaults < --config-dir < --config < flags.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A directory with one file per setting, named after the flag and holding its value
+    /// (a mounted ConfigMap, as Cilium's --config-dir).
+    #[arg(long)]
+    config_dir: Option<PathBuf>,
     /// Where endpoints and identities are persisted across restarts.
     #[arg(long, default_value = "/var/lib/weir/agent")]
     state_dir: PathBuf,
@@ -103,12 +117,71 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let args = Args::parse();
+    let args = parse_args()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(run(args))
+}
+
+/// Flags, with the settings of `--config-dir` and `--config` in front of them.
+fn parse_args() -> anyhow::Result<Args> {
+    use clap::{ArgAction, CommandFactory, FromArgMatches};
+    use weir_agent::config::{self, KnownOption, OptionKind};
+
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let (file, dir) = config::config_locations(&argv);
+    if file.is_none() && dir.is_none() {
+        return Ok(Args::parse());
+    }
+    let known: Vec<KnownOption> = Args::command()
+        .get_arguments()
+        .filter_map(|a| {
+            let name = a.get_long()?;
+            if matches!(name, "config" | "config-dir" | "help" | "version") {
+                return None;
+            }
+            let kind = match a.get_action() {
+                ArgAction::SetTrue => OptionKind::Switch,
+                ArgAction::Append => OptionKind::Repeated,
+                _ => OptionKind::Value,
+            };
+            Some(KnownOption {
+                name: name.to_string(),
+                kind,
+            })
+        })
+        .collect();
+    let mut settings = Vec::new();
+    if let Some(dir) = &dir {
+        settings.extend(config::settings_from_dir(dir, &known)?);
+    }
+    if let Some(file) = &file {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        settings.extend(config::settings_from_yaml(
+            &file.display().to_string(),
+            &text,
+            &known,
+        )?);
+    }
+    // A value the flag parser rejects is blamed on the line it came from.
+    for s in &settings {
+        let mut alone = vec![std::ffi::OsString::from("weir-agent")];
+        alone.extend(s.args.iter().cloned());
+        if let Err(e) = Args::try_parse_from(&alone) {
+            let first = e.to_string();
+            let first = first.lines().next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            anyhow::bail!("{}: {}: {first}", s.origin, s.name);
+        }
+    }
+    let mut full = argv.iter().take(1).cloned().collect::<Vec<_>>();
+    full.extend(settings.into_iter().flat_map(|s| s.args));
+    full.extend(argv.iter().skip(1).cloned());
+    let matches = Args::command().get_matches_from(full);
+    Ok(Args::from_arg_matches(&matches)?)
 }
 
 /// Mounts a bpffs on `dir` unless it already is on one (pins need it).

@@ -140,16 +140,24 @@ fn egress_http_rule_enforced_by_the_agents_proxy() -> TestResult {
     std::fs::write(policies.join("l7.yaml"), POLICY)?;
     let socket: PathBuf = tmp.path().join("agent.sock");
     let log = tmp.path().join("agent.log");
+    // Settings from a configuration file, as an operator would deploy it; the flag given
+    // on the command line overrides the file's (wrong) socket path.
+    let config = tmp.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "# weir-agent settings\nstate-dir: {}\nbpffs: {}\npolicy-dir: {}\napi-socket: /nonexistent/agent.sock\n",
+            tmp.path().join("state").display(),
+            tmp.path().join("bpf").display(),
+            policies.display()
+        ),
+    )?;
     let agent = Command::new("ip")
         .args(["netns", "exec", &node, env!("CARGO_BIN_EXE_weir-agent")])
-        .arg("--state-dir")
-        .arg(tmp.path().join("state"))
-        .arg("--bpffs")
-        .arg(tmp.path().join("bpf"))
+        .arg("--config")
+        .arg(&config)
         .arg("--api-socket")
         .arg(&socket)
-        .arg("--policy-dir")
-        .arg(&policies)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)
