@@ -6,6 +6,12 @@
 //! `weircni-<pid>-p-node` and removed by a Drop guard. Podman's storage, run
 //! root, configuration and plugin directory all live in a temporary directory.
 //! Skips with a message when podman, runc or busybox is missing.
+//!
+//! The second test runs the real `weir-agent` in the node namespace: podman
+//! containers on three networks (each network's `args.cni.labels` gives its pods
+//! `app=server`, `app=client` or `app=other`), and a CiliumNetworkPolicy that lets
+//! only clients reach the server's port 8080. The BPF programs on the containers'
+//! veths allow and drop their real connections.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -132,7 +138,9 @@ fn busybox_rootfs(root: &Path) -> Result<(), Box<dyn std::error::Error>> {
         std::fs::create_dir_all(root.join(dir))?;
     }
     std::fs::copy("/usr/bin/busybox", bin.join("busybox"))?;
-    for applet in ["sh", "ip", "ping", "cat"] {
+    for applet in [
+        "sh", "ip", "ping", "cat", "httpd", "wget", "mkdir", "sleep", "echo", "timeout",
+    ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet))?;
     }
     Ok(())
@@ -296,5 +304,285 @@ fn podman_container_gets_a_weir_endpoint() -> TestResult {
         .filter(|e| e.file_name().to_string_lossy().starts_with("10."))
         .count();
     assert_eq!(left, 0, "address freed");
+    Ok(())
+}
+
+/// Kills the agent and removes podman's containers even when the test fails.
+struct Cleanup {
+    agent: Option<std::process::Child>,
+    podman: Vec<std::ffi::OsString>,
+    containers: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            // `rm -f` runs the CNI DEL while the agent is still up.
+            let _ = Command::new("nsenter")
+                .args(&self.podman)
+                .args(["rm", "-f", "-t", "0", c])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+    }
+}
+
+const POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: server-from-clients, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"#;
+
+#[test]
+fn podman_containers_traffic_follows_policy_with_the_real_agent() -> TestResult {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: podman policy test needs root");
+        return Ok(());
+    }
+    for tool in ["ip", "nsenter", "podman", "runc"] {
+        if !have(tool) {
+            eprintln!("SKIP: podman policy test needs `{tool}` (apt-get install podman runc)");
+            return Ok(());
+        }
+    }
+    if !Path::new("/usr/bin/busybox").exists() {
+        eprintln!(
+            "SKIP: podman policy test needs /usr/bin/busybox (apt-get install busybox-static)"
+        );
+        return Ok(());
+    }
+    let agent_bin = Path::new(env!("CARGO_BIN_EXE_weir-cni")).with_file_name("weir-agent");
+    if !agent_bin.exists() {
+        eprintln!(
+            "SKIP: podman policy test needs {} (cargo build --workspace --bins; scripts/test does)",
+            agent_bin.display()
+        );
+        return Ok(());
+    }
+
+    let dir = tempfile::tempdir()?;
+    let node = format!("weircni-{}-q-node", std::process::id());
+    let status = Command::new("ip").args(["netns", "add", &node]).status()?;
+    assert!(status.success(), "ip netns add");
+    let _guard = Namespace(node.clone());
+    for args in [
+        vec!["-n", &node, "link", "set", "lo", "up"],
+        vec![
+            "netns",
+            "exec",
+            &node,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ],
+    ] {
+        assert!(
+            Command::new("ip").args(&args).status()?.success(),
+            "{args:?}"
+        );
+    }
+
+    // The real agent, configured through a file, in the node namespace.
+    let socket = dir.path().join("agent.sock");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(policies.join("policy.yaml"), POLICY)?;
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state-dir: {}\nbpffs: {}\napi-socket: {}\npolicy-dir: {}\nno-proxies: true\nno-metrics: true\nnode-name: podman-node\n",
+            dir.path().join("agent-state").display(),
+            dir.path().join("bpf").display(),
+            socket.display(),
+            policies.display()
+        ),
+    )?;
+    let log = dir.path().join("agent.log");
+    let podman_base: Vec<std::ffi::OsString> = {
+        let mut v: Vec<std::ffi::OsString> = vec![
+            format!("--net=/var/run/netns/{node}").into(),
+            "podman".into(),
+        ];
+        for (flag, sub) in [
+            ("--root", "storage"),
+            ("--runroot", "runroot"),
+            ("--tmpdir", "tmp"),
+        ] {
+            v.push(flag.into());
+            v.push(dir.path().join(sub).into_os_string());
+        }
+        for a in [
+            "--runtime",
+            "runc",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--network-backend",
+            "cni",
+            "--events-backend",
+            "none",
+        ] {
+            v.push(a.into());
+        }
+        v.push("--cni-config-dir".into());
+        v.push(dir.path().join("net.d").into_os_string());
+        v
+    };
+    let mut cleanup = Cleanup {
+        agent: None,
+        podman: podman_base.clone(),
+        containers: Vec::new(),
+    };
+    cleanup.agent = Some(
+        Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{node}"))
+            .arg(&agent_bin)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?,
+    );
+    let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let channel = loop {
+        if let Ok(c) = rt.block_on(weir_agent_api::connect_unix(&socket)) {
+            break c;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("agent did not come up:\n{}", agent_log()).into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+
+    // Three networks: the labels of their pods come from each network's configuration.
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir_all(&plugins)?;
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_weir-cni"), plugins.join("weir-cni"))?;
+    let netconf = dir.path().join("net.d");
+    std::fs::create_dir_all(&netconf)?;
+    for (name, app, subnet) in [
+        ("weir-server", "server", "10.200.8.0/26"),
+        ("weir-client", "client", "10.200.8.64/26"),
+        ("weir-other", "other", "10.200.8.128/26"),
+    ] {
+        std::fs::write(
+            netconf.join(format!("{name}.conflist")),
+            format!(
+                r#"{{"cniVersion":"1.0.0","name":"{name}","plugins":[{{"type":"weir-cni",
+                    "ipam":{{"subnet":"{subnet}"}},"stateDir":"{}","agentSocket":"{}",
+                    "args":{{"cni":{{"labels":[{{"key":"app","value":"{app}"}}]}}}}}}]}}"#,
+                dir.path().join("cni-state").display(),
+                socket.display()
+            ),
+        )?;
+    }
+    let containers_conf = dir.path().join("containers.conf");
+    std::fs::write(
+        &containers_conf,
+        format!(
+            "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\", \"/usr/lib/cni\"]\n",
+            plugins.display()
+        ),
+    )?;
+    let rootfs = dir.path().join("rootfs");
+    busybox_rootfs(&rootfs)?;
+    let podman = |opts: &[&str], script: &str| -> Result<(String, String, bool), std::io::Error> {
+        let out = Command::new("nsenter")
+            .args(&podman_base)
+            .args([
+                "run",
+                "--ulimit",
+                "nofile=1024:1024",
+                "--ulimit",
+                "nproc=1024:1024",
+            ])
+            .args(opts)
+            .arg("--rootfs")
+            .arg(&rootfs)
+            .args(["/bin/sh", "-c", script])
+            .env("CONTAINERS_CONF", &containers_conf)
+            .output()?;
+        Ok((
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            out.status.success(),
+        ))
+    };
+
+    // The server: HTTP on 8080 (allowed to clients) and on 9090 (allowed to nobody).
+    cleanup.containers.push("weir-srv".into());
+    let (stdout, stderr, ok) = podman(
+        &["-d", "--name", "weir-srv", "--network", "weir-server"],
+        "mkdir -p /tmp/www && echo hello > /tmp/www/index.html && httpd -p 8080 -h /tmp/www && exec httpd -f -p 9090 -h /tmp/www",
+    )?;
+    assert!(
+        ok,
+        "podman run server:\n{stdout}\n{stderr}\n{}",
+        agent_log()
+    );
+    let mut endpoints =
+        weir_agent_api::v1::endpoint_service_client::EndpointServiceClient::new(channel);
+    let listed = rt
+        .block_on(endpoints.list_endpoints(ListEndpointsRequest::default()))?
+        .into_inner()
+        .endpoints;
+    let server = listed
+        .iter()
+        .find(|e| e.labels.get("app").map(String::as_str) == Some("server"))
+        .ok_or_else(|| format!("server endpoint not registered: {listed:?}"))?;
+    assert_eq!(server.state, EndpointState::Ready as i32, "{server:?}");
+    let server_ip = server
+        .ipv4_addresses
+        .first()
+        .ok_or("server has no address")?
+        .clone();
+
+    // A client: 8080 answers (after a retry or two while httpd starts), 9090 is dropped.
+    // `timeout`, not wget's `-T`, which crashes Debian's static busybox.
+    let fetch = |port: u16| format!("timeout 3 wget -q -O - http://{server_ip}:{port}/");
+    let script = format!(
+        "for i in 1 2 3 4 5; do {} && break; sleep 1; done; echo; {} && echo 9090-OPEN || echo 9090-BLOCKED",
+        fetch(8080),
+        fetch(9090)
+    );
+    let (stdout, stderr, _) = podman(&["--rm", "--network", "weir-client"], &script)?;
+    assert!(
+        stdout.contains("hello"),
+        "client to 8080:\n{stdout}\n{stderr}\n{}",
+        agent_log()
+    );
+    assert!(
+        stdout.contains("9090-BLOCKED"),
+        "client to 9090:\n{stdout}\n{stderr}"
+    );
+
+    // Another workload: no rule lets `app=other` in, on any port.
+    let script = format!("{} && echo 8080-OPEN || echo 8080-BLOCKED", fetch(8080));
+    let (stdout, stderr, _) = podman(&["--rm", "--network", "weir-other"], &script)?;
+    assert!(
+        stdout.contains("8080-BLOCKED"),
+        "other to 8080:\n{stdout}\n{stderr}"
+    );
+
+    // The server's endpoint is the one whose ingress the policy enforces.
+    assert!(
+        server.ingress_enforced && !server.egress_enforced,
+        "{server:?}"
+    );
     Ok(())
 }
