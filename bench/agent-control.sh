@@ -3,6 +3,7 @@
 #   - endpoint ADD -> READY through weir-cni and the agent, and pod churn (ADD+DEL cycles per
 #     second), against the reference `ptp` CNI plugin (veth + host-local IPAM, no policy) on the
 #     same node namespace, alternating run by run;
+#   - agent memory (RSS) with 100 and 1,000 more endpoints than the seed lab;
 #   - policy change -> enforcement: `weir policy import` (returns once the change is in the
 #     kernel; a probe checks the new verdict after each), against one iptables rule inserted or
 #     deleted in the server pod's namespace; and a file renamed into the watched directory until
@@ -32,6 +33,9 @@ rows = [
   ("pod churn, ADD+DEL per s", f["churn_per_s_weir"], "ptp %.1f/s" % f["churn_per_s_ptp"], f["churn_weir_over_ptp"]),
   ("weir policy import -> enforced, p50 (ms)", f["policy_import_p50_ms"], "iptables rule %.1f ms" % f["iptables_rule_p50_ms"], f["policy_import_over_iptables"]),
   ("policy file -> enforced, p50 (ms)", f["policy_file_to_enforced_p50_ms"], "poll period", f["policy_file_over_poll_period"]),
+  ("agent RSS, 100 more endpoints (MiB)", f["agent_rss_mib_100_endpoints"], "seed lab %.1f MiB" % f["agent_rss_mib_seed_lab"], f["agent_rss_mib_100_endpoints"] / f["agent_rss_mib_seed_lab"]),
+  ("agent RSS, 1000 more endpoints (MiB)", f["agent_rss_mib_1000_endpoints"], "seed lab %.1f MiB" % f["agent_rss_mib_seed_lab"], f["agent_rss_1000_over_seed"]),
+  ("agent KiB per endpoint (100 -> 1000)", f["agent_kib_per_endpoint_100_to_1000"], "Cilium 10.5 KiB/pod (published)", f["agent_kib_per_endpoint_100_to_1000"] / 10.5),
 ]
 print()
 print("| figure | Weir | baseline (same run) | ratio |")

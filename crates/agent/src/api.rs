@@ -24,6 +24,7 @@ pub struct AgentApi<D: Datapath> {
     manager: Shared<D>,
     started: Instant,
     backend: &'static str,
+    pod_cidrs: Arc<[ipnet::IpNet]>,
 }
 
 impl<D: Datapath> AgentApi<D> {
@@ -33,7 +34,15 @@ impl<D: Datapath> AgentApi<D> {
             manager,
             started: Instant::now(),
             backend,
+            pod_cidrs: Arc::from(Vec::new()),
         }
+    }
+
+    /// Only endpoints whose addresses are inside one of these prefixes (the node's pod
+    /// CIDRs) are accepted; none means any address.
+    pub fn with_pod_cidrs(mut self, cidrs: Vec<ipnet::IpNet>) -> Self {
+        self.pod_cidrs = Arc::from(cidrs);
+        self
     }
 }
 
@@ -43,6 +52,7 @@ impl<D: Datapath> Clone for AgentApi<D> {
             manager: self.manager.clone(),
             started: self.started,
             backend: self.backend,
+            pod_cidrs: self.pod_cidrs.clone(),
         }
     }
 }
@@ -87,7 +97,10 @@ fn to_api(ep: &Endpoint) -> v1::Endpoint {
     }
 }
 
-fn spec_from(req: CreateEndpointRequest) -> Result<EndpointSpec, Status> {
+fn spec_from(
+    req: CreateEndpointRequest,
+    pod_cidrs: &[ipnet::IpNet],
+) -> Result<EndpointSpec, Status> {
     if req.container_id.is_empty() || req.host_ifname.is_empty() {
         return Err(Status::invalid_argument(
             "container_id and host_ifname are required",
@@ -97,10 +110,17 @@ fn spec_from(req: CreateEndpointRequest) -> Result<EndpointSpec, Status> {
     for a in req.ipv4_addresses.iter().chain(&req.ipv6_addresses) {
         // The CNI may send `10.0.0.5/32`.
         let ip = a.split('/').next().unwrap_or(a);
-        addresses.push(
-            ip.parse::<IpAddr>()
-                .map_err(|_| Status::invalid_argument(format!("{a:?} is not an IP address")))?,
-        );
+        let ip = ip
+            .parse::<IpAddr>()
+            .map_err(|_| Status::invalid_argument(format!("{a:?} is not an IP address")))?;
+        if !pod_cidrs.is_empty() && !pod_cidrs.iter().any(|c| c.contains(&ip)) {
+            let cidrs: Vec<String> = pod_cidrs.iter().map(ToString::to_string).collect();
+            return Err(Status::invalid_argument(format!(
+                "{ip} is outside the node's pod CIDR ({})",
+                cidrs.join(", ")
+            )));
+        }
+        addresses.push(ip);
     }
     let mut named_ports = std::collections::BTreeMap::new();
     for p in req.named_ports {
@@ -135,7 +155,7 @@ impl<D: Datapath + Send + 'static> EndpointService for AgentApi<D> {
         &self,
         request: Request<CreateEndpointRequest>,
     ) -> Result<Response<CreateEndpointResponse>, Status> {
-        let spec = spec_from(request.into_inner())?;
+        let spec = spec_from(request.into_inner(), &self.pod_cidrs)?;
         let mut m = self.manager.lock().await;
         let ep = m
             .create_endpoint(spec)
@@ -359,5 +379,41 @@ impl<D: Datapath + Send + 'static> InspectService for AgentApi<D> {
             })
             .collect();
         Ok(Response::new(BpfCtListResponse { entries }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(addr: &str) -> CreateEndpointRequest {
+        CreateEndpointRequest {
+            container_id: "c1".into(),
+            host_ifname: "lxc1".into(),
+            ipv4_addresses: vec![addr.into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn addresses_outside_the_pod_cidr_are_refused() {
+        let cidrs: Vec<ipnet::IpNet> = vec!["10.0.0.0/16".parse().expect("cidr")];
+        let spec = spec_from(request("10.0.3.4/32"), &cidrs).expect("inside");
+        assert_eq!(
+            spec.addresses,
+            vec!["10.0.3.4".parse::<IpAddr>().expect("ip")]
+        );
+        assert_eq!(spec.namespace, "default");
+        let e = spec_from(request("10.1.0.1"), &cidrs).expect_err("outside");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message()
+                .contains("outside the node's pod CIDR (10.0.0.0/16)"),
+            "{e}"
+        );
+        assert!(
+            spec_from(request("192.168.1.1"), &[]).is_ok(),
+            "no CIDR: anything"
+        );
     }
 }

@@ -77,6 +77,10 @@ struct Args {
     /// An address of this node (repeatable): it gets the `host` identity.
     #[arg(long = "node-address")]
     node_addresses: Vec<std::net::IpAddr>,
+    /// The node's pod CIDR (repeatable, one per family): endpoints with an address outside
+    /// it are refused. Unset: any address.
+    #[arg(long = "pod-cidr")]
+    pod_cidrs: Vec<ipnet::IpNet>,
     /// How often the policy directory is checked, in milliseconds.
     #[arg(long, default_value_t = 200)]
     policy_poll_ms: u64,
@@ -313,7 +317,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
     };
 
-    let api = AgentApi::new(manager.clone(), backend::NAME);
+    let api = AgentApi::new(manager.clone(), backend::NAME).with_pod_cidrs(args.pod_cidrs.clone());
     // `weir policy import/delete`: persisted in the watched directory (see policy_store).
     let policy_api = weir_agent::policy_api::PolicyApi::new(
         manager.clone(),

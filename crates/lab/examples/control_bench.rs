@@ -1,6 +1,6 @@
 //! Agent control-plane figures on a real lab (root): endpoint ADD→READY and churn against the
 //! reference `ptp` CNI plugin, and policy change → enforcement against iptables, each pair
-//! measured side by side in one run. Driven by `bench/agent-control.sh`; prints one
+//! measured side by side in one run, and the agent's memory with 100 and 1,000 endpoints. Driven by `bench/agent-control.sh`; prints one
 //! `FIGURE name value` line per figure.
 //!
 //! Usage: control_bench BIN_DIR [ROUNDS]
@@ -201,6 +201,56 @@ fn policy_latency(lab: &mut Lab, bin_dir: &Path, text: &str, rounds: usize) -> R
     Ok(())
 }
 
+/// The agent's resident memory, in KiB.
+fn agent_rss_kib(lab: &Lab) -> Res<f64> {
+    let pid = lab.state().agent_pid.ok_or("agent not running")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .ok_or("no VmRSS")?;
+    Ok(kib)
+}
+
+/// Agent memory as local endpoints are added: RSS with the seed lab, then with 100 and 1,000
+/// more pods (ten pods per deployment, so one identity per ten pods, as in a real cluster).
+fn memory(lab: &mut Lab) -> Res<()> {
+    let before = agent_rss_kib(lab)?;
+    let mut added = 0usize;
+    let mut at = Vec::new();
+    for target in [100usize, 1000] {
+        while added < target {
+            let batch: Vec<PodSpec> = (added..(added + 50).min(target))
+                .map(|i| {
+                    let mut p = pod(
+                        &format!("mem-{i}"),
+                        [10, 0, 100 + (i / 250) as u8, (i % 250) as u8 + 2],
+                    );
+                    p.labels = [("app".to_string(), format!("mem-{}", i / 10))].into();
+                    p
+                })
+                .collect();
+            added += batch.len();
+            lab.add_pods(&batch)?;
+        }
+        // Let allocator arenas settle after the burst of threads.
+        std::thread::sleep(Duration::from_millis(500));
+        let rss = agent_rss_kib(lab)?;
+        at.push(rss);
+        figure(&format!("agent_rss_mib_{target}_endpoints"), rss / 1024.0);
+    }
+    figure("agent_rss_mib_seed_lab", before / 1024.0);
+    if let [r100, r1000] = at[..] {
+        figure("agent_kib_per_endpoint_100_to_1000", (r1000 - r100) / 900.0);
+        figure("agent_rss_1000_over_seed", r1000 / before);
+    }
+    let endpoints = lab.endpoints()?.len();
+    figure("endpoints_ready", endpoints as f64);
+    lab.remove_pods(|q| q.spec.name.starts_with("mem-"))?;
+    Ok(())
+}
+
 fn main() -> Res<()> {
     let mut args = std::env::args().skip(1);
     let bin_dir = PathBuf::from(args.next().ok_or("usage: control_bench BIN_DIR [ROUNDS]")?);
@@ -229,6 +279,9 @@ fn main() -> Res<()> {
     lab.remove_policy("base.yaml")?;
     lab.wait_policy_settled(lab.status()?.policy_revision)?;
     policy_latency(&mut lab, &bin_dir, &policy.text, rounds)?;
+    lab.write_policy("base.yaml", &policy.text)?;
+    lab.wait_policy_settled(lab.status()?.policy_revision)?;
+    memory(&mut lab)?;
     lab.down()?;
     Ok(())
 }

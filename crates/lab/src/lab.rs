@@ -364,6 +364,8 @@ impl Lab {
             .arg(self.namespace_labels_file())
             .arg("--policy-poll-ms")
             .arg(self.cfg.policy_poll_ms.to_string())
+            .arg("--pod-cidr")
+            .arg(POD_CIDR)
             .arg("--node-address")
             .arg(NODE_IP.to_string())
             .stdin(Stdio::null())
