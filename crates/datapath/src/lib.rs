@@ -11,6 +11,7 @@ pub mod encode;
 mod fake;
 mod oracle;
 pub mod packet;
+pub mod policy_flags;
 pub mod replay;
 pub mod testrun;
 mod types;
