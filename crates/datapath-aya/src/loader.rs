@@ -3,15 +3,17 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap, IterableMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::tc::{self, NlOptions, TcAttachOptions, TcAttachType, TcHandle};
 use aya::programs::{SchedClassifier, tc::TcError};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use tokio::io::unix::AsyncFd;
+use weir_datapath::batch;
 use weir_datapath::encode::{self, PolicySlot};
 use weir_datapath::policy_flags::PolicyFlags;
 use weir_datapath::{
@@ -428,26 +430,49 @@ impl Datapath for AyaDatapath {
         if during != before {
             self.write_endpoint_flags(endpoint.0, during)?;
         }
+        // Exact entries (most of a policy) are written in one batched system call and removed
+        // in another; the trie has no batch operations.
+        let mut exact_keys = Vec::with_capacity(ups.len());
+        let mut exact_values = Vec::with_capacity(ups.len());
         for (slot, v) in &ups {
-            match slot {
-                PolicySlot::Exact(k) => self
-                    .policy_exact
-                    .insert(k, *v, 0)
-                    .map_err(|e| be("exact policy map insert", e))?,
-                PolicySlot::Trie(p, k) => self
-                    .policy
-                    .insert(&Key::new(*p, *k), *v, 0)
-                    .map_err(|e| be("policy map insert", e))?,
+            if let PolicySlot::Exact(k) = slot {
+                exact_keys.push(*k);
+                exact_values.push(*v);
             }
         }
-        for slot in &rems {
-            let r = match slot {
-                PolicySlot::Exact(k) => self.policy_exact.remove(k),
-                PolicySlot::Trie(p, k) => self.policy.remove(&Key::new(*p, *k)),
+        // SAFETY: the exact policy map's key and value types are these ABI structs.
+        unsafe {
+            batch::update_batch(
+                self.policy_exact.map().fd().as_fd(),
+                &exact_keys,
+                &exact_values,
+            )
+        }
+        .map_err(|e| be("exact policy map insert", e))?;
+        for (slot, v) in &ups {
+            let PolicySlot::Trie(p, k) = slot else {
+                continue;
             };
-            match r {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(be("policy map remove", e)),
+            self.policy
+                .insert(&Key::new(*p, *k), *v, 0)
+                .map_err(|e| be("policy map insert", e))?;
+        }
+        let exact_removals: Vec<abi::PolicyKey> = rems
+            .iter()
+            .filter_map(|slot| match slot {
+                PolicySlot::Exact(k) => Some(*k),
+                PolicySlot::Trie(..) => None,
+            })
+            .collect();
+        // SAFETY: as above.
+        unsafe { batch::delete_batch(self.policy_exact.map().fd().as_fd(), &exact_removals) }
+            .map_err(|e| be("exact policy map remove", e))?;
+        for slot in &rems {
+            if let PolicySlot::Trie(p, k) = slot {
+                match self.policy.remove(&Key::new(*p, *k)) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(be("policy map remove", e)),
+                }
             }
             self.flags.remove(slot);
         }

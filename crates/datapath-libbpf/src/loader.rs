@@ -12,6 +12,7 @@ use libbpf_rs::{
     ErrorKind, MapCore, MapFlags, MapHandle, Object, ObjectBuilder, ProgramMut, RingBuffer,
     RingBufferBuilder, TC_EGRESS, TC_INGRESS, TcHookBuilder,
 };
+use weir_datapath::batch;
 use weir_datapath::encode::{self, PolicySlot};
 use weir_datapath::policy_flags::PolicyFlags;
 use weir_datapath::{
@@ -437,26 +438,40 @@ impl Datapath for LibbpfDatapath {
         if during != before {
             self.write_endpoint_flags(endpoint.0, during)?;
         }
+        // Exact entries (most of a policy) are written in one batched system call and removed
+        // in another; the trie has no batch operations.
+        let mut exact_keys = Vec::with_capacity(ups.len());
+        let mut exact_values = Vec::with_capacity(ups.len());
         for (slot, v) in &ups {
-            match slot {
-                PolicySlot::Exact(k) => self
-                    .policy_exact
-                    .update(bytes(k), bytes(v), MapFlags::ANY)
-                    .map_err(|e| be("exact policy map insert", e))?,
-                PolicySlot::Trie(p, k) => self
-                    .policy
-                    .update(&lpm_key(*p, k), bytes(v), MapFlags::ANY)
-                    .map_err(|e| be("policy map insert", e))?,
+            if let PolicySlot::Exact(k) = slot {
+                exact_keys.push(*k);
+                exact_values.push(*v);
             }
         }
+        // SAFETY: the exact policy map's key and value types are these ABI structs.
+        unsafe { batch::update_batch(self.policy_exact.as_fd(), &exact_keys, &exact_values) }
+            .map_err(|e| be("exact policy map insert", e))?;
+        for (slot, v) in &ups {
+            let PolicySlot::Trie(p, k) = slot else {
+                continue;
+            };
+            self.policy
+                .update(&lpm_key(*p, k), bytes(v), MapFlags::ANY)
+                .map_err(|e| be("policy map insert", e))?;
+        }
+        let exact_removals: Vec<abi::PolicyKey> = rems
+            .iter()
+            .filter_map(|slot| match slot {
+                PolicySlot::Exact(k) => Some(*k),
+                PolicySlot::Trie(..) => None,
+            })
+            .collect();
+        // SAFETY: as above.
+        unsafe { batch::delete_batch(self.policy_exact.as_fd(), &exact_removals) }
+            .map_err(|e| be("exact policy map remove", e))?;
         for slot in &rems {
-            match slot {
-                PolicySlot::Exact(k) => {
-                    delete(&self.policy_exact, bytes(k), "exact policy map remove")?
-                }
-                PolicySlot::Trie(p, k) => {
-                    delete(&self.policy, &lpm_key(*p, k), "policy map remove")?
-                }
+            if let PolicySlot::Trie(p, k) = slot {
+                delete(&self.policy, &lpm_key(*p, k), "policy map remove")?;
             }
             self.flags.remove(slot);
         }

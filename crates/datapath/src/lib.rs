@@ -7,6 +7,7 @@
 //! kernel backend; [`expected_verdict`] is the verdict a backend must give (the compiler's
 //! `decide`).
 
+pub mod batch;
 pub mod encode;
 mod fake;
 mod oracle;
