@@ -30,8 +30,12 @@ pub mod map_name {
     pub const IPCACHE_HOSTS: &str = "WEIR_IPCACHE_HOSTS";
     /// Endpoint hash: ifindex (`u32`) → [`EndpointInfo`](crate::EndpointInfo).
     pub const ENDPOINTS: &str = "WEIR_ENDPOINTS";
-    /// Conntrack LRU hash: [`CtKey`](crate::CtKey) → [`CtEntry`](crate::CtEntry).
+    /// Conntrack LRU hash for IPv6: [`CtKey`](crate::CtKey) → [`CtEntry`](crate::CtEntry).
     pub const CONNTRACK: &str = "WEIR_CT";
+    /// Conntrack LRU hash for IPv4, with the compact key (hashing 16 bytes instead of 40 is a
+    /// measurable part of a new connection's cost): [`CtKey4`](crate::CtKey4) →
+    /// [`CtEntry`](crate::CtEntry).
+    pub const CONNTRACK4: &str = "WEIR_CT4";
     /// Fragment tracking LRU hash: [`FragKey`](crate::FragKey) → [`FragValue`](crate::FragValue).
     pub const FRAGS: &str = "WEIR_FRAGS";
     /// Event ring buffer of [`Event`](crate::Event) records.
@@ -60,7 +64,7 @@ pub mod capacity {
     pub const IPCACHE: u32 = 262_144;
     /// Endpoints on the node.
     pub const ENDPOINTS: u32 = 4_096;
-    /// Conntrack entries.
+    /// Conntrack entries, per address family (`CONNTRACK` and `CONNTRACK4` each).
     pub const CONNTRACK: u32 = 262_144;
     /// In-flight fragmented datagrams.
     pub const FRAGS: u32 = 8_192;
@@ -202,6 +206,28 @@ pub const fn egress_proxy_identity(mark: u32) -> u32 {
     (mark >> 16) | ((mark & 0xFF) << 16)
 }
 
+/// [`EndpointInfo::flags`]: which kinds of policy entries the endpoint has, so that the program
+/// skips the lookups that cannot match. Each direction has its own byte: the bits below shifted
+/// left by `DIRECTION_SHIFT * direction`. A set bit with no entry behind it only costs a lookup;
+/// a clear bit with an entry behind it would change verdicts, so userspace sets bits before
+/// writing entries and clears them only after removing the last one.
+pub mod endpoint_flag {
+    /// Identity-specific entries with protocol and port (the exact hash).
+    pub const ID_EXACT: u32 = 1 << 0;
+    /// Identity-specific entries with a partial protocol/port prefix (the trie).
+    pub const ID_PARTIAL: u32 = 1 << 1;
+    /// Identity-specific L3-only entries (the exact hash, `POLICY_L3_ONLY`).
+    pub const ID_L3_ONLY: u32 = 1 << 2;
+    /// ANY-identity entries with protocol and port.
+    pub const ANY_EXACT: u32 = 1 << 3;
+    /// ANY-identity entries with a partial protocol/port prefix.
+    pub const ANY_PARTIAL: u32 = 1 << 4;
+    /// ANY-identity L3-only entries.
+    pub const ANY_L3_ONLY: u32 = 1 << 5;
+    /// Shift of a direction's byte: `flag << (DIRECTION_SHIFT * direction)`.
+    pub const DIRECTION_SHIFT: u32 = 8;
+}
+
 /// Set in [`PolicyKey::direction`] of an L3-only entry (prefix 0) in the exact policy hash.
 pub const POLICY_L3_ONLY: u8 = 0x80;
 
@@ -282,7 +308,7 @@ pub struct EndpointInfo {
     pub endpoint_id: u32,
     /// The endpoint's own security identity.
     pub identity: u32,
-    /// Flags (none defined yet).
+    /// [`endpoint_flag`] bits, maintained by the loader from the endpoint's policy entries.
     pub flags: u32,
 }
 
@@ -308,6 +334,27 @@ pub struct CtKey {
     pub direction: u8,
     /// Zero.
     pub pad: u8,
+}
+
+/// Compact conntrack key of an IPv4 flow (the `CONNTRACK4` map): the same tuple and direction as
+/// [`CtKey`], in 16 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CtKey4 {
+    /// Source address, network order.
+    pub saddr: [u8; 4],
+    /// Destination address, network order.
+    pub daddr: [u8; 4],
+    /// Source port (as in [`CtKey::sport_be`]), network order.
+    pub sport_be: u16,
+    /// Destination port (as in [`CtKey::dport_be`]), network order.
+    pub dport_be: u16,
+    /// IP protocol.
+    pub protocol: u8,
+    /// [`direction`] of the creating hook.
+    pub direction: u8,
+    /// Zero.
+    pub pad: [u8; 2],
 }
 
 /// Conntrack value.
@@ -421,6 +468,10 @@ const _: () = {
     assert!(offset_of!(CtKey, sport_be) == 32);
     assert!(offset_of!(CtKey, protocol) == 36);
     assert!(offset_of!(CtKey, direction) == 38);
+    assert!(size_of::<CtKey4>() == 16);
+    assert!(offset_of!(CtKey4, sport_be) == 8);
+    assert!(offset_of!(CtKey4, protocol) == 12);
+    assert!(offset_of!(CtKey4, direction) == 13);
     assert!(size_of::<CtEntry>() == 32);
     assert!(offset_of!(CtEntry, flags) == 24);
     assert!(size_of::<FragKey>() == 40);
@@ -444,6 +495,7 @@ mod pod {
     unsafe impl aya::Pod for super::IpcacheValue {}
     unsafe impl aya::Pod for super::EndpointInfo {}
     unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtKey4 {}
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}

@@ -3,16 +3,19 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap, IterableMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::tc::{self, NlOptions, TcAttachOptions, TcAttachType, TcHandle};
 use aya::programs::{SchedClassifier, tc::TcError};
 use aya::{Ebpf, EbpfLoader};
 use ipnet::IpNet;
 use tokio::io::unix::AsyncFd;
+use weir_datapath::batch;
 use weir_datapath::encode::{self, PolicySlot};
+use weir_datapath::policy_flags::PolicyFlags;
 use weir_datapath::{
     Counters, CtRecord, Datapath, DatapathError, DatapathEvent, EndpointAttachment, EndpointId,
 };
@@ -74,7 +77,10 @@ pub struct AyaDatapath {
     ipcache_hosts: HashMap<MapData, abi::IpcacheKey, abi::IpcacheValue>,
     endpoints: HashMap<MapData, u32, abi::EndpointInfo>,
     conntrack: HashMap<MapData, abi::CtKey, abi::CtEntry>,
+    conntrack4: HashMap<MapData, abi::CtKey4, abi::CtEntry>,
     counters: PerCpuArray<MapData, u64>,
+    /// What the policy maps hold, for the endpoints' lookup-skipping flags.
+    flags: PolicyFlags,
     events: Events,
 }
 
@@ -135,11 +141,13 @@ impl AyaDatapath {
             .map_err(|e| load_err("endpoint map", e))?;
         let conntrack = HashMap::try_from(take(abi::map_name::CONNTRACK)?)
             .map_err(|e| load_err("conntrack map", e))?;
+        let conntrack4 = HashMap::try_from(take(abi::map_name::CONNTRACK4)?)
+            .map_err(|e| load_err("IPv4 conntrack map", e))?;
         let counters = PerCpuArray::try_from(take(abi::map_name::COUNTERS)?)
             .map_err(|e| load_err("counter map", e))?;
         let events = RingBuf::try_from(take(abi::map_name::EVENTS)?)
             .map_err(|e| load_err("event ring", e))?;
-        Ok(Self {
+        let mut dp = Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             policy,
@@ -148,9 +156,61 @@ impl AyaDatapath {
             ipcache_hosts,
             endpoints,
             conntrack,
+            conntrack4,
             counters,
+            flags: PolicyFlags::new(),
             events: Events::Plain(events),
-        })
+        };
+        dp.resync_flags()
+            .map_err(|e| load_err("endpoint policy flags", e))?;
+        Ok(dp)
+    }
+
+    /// Rebuilds the policy summary from the (possibly reopened) maps and rewrites every
+    /// endpoint's flags from it: a previous process's flags are not trusted.
+    fn resync_flags(&mut self) -> Result<(), DatapathError> {
+        let mut flags = PolicyFlags::new();
+        for k in self.policy.keys() {
+            let k = k.map_err(|e| be("policy map iterate", e))?;
+            flags.insert(PolicySlot::Trie(k.prefix_len(), k.data()));
+        }
+        for k in self.policy_exact.keys() {
+            let k = k.map_err(|e| be("exact policy map iterate", e))?;
+            flags.insert(PolicySlot::Exact(k));
+        }
+        self.flags = flags;
+        let stale: Vec<(u32, abi::EndpointInfo)> = self
+            .endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, info)| self.flags.flags(info.endpoint_id) != info.flags)
+            .collect();
+        for (idx, info) in stale {
+            let info = abi::EndpointInfo {
+                flags: self.flags.flags(info.endpoint_id),
+                ..info
+            };
+            self.endpoints
+                .insert(idx, info, 0)
+                .map_err(|e| be("endpoint map update", e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `flags` into every endpoint map entry of `endpoint_id`.
+    fn write_endpoint_flags(&mut self, endpoint_id: u32, flags: u32) -> Result<(), DatapathError> {
+        let targets: Vec<(u32, abi::EndpointInfo)> = self
+            .endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, info)| info.endpoint_id == endpoint_id && info.flags != flags)
+            .collect();
+        for (idx, info) in targets {
+            self.endpoints
+                .insert(idx, abi::EndpointInfo { flags, ..info }, 0)
+                .map_err(|e| be("endpoint map update", e))?;
+        }
+        Ok(())
     }
 
     /// The pin directory.
@@ -167,12 +227,17 @@ impl AyaDatapath {
     }
 
     /// Records `info` for `ifindex` without attaching anything (used by test runs, which see
-    /// the loopback ifindex 1).
+    /// the loopback ifindex 1). `info.flags` is replaced by the flags the endpoint's policy
+    /// entries need.
     pub fn register_ifindex(
         &mut self,
         ifindex: u32,
         info: abi::EndpointInfo,
     ) -> Result<(), DatapathError> {
+        let info = abi::EndpointInfo {
+            flags: self.flags.flags(info.endpoint_id),
+            ..info
+        };
         self.endpoints
             .insert(ifindex, info, 0)
             .map_err(|e| be("endpoint map insert", e))
@@ -237,6 +302,7 @@ impl AyaDatapath {
                 .remove(&k)
                 .map_err(|e| be("exact policy map remove", e))?;
         }
+        self.flags.purge(endpoint.0);
         Ok(())
     }
 }
@@ -279,11 +345,9 @@ impl Datapath for AyaDatapath {
         let info = abi::EndpointInfo {
             endpoint_id: endpoint.endpoint_id.0,
             identity: endpoint.identity.get(),
-            flags: 0,
+            flags: 0, // register_ifindex fills them in
         };
-        self.endpoints
-            .insert(idx, info, 0)
-            .map_err(|e| be("endpoint map insert", e))?;
+        self.register_ifindex(idx, info)?;
         match tc::qdisc_add_clsact(&endpoint.ifname) {
             Ok(()) => {}
             Err(e) if e.to_string().contains("exists") || format!("{e:?}").contains("17") => {}
@@ -356,27 +420,65 @@ impl Datapath for AyaDatapath {
         for k in &diff.removals {
             rems.push(encode::policy_slot(endpoint, k)?);
         }
+        // Flags first rise to cover the upserts, and fall only after the removals (see
+        // weir_datapath::policy_flags): at no point does a packet skip a lookup it needs.
+        let before = self.flags.flags(endpoint.0);
+        for (slot, _) in &ups {
+            self.flags.insert(*slot);
+        }
+        let during = self.flags.flags(endpoint.0);
+        if during != before {
+            self.write_endpoint_flags(endpoint.0, during)?;
+        }
+        // Exact entries (most of a policy) are written in one batched system call and removed
+        // in another; the trie has no batch operations.
+        let mut exact_keys = Vec::with_capacity(ups.len());
+        let mut exact_values = Vec::with_capacity(ups.len());
         for (slot, v) in &ups {
-            match slot {
-                PolicySlot::Exact(k) => self
-                    .policy_exact
-                    .insert(k, *v, 0)
-                    .map_err(|e| be("exact policy map insert", e))?,
-                PolicySlot::Trie(p, k) => self
-                    .policy
-                    .insert(&Key::new(*p, *k), *v, 0)
-                    .map_err(|e| be("policy map insert", e))?,
+            if let PolicySlot::Exact(k) = slot {
+                exact_keys.push(*k);
+                exact_values.push(*v);
             }
         }
-        for slot in &rems {
-            let r = match slot {
-                PolicySlot::Exact(k) => self.policy_exact.remove(k),
-                PolicySlot::Trie(p, k) => self.policy.remove(&Key::new(*p, *k)),
+        // SAFETY: the exact policy map's key and value types are these ABI structs.
+        unsafe {
+            batch::update_batch(
+                self.policy_exact.map().fd().as_fd(),
+                &exact_keys,
+                &exact_values,
+            )
+        }
+        .map_err(|e| be("exact policy map insert", e))?;
+        for (slot, v) in &ups {
+            let PolicySlot::Trie(p, k) = slot else {
+                continue;
             };
-            match r {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(be("policy map remove", e)),
+            self.policy
+                .insert(&Key::new(*p, *k), *v, 0)
+                .map_err(|e| be("policy map insert", e))?;
+        }
+        let exact_removals: Vec<abi::PolicyKey> = rems
+            .iter()
+            .filter_map(|slot| match slot {
+                PolicySlot::Exact(k) => Some(*k),
+                PolicySlot::Trie(..) => None,
+            })
+            .collect();
+        // SAFETY: as above.
+        unsafe { batch::delete_batch(self.policy_exact.map().fd().as_fd(), &exact_removals) }
+            .map_err(|e| be("exact policy map remove", e))?;
+        for slot in &rems {
+            if let PolicySlot::Trie(p, k) = slot {
+                match self.policy.remove(&Key::new(*p, *k)) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(be("policy map remove", e)),
+                }
             }
+            self.flags.remove(slot);
+        }
+        let after = self.flags.flags(endpoint.0);
+        if after != during {
+            self.write_endpoint_flags(endpoint.0, after)?;
         }
         Ok(())
     }
@@ -465,6 +567,10 @@ impl Datapath for AyaDatapath {
                 out.push(r);
             }
         }
+        for item in self.conntrack4.iter() {
+            let (k, v) = item.map_err(|e| be("IPv4 conntrack iterate", e))?;
+            out.push(encode::ct4_from_abi(&k, &v));
+        }
         Ok(out)
     }
 
@@ -480,6 +586,18 @@ impl Datapath for AyaDatapath {
         let mut n = 0;
         for k in &expired {
             if self.conntrack.remove(k).is_ok() {
+                n += 1;
+            }
+        }
+        let expired: Vec<abi::CtKey4> = self
+            .conntrack4
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.expires_ns <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &expired {
+            if self.conntrack4.remove(k).is_ok() {
                 n += 1;
             }
         }

@@ -532,6 +532,22 @@ pub fn policy_dump_round_trips<B: Backend>() {
         ipc.contains(&("10.0.1.0/24".parse().unwrap(), Identity(300))),
         "{ipc:?}"
     );
+    // Removals of entries that are not there are no error (exact entries are deleted in one
+    // batch, which stops at a missing key), and the ones around them still go.
+    install(&mut dp, 1, &m);
+    let present = key(300, Ingress, 6, 80, 24);
+    let absent = |port| key(301, Ingress, 6, port, 24);
+    let diff = weir_policy_compiler::MapStateDiff {
+        upserts: vec![],
+        removals: vec![absent(1), present, absent(2)],
+    };
+    dp.apply_policy_diff(weir_datapath::EndpointId(1), &diff)
+        .unwrap();
+    let got = dp.dump_policy(weir_datapath::EndpointId(1)).unwrap();
+    assert!(
+        !got.contains_key(&present) && got.len() == m.entries.len() - 1,
+        "{got:?}"
+    );
 }
 
 /// A first fragment dropped because no proxy could take its connection must not let the later

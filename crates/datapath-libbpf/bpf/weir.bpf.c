@@ -68,6 +68,14 @@ struct {
 	__type(value, struct weir_ct_entry);
 } WEIR_CT SEC(".maps");
 
+/* IPv4 conntrack with the compact key: hashing 16 bytes instead of 40. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, WEIR_CAP_CONNTRACK);
+	__type(key, struct weir_ct_key4);
+	__type(value, struct weir_ct_entry);
+} WEIR_CT4 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, WEIR_CAP_FRAGS);
@@ -351,11 +359,13 @@ static __always_inline __u32 remote_identity(struct __sk_buff *skb, const struct
 
 /*
  * The longest entry of `identity` covering the packet: an exact (24-bit) entry from the hash,
- * else the longest partial prefix from the trie, else the L3-only entry from the hash.
- * Non-zero when found (copied to `out`).
+ * else the longest partial prefix from the trie, else the L3-only entry from the hash. `kinds`
+ * (ID_EXACT, ID_PARTIAL, ID_L3_ONLY bits) says which of the three the endpoint has at all for
+ * this class of identity; the others are skipped. Non-zero when found (copied to `out`).
  */
 static __always_inline int lookup_entry(__u32 endpoint_id, __u32 identity, __u8 dir,
-					__u8 protocol, __u16 port, struct weir_policy_value *out)
+					__u8 protocol, __u16 port, __u32 kinds,
+					struct weir_policy_value *out)
 {
 	struct weir_policy_lpm_key k = {
 		.prefixlen = WEIR_POLICY_FIXED_PREFIX_BITS + 24,
@@ -367,10 +377,12 @@ static __always_inline int lookup_entry(__u32 endpoint_id, __u32 identity, __u8 
 			.dport_be = bpf_htons(port),
 		},
 	};
-	struct weir_policy_value *v = bpf_map_lookup_elem(&WEIR_POLICY_EXACT, &k.data);
-	if (!v)
+	struct weir_policy_value *v = NULL;
+	if (kinds & WEIR_EP_ID_EXACT)
+		v = bpf_map_lookup_elem(&WEIR_POLICY_EXACT, &k.data);
+	if (!v && (kinds & WEIR_EP_ID_PARTIAL))
 		v = bpf_map_lookup_elem(&WEIR_POLICY, &k);
-	if (!v) {
+	if (!v && (kinds & WEIR_EP_ID_L3_ONLY)) {
 		k.data.direction = dir | WEIR_POLICY_L3_ONLY;
 		k.data.protocol = 0;
 		k.data.dport_be = 0;
@@ -382,18 +394,25 @@ static __always_inline int lookup_entry(__u32 endpoint_id, __u32 identity, __u8 
 	return 1;
 }
 
+/* The identity-specific kinds of entries, ANY's shifted down onto them (lookup_entry's `kinds`). */
+#define EP_KINDS 7u
+#define EP_ANY_SHIFT 3
+
 /*
  * The two-lookup rule: identity-specific and ANY, deny first, then redirect (higher priority),
- * then the longer protocol/port prefix, ties to the identity-specific entry. Returns 0 and the
- * proxy port (0 = plain allow) in `proxy_port`, or a drop reason.
+ * then the longer protocol/port prefix, ties to the identity-specific entry. `ep_flags` (the
+ * endpoint's endpoint_flag bits) skips lookups of kinds the endpoint has none of. Returns 0
+ * and the proxy port (0 = plain allow) in `proxy_port`, or a drop reason.
  */
-static __always_inline int decide(__u32 endpoint_id, __u32 remote, __u8 dir, __u8 protocol,
-				  __u16 port, __u16 *proxy_port)
+static __always_inline int decide(__u32 endpoint_id, __u32 ep_flags, __u32 remote, __u8 dir,
+				  __u8 protocol, __u16 port, __u16 *proxy_port)
 {
 	struct weir_policy_value a, b, chosen;
-	int has_a = lookup_entry(endpoint_id, remote, dir, protocol, port, &a);
-	int has_b = lookup_entry(endpoint_id, 0, dir, protocol, port, &b);
-
+	__u32 f = ep_flags >> (dir ? WEIR_EP_DIRECTION_SHIFT : 0);
+	__u32 id_kinds = f & EP_KINDS;
+	__u32 any_kinds = (f >> EP_ANY_SHIFT) & EP_KINDS;
+	int has_a = id_kinds && lookup_entry(endpoint_id, remote, dir, protocol, port, id_kinds, &a);
+	int has_b = any_kinds && lookup_entry(endpoint_id, 0, dir, protocol, port, any_kinds, &b);
 	if (!has_a && !has_b)
 		return WEIR_DROP_POLICY_DENIED;
 	if (has_a && !has_b) {
@@ -558,6 +577,58 @@ static __always_inline void set_ct_key(struct weir_ct_key *k, const struct packe
 	k->pad = 0;
 }
 
+/* The compact IPv4 key of `p`, as set_ct_key. */
+static __always_inline void set_ct_key4(struct weir_ct_key4 *k, const struct packet *p, __u8 dir,
+					int reverse)
+{
+	if (reverse) {
+		__builtin_memcpy(k->saddr, p->daddr, 4);
+		__builtin_memcpy(k->daddr, p->saddr, 4);
+		k->sport_be = p->dport_be;
+		k->dport_be = p->sport_be;
+		k->direction = dir ^ 1;
+	} else {
+		__builtin_memcpy(k->saddr, p->saddr, 4);
+		__builtin_memcpy(k->daddr, p->daddr, 4);
+		k->sport_be = p->sport_be;
+		k->dport_be = p->dport_be;
+		k->direction = dir;
+	}
+	k->protocol = p->protocol;
+	k->pad[0] = 0;
+	k->pad[1] = 0;
+}
+
+/* The conntrack entry of `p` (`reverse`: see set_ct_key), from its family's map. */
+static __always_inline struct weir_ct_entry *ct_lookup(const struct packet *p, __u8 dir,
+						       int reverse)
+{
+	if (p->family == WEIR_FAMILY_V4) {
+		struct weir_ct_key4 k;
+		set_ct_key4(&k, p, dir, reverse);
+		return bpf_map_lookup_elem(&WEIR_CT4, &k);
+	}
+	struct weir_ct_key k;
+	set_ct_key(&k, p, dir, reverse);
+	return bpf_map_lookup_elem(&WEIR_CT, &k);
+}
+
+/* Records a new connection; a full LRU map evicts, and an insert error leaves the flow
+ * untracked but allowed. */
+static __always_inline void ct_create(const struct packet *p, __u8 dir,
+				      const struct weir_ct_entry *entry)
+{
+	if (p->family == WEIR_FAMILY_V4) {
+		struct weir_ct_key4 k;
+		set_ct_key4(&k, p, dir, 0);
+		bpf_map_update_elem(&WEIR_CT4, &k, entry, BPF_ANY);
+		return;
+	}
+	struct weir_ct_key k;
+	set_ct_key(&k, p, dir, 0);
+	bpf_map_update_elem(&WEIR_CT, &k, entry, BPF_ANY);
+}
+
 static __always_inline void remember_fragment(const struct packet *p,
 					      const struct weir_frag_key *fk)
 {
@@ -686,10 +757,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	__u64 len = skb->len;
 	int syn_only = pkt.protocol == IPPROTO_TCP_ &&
 		       (pkt.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
-	struct weir_ct_key ck;
 	if (pkt.trackable) {
-		set_ct_key(&ck, &pkt, dir, 0);
-		struct weir_ct_entry *e = bpf_map_lookup_elem(&WEIR_CT, &ck);
+		struct weir_ct_entry *e = ct_lookup(&pkt, dir, 0);
 		if (e) {
 			int closing = e->flags &
 				      (WEIR_CT_RESET | WEIR_CT_TX_CLOSING | WEIR_CT_RX_CLOSING);
@@ -707,8 +776,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		}
 		/* A pure SYN opens a connection: it is never a reply, so skip that lookup. */
 		if (!syn_only) {
-			set_ct_key(&ck, &pkt, dir, 1);
-			e = bpf_map_lookup_elem(&WEIR_CT, &ck);
+			e = ct_lookup(&pkt, dir, 1);
 			if (e && e->expires_ns > now) {
 				ct_update(e, 1, pkt.protocol, pkt.tcp_flags, len, now);
 				remember_fragment(&pkt, &fk);
@@ -721,8 +789,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	__u32 remote = remote_identity(skb, &pkt, dir, mark);
 	__u16 proxy_port = 0;
 	int reason = from_ingress_proxy ? 0
-					: decide(ep.endpoint_id, remote, dir, pkt.protocol,
-						 pkt.policy_port, &proxy_port);
+					: decide(ep.endpoint_id, ep.flags, remote, dir,
+						 pkt.protocol, pkt.policy_port, &proxy_port);
 	if (reason) {
 		if (pkt.frag == 1)
 			bpf_map_delete_elem(&WEIR_FRAGS, &fk);
@@ -742,9 +810,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		__builtin_memset(&entry, 0, sizeof(entry));
 		entry.proxy_port = proxy_port;
 		ct_update(&entry, 0, pkt.protocol, pkt.tcp_flags, len, now);
-		set_ct_key(&ck, &pkt, dir, 0);
-		/* A full LRU map evicts; an insert error leaves the flow untracked but allowed. */
-		bpf_map_update_elem(&WEIR_CT, &ck, &entry, BPF_ANY);
+		ct_create(&pkt, dir, &entry);
 	}
 	remember_fragment(&pkt, &fk);
 	emit(&ep, ifindex, dir, &pkt, remote,

@@ -80,6 +80,14 @@
 #define WEIR_MARK_MAGIC_FROM_EGRESS_PROXY 0x0B00
 /* The identity an egress proxy mark carries (see datapath-abi's egress_proxy_mark). */
 #define WEIR_EGRESS_PROXY_IDENTITY(mark) (((mark) >> 16) | (((mark) & 0xFF) << 16))
+/* endpoint_flag::* (per direction: shifted left by WEIR_EP_DIRECTION_SHIFT * direction) */
+#define WEIR_EP_ID_EXACT (1u << 0)
+#define WEIR_EP_ID_PARTIAL (1u << 1)
+#define WEIR_EP_ID_L3_ONLY (1u << 2)
+#define WEIR_EP_ANY_EXACT (1u << 3)
+#define WEIR_EP_ANY_PARTIAL (1u << 4)
+#define WEIR_EP_ANY_L3_ONLY (1u << 5)
+#define WEIR_EP_DIRECTION_SHIFT 8
 #define WEIR_POLICY_L3_ONLY 0x80
 #define WEIR_POLICY_FIXED_PREFIX_BITS 72
 #define WEIR_IPCACHE_FIXED_PREFIX_BITS 32
@@ -130,6 +138,16 @@ struct weir_ct_key {
 	__u8 family;
 	__u8 direction;
 	__u8 pad;
+};
+
+struct weir_ct_key4 {
+	__u8 saddr[4];
+	__u8 daddr[4];
+	__u16 sport_be;
+	__u16 dport_be;
+	__u8 protocol;
+	__u8 direction;
+	__u8 pad[2];
 };
 
 struct weir_ct_entry {
@@ -194,6 +212,7 @@ _Static_assert(sizeof(struct weir_ipcache_key) == 20, "ipcache key");
 _Static_assert(sizeof(struct weir_ipcache_value) == 24, "ipcache value");
 _Static_assert(sizeof(struct weir_endpoint_info) == 12, "endpoint info");
 _Static_assert(sizeof(struct weir_ct_key) == 40, "ct key");
+_Static_assert(sizeof(struct weir_ct_key4) == 16, "ct key v4");
 _Static_assert(sizeof(struct weir_ct_entry) == 32, "ct entry");
 _Static_assert(sizeof(struct weir_frag_key) == 40, "frag key");
 _Static_assert(sizeof(struct weir_frag_value) == 4, "frag value");

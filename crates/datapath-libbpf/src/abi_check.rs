@@ -10,8 +10,8 @@ use std::mem::{align_of, offset_of, size_of};
 
 use weir_datapath_abi as abi;
 use weir_datapath_abi::{
-    CtEntry, CtKey, EndpointInfo, Event, FragKey, FragValue, IpcacheKey, IpcacheValue, PolicyKey,
-    PolicyValue,
+    CtEntry, CtKey, CtKey4, EndpointInfo, Event, FragKey, FragValue, IpcacheKey, IpcacheValue,
+    PolicyKey, PolicyValue,
 };
 
 #[repr(C)]
@@ -70,12 +70,13 @@ fn rust_side() -> BTreeMap<String, u64> {
         layout!(IpcacheValue; identity, tunnel_endpoint, encrypt_key, flags, pad),
         layout!(EndpointInfo; endpoint_id, identity, flags),
         layout!(CtKey; saddr, daddr, sport_be, dport_be, protocol, family, direction, pad),
+        layout!(CtKey4; saddr, daddr, sport_be, dport_be, protocol, direction, pad),
         layout!(CtEntry; expires_ns, packets, bytes, flags, proxy_port, pad),
         layout!(FragKey; saddr, daddr, id, protocol, family, pad),
         layout!(FragValue; sport_be, dport_be),
         layout!(Event; timestamp_ns, kind, verdict, drop_reason, direction, family, protocol, tcp_flags, pad, sport, dport, src_identity, dst_identity, endpoint_id, ifindex, proxy_port, pad2, saddr, daddr),
     ];
-    let consts: [(&str, u64); 48] = [
+    let consts: [(&str, u64); 55] = [
         ("capacity::POLICY", u64::from(abi::capacity::POLICY)),
         (
             "capacity::POLICY_EXACT",
@@ -171,6 +172,34 @@ fn rust_side() -> BTreeMap<String, u64> {
         (
             "EGRESS_PROXY_IDENTITY(0x12345678)",
             u64::from(abi::egress_proxy_identity(0x1234_5678)),
+        ),
+        (
+            "endpoint_flag::ID_EXACT",
+            u64::from(abi::endpoint_flag::ID_EXACT),
+        ),
+        (
+            "endpoint_flag::ID_PARTIAL",
+            u64::from(abi::endpoint_flag::ID_PARTIAL),
+        ),
+        (
+            "endpoint_flag::ID_L3_ONLY",
+            u64::from(abi::endpoint_flag::ID_L3_ONLY),
+        ),
+        (
+            "endpoint_flag::ANY_EXACT",
+            u64::from(abi::endpoint_flag::ANY_EXACT),
+        ),
+        (
+            "endpoint_flag::ANY_PARTIAL",
+            u64::from(abi::endpoint_flag::ANY_PARTIAL),
+        ),
+        (
+            "endpoint_flag::ANY_L3_ONLY",
+            u64::from(abi::endpoint_flag::ANY_L3_ONLY),
+        ),
+        (
+            "endpoint_flag::DIRECTION_SHIFT",
+            u64::from(abi::endpoint_flag::DIRECTION_SHIFT),
         ),
         ("POLICY_L3_ONLY", abi::POLICY_L3_ONLY as u64),
         (

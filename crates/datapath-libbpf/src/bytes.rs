@@ -26,6 +26,8 @@ unsafe impl Plain for abi::EndpointInfo {}
 // SAFETY: as above.
 unsafe impl Plain for abi::CtKey {}
 // SAFETY: as above.
+unsafe impl Plain for abi::CtKey4 {}
+// SAFETY: as above.
 unsafe impl Plain for abi::CtEntry {}
 // SAFETY: as above.
 unsafe impl Plain for abi::Event {}

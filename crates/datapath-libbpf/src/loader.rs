@@ -12,7 +12,9 @@ use libbpf_rs::{
     ErrorKind, MapCore, MapFlags, MapHandle, Object, ObjectBuilder, ProgramMut, RingBuffer,
     RingBufferBuilder, TC_EGRESS, TC_INGRESS, TcHookBuilder,
 };
+use weir_datapath::batch;
 use weir_datapath::encode::{self, PolicySlot};
+use weir_datapath::policy_flags::PolicyFlags;
 use weir_datapath::{
     Counters, CtRecord, Datapath, DatapathError, DatapathEvent, EndpointAttachment, EndpointId,
 };
@@ -72,7 +74,10 @@ pub struct LibbpfDatapath {
     ipcache_hosts: MapHandle,
     endpoints: MapHandle,
     conntrack: MapHandle,
+    conntrack4: MapHandle,
     counters: MapHandle,
+    /// What the policy maps hold, for the endpoints' lookup-skipping flags.
+    flags: PolicyFlags,
     events: RingBuffer<'static>,
     pending: Pending,
 }
@@ -156,19 +161,72 @@ impl LibbpfDatapath {
             .map_err(|e| load_err("event ring", e))?;
             b.build().map_err(|e| load_err("event ring", e))?
         };
-        Ok(Self {
+        let mut dp = Self {
             policy: map_handle(&obj, abi::map_name::POLICY)?,
             policy_exact: map_handle(&obj, abi::map_name::POLICY_EXACT)?,
             ipcache: map_handle(&obj, abi::map_name::IPCACHE)?,
             ipcache_hosts: map_handle(&obj, abi::map_name::IPCACHE_HOSTS)?,
             endpoints: map_handle(&obj, abi::map_name::ENDPOINTS)?,
             conntrack: map_handle(&obj, abi::map_name::CONNTRACK)?,
+            conntrack4: map_handle(&obj, abi::map_name::CONNTRACK4)?,
             counters: map_handle(&obj, abi::map_name::COUNTERS)?,
+            flags: PolicyFlags::new(),
             obj,
             pin_dir: pin_dir.to_path_buf(),
             events,
             pending,
-        })
+        };
+        dp.resync_flags()
+            .map_err(|e| load_err("endpoint policy flags", e))?;
+        Ok(dp)
+    }
+
+    /// Rebuilds the policy summary from the (possibly reopened) maps and rewrites every
+    /// endpoint's flags from it: a previous process's flags are not trusted.
+    fn resync_flags(&mut self) -> Result<(), DatapathError> {
+        let mut flags = PolicyFlags::new();
+        for k in self.policy.keys() {
+            if let Some((p, d)) = split_lpm_key::<abi::PolicyKey>(&k) {
+                flags.insert(PolicySlot::Trie(p, d));
+            }
+        }
+        for k in self.policy_exact.keys() {
+            if let Some(d) = read::<abi::PolicyKey>(&k) {
+                flags.insert(PolicySlot::Exact(d));
+            }
+        }
+        self.flags = flags;
+        for (k, v) in entries(&self.endpoints)? {
+            if let Some(info) = read::<abi::EndpointInfo>(&v) {
+                let want = self.flags.flags(info.endpoint_id);
+                if want != info.flags {
+                    let info = abi::EndpointInfo {
+                        flags: want,
+                        ..info
+                    };
+                    self.endpoints
+                        .update(&k, bytes(&info), MapFlags::ANY)
+                        .map_err(|e| be("endpoint map update", e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `flags` into every endpoint map entry of `endpoint_id`.
+    fn write_endpoint_flags(&mut self, endpoint_id: u32, flags: u32) -> Result<(), DatapathError> {
+        for (k, v) in entries(&self.endpoints)? {
+            if let Some(info) = read::<abi::EndpointInfo>(&v)
+                && info.endpoint_id == endpoint_id
+                && info.flags != flags
+            {
+                let info = abi::EndpointInfo { flags, ..info };
+                self.endpoints
+                    .update(&k, bytes(&info), MapFlags::ANY)
+                    .map_err(|e| be("endpoint map update", e))?;
+            }
+        }
+        Ok(())
     }
 
     /// The pin directory.
@@ -185,12 +243,17 @@ impl LibbpfDatapath {
     }
 
     /// Records `info` for `ifindex` without attaching anything (used by test runs, which see
-    /// the loopback ifindex 1).
+    /// the loopback ifindex 1). `info.flags` is replaced by the flags the endpoint's policy
+    /// entries need.
     pub fn register_ifindex(
         &mut self,
         ifindex: u32,
         info: abi::EndpointInfo,
     ) -> Result<(), DatapathError> {
+        let info = abi::EndpointInfo {
+            flags: self.flags.flags(info.endpoint_id),
+            ..info
+        };
         self.endpoints
             .update(bytes(&ifindex), bytes(&info), MapFlags::ANY)
             .map_err(|e| be("endpoint map insert", e))
@@ -231,6 +294,7 @@ impl LibbpfDatapath {
         for k in keys {
             delete(&self.policy_exact, &k, "exact policy map remove")?;
         }
+        self.flags.purge(endpoint.0);
         Ok(())
     }
 }
@@ -291,7 +355,7 @@ impl Datapath for LibbpfDatapath {
         let info = abi::EndpointInfo {
             endpoint_id: endpoint.endpoint_id.0,
             identity: endpoint.identity.get(),
-            flags: 0,
+            flags: 0, // register_ifindex fills them in
         };
         self.register_ifindex(idx, info)?;
         let Ok(tc_ifindex) = i32::try_from(idx) else {
@@ -364,27 +428,56 @@ impl Datapath for LibbpfDatapath {
         for k in &diff.removals {
             rems.push(encode::policy_slot(endpoint, k)?);
         }
+        // Flags first rise to cover the upserts, and fall only after the removals (see
+        // weir_datapath::policy_flags): at no point does a packet skip a lookup it needs.
+        let before = self.flags.flags(endpoint.0);
+        for (slot, _) in &ups {
+            self.flags.insert(*slot);
+        }
+        let during = self.flags.flags(endpoint.0);
+        if during != before {
+            self.write_endpoint_flags(endpoint.0, during)?;
+        }
+        // Exact entries (most of a policy) are written in one batched system call and removed
+        // in another; the trie has no batch operations.
+        let mut exact_keys = Vec::with_capacity(ups.len());
+        let mut exact_values = Vec::with_capacity(ups.len());
         for (slot, v) in &ups {
-            match slot {
-                PolicySlot::Exact(k) => self
-                    .policy_exact
-                    .update(bytes(k), bytes(v), MapFlags::ANY)
-                    .map_err(|e| be("exact policy map insert", e))?,
-                PolicySlot::Trie(p, k) => self
-                    .policy
-                    .update(&lpm_key(*p, k), bytes(v), MapFlags::ANY)
-                    .map_err(|e| be("policy map insert", e))?,
+            if let PolicySlot::Exact(k) = slot {
+                exact_keys.push(*k);
+                exact_values.push(*v);
             }
         }
+        // SAFETY: the exact policy map's key and value types are these ABI structs.
+        unsafe { batch::update_batch(self.policy_exact.as_fd(), &exact_keys, &exact_values) }
+            .map_err(|e| be("exact policy map insert", e))?;
+        for (slot, v) in &ups {
+            let PolicySlot::Trie(p, k) = slot else {
+                continue;
+            };
+            self.policy
+                .update(&lpm_key(*p, k), bytes(v), MapFlags::ANY)
+                .map_err(|e| be("policy map insert", e))?;
+        }
+        let exact_removals: Vec<abi::PolicyKey> = rems
+            .iter()
+            .filter_map(|slot| match slot {
+                PolicySlot::Exact(k) => Some(*k),
+                PolicySlot::Trie(..) => None,
+            })
+            .collect();
+        // SAFETY: as above.
+        unsafe { batch::delete_batch(self.policy_exact.as_fd(), &exact_removals) }
+            .map_err(|e| be("exact policy map remove", e))?;
         for slot in &rems {
-            match slot {
-                PolicySlot::Exact(k) => {
-                    delete(&self.policy_exact, bytes(k), "exact policy map remove")?
-                }
-                PolicySlot::Trie(p, k) => {
-                    delete(&self.policy, &lpm_key(*p, k), "policy map remove")?
-                }
+            if let PolicySlot::Trie(p, k) = slot {
+                delete(&self.policy, &lpm_key(*p, k), "policy map remove")?;
             }
+            self.flags.remove(slot);
+        }
+        let after = self.flags.flags(endpoint.0);
+        if after != during {
+            self.write_endpoint_flags(endpoint.0, after)?;
         }
         Ok(())
     }
@@ -483,20 +576,27 @@ impl Datapath for LibbpfDatapath {
                 out.push(r);
             }
         }
+        for (k, v) in entries(&self.conntrack4)? {
+            if let (Some(k), Some(v)) = (read::<abi::CtKey4>(&k), read::<abi::CtEntry>(&v)) {
+                out.push(encode::ct4_from_abi(&k, &v));
+            }
+        }
         Ok(out)
     }
 
     fn gc_conntrack(&mut self) -> Result<usize, DatapathError> {
         let now = monotonic_ns();
-        let expired: Vec<Vec<u8>> = entries(&self.conntrack)?
-            .into_iter()
-            .filter(|(_, v)| read::<abi::CtEntry>(v).is_some_and(|e| e.expires_ns <= now))
-            .map(|(k, _)| k)
-            .collect();
         let mut n = 0;
-        for k in &expired {
-            if self.conntrack.delete(k).is_ok() {
-                n += 1;
+        for map in [&self.conntrack, &self.conntrack4] {
+            let expired: Vec<Vec<u8>> = entries(map)?
+                .into_iter()
+                .filter(|(_, v)| read::<abi::CtEntry>(v).is_some_and(|e| e.expires_ns <= now))
+                .map(|(k, _)| k)
+                .collect();
+            for k in &expired {
+                if map.delete(k).is_ok() {
+                    n += 1;
+                }
             }
         }
         Ok(n)

@@ -61,7 +61,7 @@ pub fn policy_key(
 }
 
 /// Where a policy entry lives in the kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PolicySlot {
     /// The exact hash (`POLICY_EXACT`), under this key: 24-bit entries as they are, L3-only
     /// entries with [`abi::POLICY_L3_ONLY`] in the direction byte.
@@ -228,6 +228,23 @@ pub fn ct_from_abi(k: &abi::CtKey, v: &abi::CtEntry) -> Option<CtRecord> {
         flags: v.flags,
         proxy_port: v.proxy_port,
     })
+}
+
+/// Decodes an IPv4 conntrack entry of the compact map.
+pub fn ct4_from_abi(k: &abi::CtKey4, v: &abi::CtEntry) -> CtRecord {
+    CtRecord {
+        src: IpAddr::V4(Ipv4Addr::from(k.saddr)),
+        dst: IpAddr::V4(Ipv4Addr::from(k.daddr)),
+        sport: u16::from_be(k.sport_be),
+        dport: u16::from_be(k.dport_be),
+        protocol: k.protocol,
+        direction: direction_from_abi(k.direction),
+        expires_ns: v.expires_ns,
+        packets: v.packets,
+        bytes: v.bytes,
+        flags: v.flags,
+        proxy_port: v.proxy_port,
+    }
 }
 
 #[cfg(test)]

@@ -7,10 +7,12 @@
 //! kernel backend; [`expected_verdict`] is the verdict a backend must give (the compiler's
 //! `decide`).
 
+pub mod batch;
 pub mod encode;
 mod fake;
 mod oracle;
 pub mod packet;
+pub mod policy_flags;
 pub mod replay;
 pub mod testrun;
 mod types;

@@ -19,11 +19,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weir_datapath_abi::{
-    CtEntry, CtKey, EndpointInfo, Event, FragKey, FragValue, IDENTITY_WORLD,
+    CtEntry, CtKey, CtKey4, EndpointInfo, Event, FragKey, FragValue, IDENTITY_WORLD,
     IPCACHE_FIXED_PREFIX_BITS, IpcacheKey, IpcacheValue, MARK_MAGIC_FROM_EGRESS_PROXY,
     MARK_MAGIC_FROM_INGRESS_PROXY, MARK_MAGIC_MASK, MARK_MAGIC_TO_PROXY, POLICY_FIXED_PREFIX_BITS,
     POLICY_L3_ONLY, PolicyKey, PolicyValue, action, capacity, counter, ct_flag, ct_lifetime,
-    direction, drop_reason, egress_proxy_identity, event_kind, family, verdict,
+    direction, drop_reason, egress_proxy_identity, endpoint_flag, event_kind, family, verdict,
 };
 
 #[map]
@@ -43,6 +43,9 @@ static WEIR_IPCACHE_HOSTS: HashMap<IpcacheKey, IpcacheValue> =
 static WEIR_ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 #[map]
 static WEIR_CT: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+/// IPv4 conntrack with the compact key: hashing 16 bytes instead of 40.
+#[map]
+static WEIR_CT4: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 #[map]
 static WEIR_FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(capacity::FRAGS, 0);
 #[map]
@@ -58,6 +61,7 @@ static WEIR_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 struct Scratch {
     pkt: Packet,
     ct: CtKey,
+    ct4: CtKey4,
     frag: FragKey,
 }
 
@@ -248,8 +252,7 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let len = u64::from(ctx.len());
     if pkt.trackable {
-        set_ct_key(&mut s.ct, pkt, dir, false);
-        if let Some(e) = WEIR_CT.get_ptr_mut(&s.ct) {
+        if let Some(e) = ct_lookup(&mut s.ct, &mut s.ct4, pkt, dir, false) {
             // SAFETY: a valid map value pointer; races only make counters approximate.
             let e = unsafe { &mut *e };
             let syn_only =
@@ -274,8 +277,7 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
         let syn_only =
             pkt.protocol == IPPROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         if !syn_only {
-            set_ct_key(&mut s.ct, pkt, dir, true);
-            if let Some(e) = WEIR_CT.get_ptr_mut(&s.ct) {
+            if let Some(e) = ct_lookup(&mut s.ct, &mut s.ct4, pkt, dir, true) {
                 // SAFETY: as above.
                 let e = unsafe { &mut *e };
                 if e.expires_ns > now {
@@ -293,7 +295,7 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
     let decision = if from_ingress_proxy {
         Ok(0)
     } else {
-        decide(ep.endpoint_id, remote, dir, pkt.protocol, pkt.policy_port)
+        decide(&ep, remote, dir, pkt.protocol, pkt.policy_port)
     };
     match decision {
         Err(reason) => {
@@ -326,9 +328,7 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
                     pad: [0; 4],
                 };
                 ct_update(&mut entry, false, pkt.protocol, pkt.tcp_flags, len, now);
-                set_ct_key(&mut s.ct, pkt, dir, false);
-                // A full LRU map evicts; an insert error leaves the flow untracked but allowed.
-                let _ = WEIR_CT.insert(&s.ct, &entry, 0);
+                ct_create(&mut s.ct, &mut s.ct4, pkt, dir, &entry);
             }
             remember_fragment(pkt, &s.frag);
             let kind = if proxy_port != 0 {
@@ -511,6 +511,55 @@ fn set_ct_key(k: &mut CtKey, pkt: &Packet, dir: u8, reverse: bool) {
     k.protocol = pkt.protocol;
     k.family = pkt.family;
     k.pad = 0;
+}
+
+/// The compact IPv4 key of `pkt`, as [`set_ct_key`].
+#[inline(always)]
+fn set_ct_key4(k: &mut CtKey4, pkt: &Packet, dir: u8, reverse: bool) {
+    let (src, dst, sport, dport, d) = if reverse {
+        (&pkt.daddr, &pkt.saddr, pkt.dport_be, pkt.sport_be, dir ^ 1)
+    } else {
+        (&pkt.saddr, &pkt.daddr, pkt.sport_be, pkt.dport_be, dir)
+    };
+    k.saddr = [src[0], src[1], src[2], src[3]];
+    k.daddr = [dst[0], dst[1], dst[2], dst[3]];
+    k.sport_be = sport;
+    k.dport_be = dport;
+    k.direction = d;
+    k.protocol = pkt.protocol;
+    k.pad = [0; 2];
+}
+
+/// The conntrack entry of `pkt` (`reverse`: see [`set_ct_key`]), from its family's map; the
+/// keys are built in the scratch space passed in.
+#[inline(always)]
+fn ct_lookup(
+    ct: &mut CtKey,
+    ct4: &mut CtKey4,
+    pkt: &Packet,
+    dir: u8,
+    reverse: bool,
+) -> Option<*mut CtEntry> {
+    if pkt.family == family::V4 {
+        set_ct_key4(ct4, pkt, dir, reverse);
+        WEIR_CT4.get_ptr_mut(ct4)
+    } else {
+        set_ct_key(ct, pkt, dir, reverse);
+        WEIR_CT.get_ptr_mut(ct)
+    }
+}
+
+/// Records a new connection. A full LRU map evicts; an insert error leaves the flow untracked
+/// but allowed.
+#[inline(always)]
+fn ct_create(ct: &mut CtKey, ct4: &mut CtKey4, pkt: &Packet, dir: u8, entry: &CtEntry) {
+    if pkt.family == family::V4 {
+        set_ct_key4(ct4, pkt, dir, false);
+        let _ = WEIR_CT4.insert(ct4, entry, 0);
+    } else {
+        set_ct_key(ct, pkt, dir, false);
+        let _ = WEIR_CT.insert(ct, entry, 0);
+    }
 }
 
 #[inline(always)]
@@ -718,7 +767,12 @@ fn lookup_identity(fam: u8, addr: &[u8; 16]) -> u32 {
 }
 
 /// The longest entry of `identity` covering the packet: an exact (24-bit) entry from the hash,
-/// else the longest partial prefix from the trie, else the L3-only entry from the hash.
+/// else the longest partial prefix from the trie, else the L3-only entry from the hash. `kinds`
+/// (`ID_EXACT`, `ID_PARTIAL`, `ID_L3_ONLY` bits) says which of the three the endpoint has at
+/// all for this class of identity; the others are skipped.
+///
+/// Returns the map value's pointer, not a copy: an `Option<PolicyValue>` lets LLVM read an
+/// undefined payload register on the `None` path, which the verifier rejects.
 #[inline(always)]
 fn lookup_entry(
     endpoint_id: u32,
@@ -726,7 +780,8 @@ fn lookup_entry(
     dir: u8,
     protocol: u8,
     port: u16,
-) -> Option<PolicyValue> {
+    kinds: u32,
+) -> Option<*const PolicyValue> {
     let mut k = PolicyKey {
         endpoint_id,
         identity,
@@ -734,32 +789,62 @@ fn lookup_entry(
         protocol,
         dport_be: port.to_be(),
     };
-    // SAFETY: values are copied out at once; userspace writes whole entries.
-    if let Some(v) = unsafe { WEIR_POLICY_EXACT.get(&k) } {
-        return Some(*v);
+    if kinds & endpoint_flag::ID_EXACT != 0
+        && let Some(v) = WEIR_POLICY_EXACT.get_ptr(&k)
+    {
+        return Some(v);
     }
-    if let Some(v) = WEIR_POLICY.get(&Key::new(POLICY_FIXED_PREFIX_BITS + 24, k)) {
-        return Some(*v);
+    if kinds & endpoint_flag::ID_PARTIAL != 0
+        && let Some(v) = WEIR_POLICY.get(&Key::new(POLICY_FIXED_PREFIX_BITS + 24, k))
+    {
+        return Some(v as *const PolicyValue);
+    }
+    if kinds & endpoint_flag::ID_L3_ONLY == 0 {
+        return None;
     }
     k.direction = dir | POLICY_L3_ONLY;
     k.protocol = 0;
     k.dport_be = 0;
-    // SAFETY: as above.
-    unsafe { WEIR_POLICY_EXACT.get(&k) }.copied()
+    WEIR_POLICY_EXACT.get_ptr(&k)
 }
 
+/// The identity-specific kinds of [`endpoint_flag`]; the ANY kinds are these shifted up by
+/// [`EP_ANY_SHIFT`].
+const EP_KINDS: u32 =
+    endpoint_flag::ID_EXACT | endpoint_flag::ID_PARTIAL | endpoint_flag::ID_L3_ONLY;
+const EP_ANY_SHIFT: u32 = 3;
+
 /// The two-lookup rule: identity-specific and ANY, deny first, then redirect (higher priority),
-/// then the longer protocol/port prefix, ties to the identity-specific entry.
+/// then the longer protocol/port prefix, ties to the identity-specific entry. The endpoint's
+/// flags skip the lookups of kinds it has no entries of.
 /// Returns the proxy port (0 = plain allow) or the drop reason.
 #[inline(always)]
-fn decide(endpoint_id: u32, remote: u32, dir: u8, protocol: u8, port: u16) -> Result<u16, u8> {
-    let a = lookup_entry(endpoint_id, remote, dir, protocol, port);
-    let b = lookup_entry(endpoint_id, 0, dir, protocol, port);
-    let chosen = match (a, b) {
+fn decide(ep: &EndpointInfo, remote: u32, dir: u8, protocol: u8, port: u16) -> Result<u16, u8> {
+    let f = if dir != 0 {
+        ep.flags >> endpoint_flag::DIRECTION_SHIFT
+    } else {
+        ep.flags
+    };
+    let id_kinds = f & EP_KINDS;
+    let any_kinds = (f >> EP_ANY_SHIFT) & EP_KINDS;
+    let a = if id_kinds != 0 {
+        lookup_entry(ep.endpoint_id, remote, dir, protocol, port, id_kinds)
+    } else {
+        None
+    };
+    let b = if any_kinds != 0 {
+        lookup_entry(ep.endpoint_id, 0, dir, protocol, port, any_kinds)
+    } else {
+        None
+    };
+    // SAFETY (the derefs below): map value pointers from lookups stay valid for the whole
+    // program run (RCU), and the values are copied out at once; userspace writes whole entries.
+    let chosen: PolicyValue = match (a, b) {
         (None, None) => return Err(drop_reason::POLICY_DENIED),
-        (Some(a), None) => a,
-        (None, Some(b)) => b,
+        (Some(a), None) => unsafe { *a },
+        (None, Some(b)) => unsafe { *b },
         (Some(a), Some(b)) => {
+            let (a, b) = unsafe { (*a, *b) };
             if a.action == action::DENY || b.action == action::DENY {
                 return Err(drop_reason::POLICY_DENY);
             }
