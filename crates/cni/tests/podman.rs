@@ -14,7 +14,7 @@
 //! veths allow and drop their real connections.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -307,11 +307,14 @@ fn podman_container_gets_a_weir_endpoint() -> TestResult {
     Ok(())
 }
 
-/// Kills the agent and removes podman's containers even when the test fails.
+/// Kills the agent, removes podman's containers and unmounts the agent's bpffs even when
+/// the test fails (the agent runs under `nsenter --net` only, so its mount is in the root
+/// mount namespace).
 struct Cleanup {
     agent: Option<std::process::Child>,
     podman: Vec<std::ffi::OsString>,
     containers: Vec<String>,
+    bpffs: PathBuf,
 }
 
 impl Drop for Cleanup {
@@ -329,6 +332,10 @@ impl Drop for Cleanup {
             let _ = agent.kill();
             let _ = agent.wait();
         }
+        let _ = Command::new("umount")
+            .arg(&self.bpffs)
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -442,6 +449,7 @@ fn podman_containers_traffic_follows_policy_with_the_real_agent() -> TestResult 
         agent: None,
         podman: podman_base.clone(),
         containers: Vec::new(),
+        bpffs: dir.path().join("bpf"),
     };
     cleanup.agent = Some(
         Command::new("nsenter")
