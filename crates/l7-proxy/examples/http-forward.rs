@@ -13,7 +13,8 @@
 //! original destination is fixed (`StaticDestination`): this measures the proxy itself; the
 //! datapath's redirect, which only changes how the connection reaches the listener, is not
 //! involved. Records go to a bounded channel drained by a task, as `observe` would read
-//! them. Env `WORKERS` sets the tokio worker threads (default 1, like one nginx worker).
+//! them. Env `WORKERS` sets the tokio worker threads (default 1: one thread running tokio's
+//! single-threaded scheduler, like one nginx worker).
 //! Prints the number of records on SIGINT/SIGTERM.
 
 use std::collections::HashMap;
@@ -128,11 +129,15 @@ fn run() -> Result<(), String> {
         identities: clients.iter().map(|c| (*c, CLIENT)).collect(),
         endpoints: HashMap::from([(backend.ip(), ENDPOINT)]),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    // One worker: tokio's single-threaded scheduler, one event loop like an nginx worker.
+    let mut builder = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let rt = builder.enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let (sink, mut records) = ChannelSink::new(4096);
         let sink = Arc::new(sink);
