@@ -49,6 +49,12 @@ impl FullMatchSet {
         Ok(FullMatchSet { regex: Some(regex) })
     }
 
+    /// How many patterns the set holds.
+    #[cfg(test)]
+    pub(crate) fn pattern_count(&self) -> usize {
+        self.regex.as_ref().map_or(0, |r| r.pattern_len())
+    }
+
     /// The patterns that match the whole input.
     pub(crate) fn matching(&self, input: &str) -> PatternSet {
         match &self.regex {

@@ -5,6 +5,8 @@
 //! [`MismatchAction::Fail`] never stops a rule from matching: the mismatch is reported so the
 //! proxy can log it or add, delete or replace the header. Rules are ORed.
 
+use std::collections::HashMap;
+
 use regex_automata::{PatternID, PatternSet};
 
 use crate::check::PatternError;
@@ -72,10 +74,13 @@ pub struct HttpMatcher {
     has_actions: bool,
 }
 
-/// Collects one field's patterns across rules.
+/// Collects one field's patterns across rules. Rules repeat patterns (most say `GET`), and
+/// each distinct pattern is compiled once: the automaton, and so the cost of every request,
+/// grows with the distinct patterns, not with the rules.
 #[derive(Default)]
 struct FieldPatterns {
     patterns: Vec<String>,
+    ids: HashMap<String, PatternID>,
 }
 
 impl FieldPatterns {
@@ -83,9 +88,13 @@ impl FieldPatterns {
         let Some(p) = pattern else {
             return Ok(None);
         };
+        if let Some(id) = self.ids.get(p) {
+            return Ok(Some(*id));
+        }
         let id = PatternID::new(self.patterns.len())
             .map_err(|_| PatternError::Regex("too many patterns".to_string()))?;
         self.patterns.push(p.clone());
+        self.ids.insert(p.clone(), id);
         Ok(Some(id))
     }
 }
@@ -309,6 +318,24 @@ mod tests {
         let m = HttpMatcher::compile(&[rule(None, Some("(?x) /a # comment"))]).unwrap();
         assert_eq!(m.matches(&req("GET", "/a")), Some(0));
         assert_eq!(m.matches(&req("GET", "/ab")), None);
+    }
+
+    /// Rules that repeat a pattern share it; each rule still answers for its own fields.
+    #[test]
+    fn repeated_patterns_are_compiled_once() {
+        let rules = [
+            rule(Some("GET"), Some("/a")),
+            rule(Some("GET"), Some("/b")),
+            rule(Some("POST"), Some("/a")),
+            rule(Some("GET"), Some("/c")),
+        ];
+        let m = HttpMatcher::compile(&rules).unwrap();
+        assert_eq!(m.method.pattern_count(), 2);
+        assert_eq!(m.path.pattern_count(), 3);
+        assert_eq!(m.matches(&req("GET", "/b")), Some(1));
+        assert_eq!(m.matches(&req("POST", "/a")), Some(2));
+        assert_eq!(m.matches(&req("GET", "/c")), Some(3));
+        assert_eq!(m.matches(&req("POST", "/b")), None);
     }
 
     #[test]

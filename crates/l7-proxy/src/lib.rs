@@ -14,6 +14,9 @@
 //!   original destination cannot be found is closed.
 //! - Denials: `403` with body `Access denied\r\n`, connection kept; gRPC calls get
 //!   `PERMISSION_DENIED` (see [gRPC](#grpc) below).
+//! - Ambiguous requests are refused, not guessed at: more than one `Host` header is `400`
+//!   and closes the connection (RFC 9112), as hyper already does for malformed heads and
+//!   conflicting `Content-Length`s.
 //! - Every request produces an [`L7Record`] for a [`FlowSink`].
 //!
 //! # gRPC

@@ -93,6 +93,9 @@ pub enum DenyReason {
     NoPolicy,
     /// The rules could not be compiled (the policy is rejected as a whole: fail closed).
     InvalidRules,
+    /// The request is ambiguous, so no rule can safely decide it (more than one `Host`
+    /// header): answered `400`, never forwarded.
+    MalformedRequest,
 }
 
 impl DenyReason {
@@ -103,6 +106,7 @@ impl DenyReason {
             DenyReason::PeerNotAllowed => "peer-not-allowed",
             DenyReason::NoPolicy => "no-policy",
             DenyReason::InvalidRules => "invalid-rules",
+            DenyReason::MalformedRequest => "malformed-request",
         }
     }
 }

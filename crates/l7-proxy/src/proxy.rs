@@ -9,6 +9,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weir_policy_model::Direction;
@@ -132,13 +133,33 @@ impl L7Proxy {
         self.serve_connection_with_permit(stream, ctx, permit).await;
     }
 
+    /// Serves one client connection over any byte stream (for example an in-memory duplex
+    /// in tests and fuzzing), with a known context, until it closes. Counts against
+    /// `max_connections` like [`serve_connection`](Self::serve_connection).
+    pub async fn serve_stream<S>(&self, stream: S, ctx: ConnectionContext)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Ok(permit) = self.permits.clone().acquire_owned().await else {
+            return;
+        };
+        self.serve_io(stream, ctx, permit).await;
+    }
+
     async fn serve_connection_with_permit(
         &self,
         stream: TcpStream,
         ctx: ConnectionContext,
-        _permit: OwnedSemaphorePermit,
+        permit: OwnedSemaphorePermit,
     ) {
         let _ = stream.set_nodelay(true);
+        self.serve_io(stream, ctx, permit).await;
+    }
+
+    async fn serve_io<S>(&self, stream: S, ctx: ConnectionContext, _permit: OwnedSemaphorePermit)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let activity = Activity::new();
         let state = Arc::new(ConnState::new(ctx, self.shared.clone()));
         let svc_state = state.clone();

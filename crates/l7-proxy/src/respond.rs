@@ -68,6 +68,14 @@ pub(crate) fn access_denied(grpc: bool) -> Response<ProxyBody> {
     )
 }
 
+/// The answer to a request the proxy refuses to decide because it is ambiguous.
+pub(crate) fn bad_request() -> Response<ProxyBody> {
+    let mut resp = local_reply(StatusCode::BAD_REQUEST, "Bad Request\r\n", None);
+    resp.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
 /// The answer when the upstream cannot be reached or fails before its response head.
 pub(crate) fn upstream_unavailable(grpc: bool) -> Response<ProxyBody> {
     local_reply(

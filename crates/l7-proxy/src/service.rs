@@ -111,6 +111,29 @@ pub(crate) async fn handle(
                 .map(str::to_owned)
         });
 
+    // Two `Host`s: the policy would check one and the backend might use the other.
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        let resp = respond::bad_request();
+        state.shared.sink.record(L7Record {
+            time,
+            endpoint: ctx.endpoint,
+            direction: ctx.direction,
+            remote_identity: ctx.remote_identity,
+            source: ctx.source,
+            destination: ctx.original_destination,
+            method,
+            url,
+            host,
+            version,
+            status: resp.status().as_u16(),
+            grpc_status: None,
+            latency: start.elapsed(),
+            verdict: RecordVerdict::Denied(DenyReason::MalformedRequest),
+            rule: None,
+        });
+        return Ok(resp);
+    }
+
     let decision = match ctx.endpoint {
         None => Decision {
             denied: Some(DenyReason::NoPolicy),

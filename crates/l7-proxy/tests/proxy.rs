@@ -433,3 +433,96 @@ async fn upgrades_pass_when_allowed() {
         .unwrap();
     assert_eq!(&got, b"ping over the tunnel");
 }
+
+/// Reads from `s` until `want` has arrived (or fails after 5 s), returning everything read.
+async fn read_until(s: &mut TcpStream, want: &str) -> String {
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while !String::from_utf8_lossy(&all).contains(want) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "waiting for {want:?}, got {:?}",
+                    String::from_utf8_lossy(&all)
+                )
+            })
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before {want:?}: {}",
+            String::from_utf8_lossy(&all)
+        );
+        all.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+/// A body streams through both ways as it is sent: the first chunk of an unfinished upload
+/// reaches the upstream, and the upstream's echo of it reaches the client, before the client
+/// sends the rest. A proxy that buffered whole bodies would wait for the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_stream_without_being_buffered_whole() {
+    let h = start(snapshot(API_L7_POLICY), ProxyConfig::default()).await;
+    let mut s = TcpStream::connect(h.proxy_addr).await.unwrap();
+    s.write_all(
+        b"POST /api/orders HTTP/1.1\r\nHost: api\r\nX-Echo: 1\r\nTransfer-Encoding: chunked\r\n\r\n\
+          b\r\nfirst-chunk\r\n",
+    )
+    .await
+    .unwrap();
+    let got = read_until(&mut s, "first-chunk").await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    s.write_all(b"c\r\nsecond-chunk\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut s, "second-chunk").await;
+}
+
+/// In a pipeline, a denied request's body is skipped, not parsed as the next request (a body
+/// that looks like a request cannot smuggle one past the policy), and the requests after it
+/// are decided on their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_denied_bodies_are_skipped() {
+    let h = start(snapshot(API_L7_POLICY), ProxyConfig::default()).await;
+    let mut s = TcpStream::connect(h.proxy_addr).await.unwrap();
+    let smuggled = "GET /admin HTTP/1.1\r\nHost: api\r\n\r\n";
+    let batch = format!(
+        "POST /api/products HTTP/1.1\r\nHost: api\r\nContent-Length: {}\r\n\r\n{smuggled}\
+         POST /api/orders HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+         GET /api/users/7 HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n",
+        smuggled.len()
+    );
+    s.write_all(batch.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let statuses: Vec<&str> = out
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &out[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["403", "200", "200"], "{out}");
+    assert!(out.contains("POST /api/orders 3"), "{out}");
+    assert!(out.contains("GET /api/users/7 0"), "{out}");
+    assert!(!out.contains("/admin"), "{out}");
+}
+
+/// Two `Host` headers make the request ambiguous (the policy could check one and the backend
+/// use the other): 400, as RFC 9112 requires, and nothing is forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_host_headers_get_400() {
+    let h = start(snapshot(API_L7_POLICY), ProxyConfig::default()).await;
+    let mut s = TcpStream::connect(h.proxy_addr).await.unwrap();
+    s.write_all(b"GET /api/products HTTP/1.1\r\nHost: api\r\nHost: evil\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("connection closes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+}

@@ -191,10 +191,15 @@ async fn run_upstream(listener: TcpListener) {
     }
 }
 
-type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+type UpBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+fn full(b: impl Into<Bytes>) -> UpBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
 
 /// The upstream: counts the request body, and answers `<method> <path> <bytes>`, plus the
-/// request's `x-token` values in `x-saw-token`. gRPC paths get a gRPC answer with trailers.
+/// request's `x-token` values in `x-saw-token`. gRPC paths get a gRPC answer with trailers;
+/// a request with `x-echo` gets its own body back, streamed.
 async fn upstream_service(mut req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
     if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
         // Switch to a byte echo.
@@ -205,13 +210,17 @@ async fn upstream_service(mut req: Request<Incoming>) -> Result<Response<UpBody>
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             }
         });
-        let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+        let mut resp = Response::new(full(Bytes::new()));
         *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
         resp.headers_mut()
             .insert("connection", "upgrade".parse().unwrap());
         resp.headers_mut()
             .insert("upgrade", "echo".parse().unwrap());
         return Ok(resp);
+    }
+    if req.headers().contains_key("x-echo") {
+        // Streams the request body back as it arrives: the answer starts before the body ends.
+        return Ok(Response::new(req.into_body().boxed()));
     }
     let method = req.method().clone();
     let path = req
@@ -243,13 +252,14 @@ async fn upstream_service(mut req: Request<Incoming>) -> Result<Response<UpBody>
         let msg = Bytes::from_static(&[0, 0, 0, 0, 2, 8, 1]);
         let b = Full::new(msg)
             .with_trailers(async move { Some(Ok(trailers)) })
+            .map_err(|e| match e {})
             .boxed();
         let mut resp = Response::new(b);
         resp.headers_mut()
             .insert("content-type", "application/grpc".parse().unwrap());
         return Ok(resp);
     }
-    let mut resp = Response::new(Full::new(Bytes::from(format!("{method} {path} {n}"))).boxed());
+    let mut resp = Response::new(full(format!("{method} {path} {n}")));
     resp.headers_mut()
         .insert("x-saw-token", tokens.join("|").parse().unwrap());
     Ok(resp)
