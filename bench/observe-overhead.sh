@@ -29,9 +29,13 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "needs root" >&2; exit 1; }
 command -v iperf3 >/dev/null || { echo "needs iperf3" >&2; exit 1; }
 export CARGO_INCREMENTAL=0
-cargo build -q --release -p weir-agent -p weir-cni || { echo "build failed" >&2; exit 1; }
+# The agent is what is measured (release). weir-cni only wires the pods before each run: a
+# debug build does, and building it on its own keeps the agent's release dependencies as
+# they are (building both in one release invocation unifies features and rebuilds them).
+cargo build -q --release -p weir-agent || { echo "build failed" >&2; exit 1; }
+cargo build -q -p weir-cni || { echo "build failed" >&2; exit 1; }
 AGENT=$PWD/target/release/weir-agent
-CNI=$PWD/target/release/weir-cni
+CNI=$PWD/target/debug/weir-cni
 
 P="weirob$$"; NODE="${P}n"; A="${P}a"; B="${P}b"
 WORK=$(mktemp -d /tmp/weir-obs-bench.XXXXXX)
