@@ -111,6 +111,11 @@ struct Args {
     /// The node name flows carry (default: the host name).
     #[arg(long)]
     node_name: Option<String>,
+    /// Do not read the datapath's verdict events: no L3/L4 flows (what turning Hubble off
+    /// gives). The programs still try to emit them; the unread ring fills and each attempt
+    /// stops at its lockless free-space check, counted as lost.
+    #[arg(long)]
+    no_flow_export: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -590,7 +595,12 @@ mod observability {
             node_name: node_name.clone(),
         }));
         let obs = Arc::new(AgentObserver::new(observer.clone(), &node_name));
-        let mut tasks = vec![spawn_event_pump(manager.clone(), obs.clone())];
+        let mut tasks = Vec::new();
+        if args.no_flow_export {
+            info!("flow export off: datapath events are not read");
+        } else {
+            tasks.push(spawn_event_pump(manager.clone(), obs.clone()));
+        }
         let (http_sink, t) = spawn_http_pump(manager.clone(), obs.clone());
         tasks.push(t);
         let (dns_sink, t) = spawn_dns_pump(manager.clone(), obs.clone());

@@ -13,11 +13,13 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 use tracing::warn;
 use weir_datapath::{Datapath, DatapathEvent, EndpointId};
-use weir_dns_proxy::{DnsChannelSink, DnsRecord};
+use weir_dns_proxy::{DnsChannelSink, DnsRecord, NameCache};
 use weir_identity::{Identity, ReservedIdentity};
 use weir_l7_proxy::{ChannelSink, L7Record};
 use weir_observe::proto::flow::LostEventSource;
-use weir_observe::{AgentStats, ContextSnapshot, EndpointMeta, Enricher, FlowContext, Observer};
+use weir_observe::{
+    AgentStats, ContextSnapshot, DnsNames, EndpointMeta, Enricher, FlowContext, NameIndex, Observer,
+};
 use weir_policy_compiler::Decision;
 
 use crate::manager::{Endpoint, Manager};
@@ -34,10 +36,12 @@ pub const PUBLISH_CHUNK: usize = 512;
 pub const PROXY_QUEUE: usize = 8192;
 
 /// A [`FlowContext`] reading the manager (hold its lock while enriching). Peers are found
-/// by address through an index built on the first such question.
+/// by address through an index built on the first such question; DNS names through an
+/// index of the DNS proxy's name cache, built on the first name question.
 pub struct ManagerContext<'a, D: Datapath> {
     manager: &'a Manager<D>,
     by_ip: OnceCell<HashMap<IpAddr, EndpointId>>,
+    names: OnceCell<NameIndex>,
 }
 
 impl<'a, D: Datapath> ManagerContext<'a, D> {
@@ -46,7 +50,14 @@ impl<'a, D: Datapath> ManagerContext<'a, D> {
         ManagerContext {
             manager,
             by_ip: OnceCell::new(),
+            names: OnceCell::new(),
         }
+    }
+
+    /// The names endpoints learned from DNS answers, as the proxy's cache holds them now.
+    pub fn dns_names(&self) -> &NameIndex {
+        self.names
+            .get_or_init(|| learned_names(&self.manager.proxy_handles().name_cache))
     }
 
     fn by_ip(&self) -> &HashMap<IpAddr, EndpointId> {
@@ -57,6 +68,17 @@ impl<'a, D: Datapath> ManagerContext<'a, D> {
                 .collect()
         })
     }
+}
+
+/// Indexes the DNS proxy's name cache by (endpoint, address). The cache keys endpoints by
+/// the proxy's 16-bit id, the low half of the agent's.
+pub fn learned_names(cache: &NameCache) -> NameIndex {
+    let entries = cache.entries();
+    NameIndex::new(
+        entries
+            .iter()
+            .map(|e| (EndpointId(u32::from(e.endpoint)), e.name.as_str(), e.ip)),
+    )
 }
 
 fn meta(ep: &Endpoint) -> EndpointMeta {
@@ -92,6 +114,10 @@ impl<D: Datapath> FlowContext for ManagerContext<'_, D> {
         self.manager
             .endpoint(endpoint)
             .map(|e| e.policy.decide(flow))
+    }
+
+    fn names_of(&self, endpoint: EndpointId, ip: IpAddr) -> Vec<String> {
+        self.dns_names().names_of(endpoint, ip)
     }
 }
 
@@ -314,5 +340,45 @@ async fn pump<D, R, F>(
             &mut last_dropped,
             dropped(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use std::time::SystemTime;
+    use weir_dns_proxy::CacheConfig;
+
+    #[test]
+    fn the_name_index_reads_the_dns_proxys_cache_per_endpoint() {
+        let cache = NameCache::new(CacheConfig::default());
+        let ip = IpAddr::V4(Ipv4Addr::new(93, 184, 216, 34));
+        let now = SystemTime::now();
+        cache.insert(
+            weir_l7_proxy::EndpointId(5),
+            "example.com.",
+            &[(ip, 60)],
+            now,
+        );
+        cache.insert(
+            weir_l7_proxy::EndpointId(5),
+            "www.example.com.",
+            &[(ip, 60)],
+            now,
+        );
+        cache.insert(
+            weir_l7_proxy::EndpointId(6),
+            "other.test.",
+            &[(ip, 60)],
+            now,
+        );
+        let names = learned_names(&cache);
+        assert_eq!(
+            names.names_of(EndpointId(5), ip),
+            ["example.com", "www.example.com"]
+        );
+        assert_eq!(names.names_of(EndpointId(6), ip), ["other.test"]);
+        assert!(names.names_of(EndpointId(7), ip).is_empty());
     }
 }

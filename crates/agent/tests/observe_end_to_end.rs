@@ -1,6 +1,8 @@
 //! Root-only: the real `weir-agent` in a node namespace; a gRPC client generated from Weir's
 //! copy of Hubble's observer.proto reads flows and server status, and the metrics endpoint is
-//! scraped over HTTP and parsed as Prometheus text.
+//! scraped over HTTP and parsed as Prometheus text. Hubble's policy-verdict flows name the
+//! deciding policy; a follow stream (what `weir observe --follow` opens) opened before some
+//! traffic receives that traffic's flows.
 //!
 //! Safety: as in l7_end_to_end.rs, every namespace is `weirobs-<pid>-*`, removed by a Drop
 //! guard; the agent runs inside the node namespace with its sockets in a temporary directory.
@@ -16,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use weir_agent_api::v1::CreateEndpointRequest;
 use weir_agent_api::v1::endpoint_service_client::EndpointServiceClient;
-use weir_observe::proto::flow::{Flow, FlowFilter, Verdict};
+use weir_observe::model::EVENT_POLICY_VERDICT;
+use weir_observe::proto::flow::{EventTypeFilter, Flow, FlowFilter, Verdict};
 use weir_observe::proto::observer::observer_client::ObserverClient;
 use weir_observe::proto::observer::{GetFlowsRequest, ServerStatusRequest, get_flows_response};
 
@@ -34,10 +37,13 @@ print("up", flush=True)
 threading.Event().wait()
 "#;
 
-/// Prints `ok` when a TCP connection opens within 1 s, else `fail`.
+/// Prints `ok` when a TCP connection opens within 1 s, else `fail`; binds the source port
+/// given as a third argument.
 const CONNECT: &str = r#"
 import socket, sys
 s = socket.socket(); s.settimeout(1)
+if len(sys.argv) > 3:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("", int(sys.argv[3])))
 try:
     s.connect((sys.argv[1], int(sys.argv[2]))); print("ok")
 except Exception:
@@ -61,17 +67,23 @@ spec:
 ";
 
 fn connect(ns: &str, ip: &str, port: u16) -> String {
+    connect_from(ns, ip, port, None)
+}
+
+fn connect_from(ns: &str, ip: &str, port: u16, source_port: Option<u16>) -> String {
+    let mut args = vec![
+        "netns".to_string(),
+        "exec".into(),
+        ns.into(),
+        "python3".into(),
+        "-c".into(),
+        CONNECT.into(),
+        ip.into(),
+        port.to_string(),
+    ];
+    args.extend(source_port.map(|p| p.to_string()));
     Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "python3",
-            "-c",
-            CONNECT,
-            ip,
-            &port.to_string(),
-        ])
+        .args(&args)
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|e| format!("error {e}"))
@@ -359,6 +371,130 @@ fn flows_status_and_metrics_from_a_running_agent() -> TestResult {
         assert!(Instant::now() < deadline, "weir_endpoints never reached 2");
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // `--type policy-verdict`: the allowed connection's first packet and the policy drop,
+    // each naming the policy that decided it.
+    let verdicts = read(
+        &mut observer,
+        FlowFilter {
+            event_type: vec![EventTypeFilter {
+                r#type: EVENT_POLICY_VERDICT,
+                ..Default::default()
+            }],
+            destination_pod: vec!["prod/server".into()],
+            traffic_direction: vec![1],
+            ..Default::default()
+        },
+    )?;
+    let allowed_verdict = verdicts
+        .iter()
+        .find(|f| dport(f) == Some(8080) && f.verdict == Verdict::Forwarded as i32)
+        .ok_or_else(|| format!("no allowed policy verdict in {verdicts:?}"))?;
+    assert_eq!(
+        allowed_verdict
+            .ingress_allowed_by
+            .first()
+            .map(|p| p.name.as_str()),
+        Some("server-ingress")
+    );
+    let denied_verdict = verdicts
+        .iter()
+        .find(|f| dport(f) == Some(9090) && f.verdict == Verdict::Dropped as i32)
+        .ok_or_else(|| format!("no denied policy verdict in {verdicts:?}"))?;
+    assert_eq!(denied_verdict.drop_reason_desc, 133);
+    assert_eq!(
+        denied_verdict
+            .ingress_denied_by
+            .first()
+            .map(|p| p.name.as_str()),
+        Some("server-ingress")
+    );
+    // The drop is also a drop flow (`--type drop`), a separate flow.
+    let drop_flow = dropped
+        .iter()
+        .find(|f| f.event_type.as_ref().map(|t| t.r#type) == Some(weir_observe::model::EVENT_DROP))
+        .ok_or_else(|| format!("no drop event flow in {dropped:?}"))?;
+    assert_ne!(denied_verdict.uuid, drop_flow.uuid);
+
+    // `weir observe --follow --port 61001 --port 61002`: the stream opens first (no history
+    // is sent: number 0), then traffic from those source ports is made; its flows must
+    // arrive on the open stream.
+    const FOLLOW_PORTS: [u16; 2] = [61001, 61002];
+    let ports: Vec<String> = FOLLOW_PORTS.iter().map(ToString::to_string).collect();
+    let follow = GetFlowsRequest {
+        number: 0,
+        follow: true,
+        whitelist: vec![
+            FlowFilter {
+                source_port: ports.clone(),
+                ..Default::default()
+            },
+            FlowFilter {
+                destination_port: ports,
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    let followed: Vec<Flow> = rt.block_on(async {
+        let mut stream = observer.get_flows(follow).await?.into_inner();
+        let allowed = connect_from(&a, "10.212.2.2", 8080, Some(FOLLOW_PORTS[0]));
+        let denied = connect_from(&a, "10.212.2.2", 9090, Some(FOLLOW_PORTS[1]));
+        assert_eq!((allowed.as_str(), denied.as_str()), ("ok", "fail"));
+        let mut got = Vec::new();
+        // Liveness only: flows come within milliseconds; 20 s means they never will.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let complete = |got: &[Flow]| {
+            let seen = |sport: u32, verdict: Verdict| {
+                got.iter().any(|f| {
+                    weir_observe::model::ports(f).map(|p| p.0) == Some(sport)
+                        && f.verdict == verdict as i32
+                })
+            };
+            seen(61001, Verdict::Forwarded) && seen(61002, Verdict::Dropped)
+        };
+        while !complete(&got) {
+            let msg = tokio::time::timeout_at(deadline, stream.message()).await;
+            let Ok(msg) = msg else { break };
+            match msg? {
+                Some(r) => {
+                    if let Some(get_flows_response::ResponseTypes::Flow(f)) = r.response_types {
+                        got.push(f);
+                    }
+                }
+                None => break,
+            }
+        }
+        Ok::<_, Box<dyn std::error::Error>>(got)
+    })?;
+    let summary: Vec<String> = followed
+        .iter()
+        .map(|f| {
+            format!(
+                "{:?} {:?} {}",
+                weir_observe::model::ports(f),
+                f.event_type,
+                f.verdict
+            )
+        })
+        .collect();
+    let allowed_new = followed
+        .iter()
+        .find(|f| {
+            weir_observe::model::ports(f) == Some((61001, 8080))
+                && f.verdict == Verdict::Forwarded as i32
+        })
+        .ok_or_else(|| format!("no followed allowed flow: {summary:?}\n{}", agent_log(&log)))?;
+    assert_eq!(
+        allowed_new.source.as_ref().map(|e| e.pod_name.as_str()),
+        Some("client")
+    );
+    let dropped_new = followed
+        .iter()
+        .filter(|f| weir_observe::model::ports(f) == Some((61002, 9090)))
+        .filter(|f| f.verdict == Verdict::Dropped as i32)
+        .count();
+    assert!(dropped_new >= 1, "{summary:?}");
     drop(rt);
     Ok(())
 }

@@ -48,8 +48,9 @@ pub trait FlowContext {
     fn identity_labels(&self, identity: Identity) -> Vec<String>;
     /// The policy decision of `endpoint` for a new connection, with the rules behind it.
     fn decide(&self, endpoint: EndpointId, flow: &weir_policy_compiler::Flow) -> Option<Decision>;
-    /// DNS names the proxy has seen for `ip` (Hubble's `source_names`/`destination_names`).
-    fn names_of(&self, _ip: IpAddr) -> Vec<String> {
+    /// The DNS names `endpoint` learned for `ip` from DNS answers (see [`crate::names`]):
+    /// Hubble's `source_names` and `destination_names`. None by default.
+    fn names_of(&self, _endpoint: EndpointId, _ip: IpAddr) -> Vec<String> {
         Vec::new()
     }
 }
@@ -65,7 +66,7 @@ pub(crate) trait Resolve {
         endpoint: EndpointId,
         flow: &weir_policy_compiler::Flow,
     ) -> Option<Cow<'_, Decision>>;
-    fn names(&self, ip: IpAddr) -> Cow<'_, [String]>;
+    fn names(&self, endpoint: EndpointId, ip: IpAddr) -> Cow<'_, [String]>;
 }
 
 /// A [`FlowContext`] asked directly.
@@ -88,8 +89,8 @@ impl<C: FlowContext> Resolve for Direct<'_, C> {
     ) -> Option<Cow<'_, Decision>> {
         self.0.decide(endpoint, flow).map(Cow::Owned)
     }
-    fn names(&self, ip: IpAddr) -> Cow<'_, [String]> {
-        Cow::Owned(self.0.names_of(ip))
+    fn names(&self, endpoint: EndpointId, ip: IpAddr) -> Cow<'_, [String]> {
+        Cow::Owned(self.0.names_of(endpoint, ip))
     }
 }
 
@@ -213,23 +214,51 @@ impl Enricher {
         }
     }
 
-    /// The flow of one datapath verdict event.
+    /// The main flow of one datapath verdict event: the drop for a drop, the policy verdict
+    /// for an allowed or redirected new connection. A drop by policy has a second flow,
+    /// its policy verdict: [`Enricher::datapath_event_flows`] gives both.
     pub fn datapath_flow(&self, ctx: &impl FlowContext, ev: &DatapathEvent) -> Flow {
         self.datapath_flow_with(&Direct(ctx), ev)
     }
 
+    /// Every flow of one datapath verdict event, as Hubble shows them: a drop by policy is a
+    /// policy-verdict flow (`--type policy-verdict`, Cilium event type 5, verdict DROPPED,
+    /// the deciding policies named) followed by the drop flow (`--type drop`); any other
+    /// event is the one flow of [`Enricher::datapath_flow`].
+    pub fn datapath_event_flows(&self, ctx: &impl FlowContext, ev: &DatapathEvent) -> Vec<Flow> {
+        let mut out = Vec::with_capacity(2);
+        self.push_datapath_flows(&Direct(ctx), ev, &mut out);
+        out
+    }
+
+    fn push_datapath_flows(&self, ctx: &impl Resolve, ev: &DatapathEvent, out: &mut Vec<Flow>) {
+        let flow = self.datapath_flow_with(ctx, ev);
+        if is_policy_drop_event(ev) {
+            // Cilium sends the policy verdict notification before the drop notification.
+            let mut verdict = flow.clone();
+            verdict.uuid = self.uuid();
+            verdict.event_type = Some(CiliumEventType {
+                r#type: EVENT_POLICY_VERDICT,
+                sub_type: 0,
+            });
+            out.push(verdict);
+        }
+        out.push(flow);
+    }
+
     /// The flows of a batch of datapath events from what [`ContextSnapshot::capture`] took:
-    /// the same flows as [`Enricher::datapath_flow`] with the original context, built from
-    /// borrowed answers (each flow copies what it shows, once).
+    /// the same flows as [`Enricher::datapath_event_flows`] with the original context, built
+    /// from borrowed answers (each flow copies what it shows, once).
     pub fn datapath_flows(
         &self,
         snapshot: &ContextSnapshot,
         events: &[DatapathEvent],
     ) -> Vec<Flow> {
-        events
-            .iter()
-            .map(|ev| self.datapath_flow_with(snapshot, ev))
-            .collect()
+        let mut out = Vec::with_capacity(events.len());
+        for ev in events {
+            self.push_datapath_flows(snapshot, ev, &mut out);
+        }
+        out
     }
 
     fn datapath_flow_with(&self, ctx: &impl Resolve, ev: &DatapathEvent) -> Flow {
@@ -296,13 +325,15 @@ impl Enricher {
             Direction::Ingress => (peer(ev.src, ev.src_identity), local_ep(ev.dst_identity)),
             Direction::Egress => (local_ep(ev.src_identity), peer(ev.dst, ev.dst_identity)),
         };
+        let (src_ep, dst_ep) = (EndpointId(source.id), EndpointId(destination.id));
         flow.source = Some(source);
         flow.destination = Some(destination);
-        if let Some(ip) = ev.src {
-            flow.source_names = ctx.names(ip).into_owned();
-        }
-        if let Some(ip) = ev.dst {
-            flow.destination_names = ctx.names(ip).into_owned();
+        for (resolver, ip, names) in name_questions(ev, src_ep, dst_ep) {
+            let found = ctx.names(resolver, ip).into_owned();
+            match names {
+                Side::Source => flow.source_names = found,
+                Side::Destination => flow.destination_names = found,
+            }
         }
         flow.summary = l4_summary(&flow);
 
@@ -350,6 +381,7 @@ impl Enricher {
         let mut request = self.l7_base(rec.time, rec.direction, rec.source, rec.destination);
         request.source = Some(client.clone());
         request.destination = Some(server.clone());
+        l7_names(ctx, &mut request, rec.source.ip(), rec.destination.ip());
         request.is_reply = Some(false);
         request.weir_deciding_rules = rec.rule.iter().cloned().collect();
         let mut out = Vec::with_capacity(2);
@@ -381,6 +413,7 @@ impl Enricher {
                 let mut response = self.l7_base(time, rec.direction, rec.destination, rec.source);
                 response.source = Some(server);
                 response.destination = Some(client);
+                l7_names(ctx, &mut response, rec.destination.ip(), rec.source.ip());
                 response.is_reply = Some(true);
                 response.verdict = if rec.verdict == RecordVerdict::Error {
                     Verdict::Error as i32
@@ -444,6 +477,12 @@ impl Enricher {
         }
         flow.source = Some(src);
         flow.destination = Some(dst);
+        let (src_ip, dst_ip) = if is_answer {
+            (rec.server.ip(), rec.source.ip())
+        } else {
+            (rec.source.ip(), rec.server.ip())
+        };
+        l7_names(ctx, &mut flow, src_ip, dst_ip);
         flow.is_reply = Some(is_answer);
         flow.verdict = match rec.verdict {
             DnsVerdict::Forwarded => Verdict::Forwarded,
@@ -522,6 +561,51 @@ pub(crate) fn policy_query(ev: &DatapathEvent) -> Option<weir_policy_compiler::F
         protocol: ev.protocol,
         port: ev.dport,
     })
+}
+
+/// Fills an L7 flow's names (its endpoints already set) the way [`name_questions`] does.
+fn l7_names(ctx: &impl FlowContext, flow: &mut Flow, src: IpAddr, dst: IpAddr) {
+    let id = |e: &Option<Endpoint>| EndpointId(e.as_ref().map_or(0, |e| e.id));
+    let (src_ep, dst_ep) = (id(&flow.source), id(&flow.destination));
+    if dst_ep.0 != 0 {
+        flow.source_names = ctx.names_of(dst_ep, src);
+    }
+    if src_ep.0 != 0 {
+        flow.destination_names = ctx.names_of(src_ep, dst);
+    }
+}
+
+/// Whether an event is a drop by policy, which Hubble also shows as a policy verdict.
+fn is_policy_drop_event(ev: &DatapathEvent) -> bool {
+    matches!(ev.kind, EventKind::Drop | EventKind::Unknown(_))
+        && model::is_policy_drop(u32::from(ev.drop_reason))
+}
+
+/// Which of a flow's name lists an answer fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Source,
+    Destination,
+}
+
+/// The name questions of a datapath event whose source and destination endpoints are
+/// `src_ep` and `dst_ep` (0 for a peer that is not a local endpoint, which has no cache):
+/// source names from the destination endpoint's answers, destination names from the source
+/// endpoint's, as Hubble asks them.
+pub(crate) fn name_questions(
+    ev: &DatapathEvent,
+    src_ep: EndpointId,
+    dst_ep: EndpointId,
+) -> impl Iterator<Item = (EndpointId, IpAddr, Side)> {
+    let source = ev
+        .src
+        .filter(|_| dst_ep.0 != 0)
+        .map(|ip| (dst_ep, ip, Side::Source));
+    let destination = ev
+        .dst
+        .filter(|_| src_ep.0 != 0)
+        .map(|ip| (src_ep, ip, Side::Destination));
+    source.into_iter().chain(destination)
 }
 
 fn peer_or(ctx: &impl FlowContext, ip: IpAddr, fallback: Endpoint) -> Endpoint {
@@ -764,12 +848,28 @@ fn apply_decision(flow: &mut Flow, direction: Direction, d: &Decision) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::names::{DnsNames, NameIndex};
     use std::net::Ipv4Addr;
     use std::sync::Arc;
     use weir_policy_compiler::PolicyKey;
     use weir_policy_model::{PolicyKind, RuleRef, Section};
 
     struct Ctx;
+
+    const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 1, 2));
+    const SERVER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 2, 2));
+    const WORLD: IpAddr = IpAddr::V4(Ipv4Addr::new(93, 184, 216, 34));
+
+    /// What the DNS proxy learned: the server (endpoint 7) resolved the world address and
+    /// the client's; the client (endpoint 3) resolved the server's and the world address.
+    fn learned() -> NameIndex {
+        NameIndex::new([
+            (EndpointId(7), "api.example.com.", WORLD),
+            (EndpointId(7), "client.prod.svc.", CLIENT),
+            (EndpointId(3), "server.prod.svc.", SERVER),
+            (EndpointId(3), "seen-by-client.example.", WORLD),
+        ])
+    }
 
     fn pol(name: &str) -> PolicyName {
         PolicyName {
@@ -833,6 +933,9 @@ mod tests {
                     selected_by: vec![pol("allow-client"), pol("other")],
                 })
             }
+        }
+        fn names_of(&self, endpoint: EndpointId, ip: IpAddr) -> Vec<String> {
+            learned().names_of(endpoint, ip)
         }
     }
 
@@ -907,6 +1010,92 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_drop_is_a_policy_verdict_flow_then_a_drop_flow() {
+        let e = Enricher::new("node1");
+        let flows = e.datapath_event_flows(&Ctx, &event(EventKind::Drop, 133, 9999));
+        let types: Vec<_> = flows
+            .iter()
+            .map(|f| f.event_type.map(|t| (t.r#type, t.sub_type)))
+            .collect();
+        assert_eq!(
+            types,
+            vec![Some((EVENT_POLICY_VERDICT, 0)), Some((EVENT_DROP, 133))]
+        );
+        let (verdict, drop) = (&flows[0], &flows[1]);
+        assert_ne!(verdict.uuid, drop.uuid);
+        assert_eq!(verdict.verdict, Verdict::Dropped as i32);
+        assert_eq!(verdict.drop_reason_desc, 133);
+        let denied_by: Vec<_> = verdict
+            .ingress_denied_by
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(denied_by, ["allow-client", "other"]);
+        assert!(
+            verdict
+                .weir_policy_decision
+                .starts_with("denied (default deny)")
+        );
+        assert_eq!(verdict.policy_match_type, match_type::NONE);
+        assert_eq!(verdict.is_reply, Some(false));
+        // Apart from the event type and uuid the two flows say the same.
+        let strip = |f: &Flow| Flow {
+            uuid: String::new(),
+            event_type: None,
+            ..f.clone()
+        };
+        assert_eq!(strip(verdict), strip(drop));
+        assert_eq!(
+            e.datapath_flow(&Ctx, &event(EventKind::Drop, 133, 9999))
+                .event_type
+                .map(|t| t.r#type),
+            Some(EVENT_DROP)
+        );
+
+        // A drop that is not a policy decision has no policy verdict; an allowed new
+        // connection is its policy verdict.
+        let bad = e.datapath_event_flows(&Ctx, &event(EventKind::Drop, 134, 80));
+        assert_eq!(bad.len(), 1);
+        let allowed = e.datapath_event_flows(&Ctx, &event(EventKind::AllowNew, 0, 8080));
+        assert_eq!(allowed.len(), 1);
+        assert_eq!(
+            allowed[0].event_type.map(|t| t.r#type),
+            Some(EVENT_POLICY_VERDICT)
+        );
+        assert_eq!(allowed[0].ingress_allowed_by.len(), 1);
+    }
+
+    #[test]
+    fn names_come_from_the_other_endpoints_dns_answers() {
+        let e = Enricher::new("n");
+        // Ingress client -> server, both local: source names are what the server resolved
+        // to the client's address, destination names what the client resolved to the
+        // server's.
+        let f = e.datapath_flow(&Ctx, &event(EventKind::AllowNew, 0, 8080));
+        assert_eq!(f.source_names, ["client.prod.svc"]);
+        assert_eq!(f.destination_names, ["server.prod.svc"]);
+        // Egress server -> world: the server's answer names the destination; the world
+        // peer has no cache, so the source has no names.
+        let mut out = event(EventKind::AllowNew, 0, 443);
+        out.direction = Direction::Egress;
+        out.src = Some(SERVER);
+        out.dst = Some(WORLD);
+        out.dst_identity = Identity(2);
+        let f = e.datapath_flow(&Ctx, &out);
+        assert_eq!(f.destination_names, ["api.example.com"]);
+        assert!(f.source_names.is_empty());
+        // An address nobody here resolved has no names, and no context means no names.
+        out.dst = Some(IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1)));
+        assert!(e.datapath_flow(&Ctx, &out).destination_names.is_empty());
+        out.dst = Some(WORLD);
+        assert!(
+            e.datapath_flow(&NoContext, &out)
+                .destination_names
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn a_snapshot_gives_the_flows_the_context_gives() {
         let e = Enricher::new("n");
         let mut events = vec![
@@ -920,6 +1109,11 @@ mod tests {
         egress.dst_identity = Identity(2);
         events.push(egress);
         events.push(event(EventKind::AllowNew, 0, 8080));
+        let mut to_world = event(EventKind::AllowNew, 0, 443);
+        to_world.direction = Direction::Egress;
+        to_world.src = Some(SERVER);
+        to_world.dst = Some(WORLD);
+        events.push(to_world);
         let snap = ContextSnapshot::capture(&Ctx, &events);
         let strip = |mut f: Flow| {
             f.uuid.clear();
@@ -927,8 +1121,10 @@ mod tests {
         };
         let direct: Vec<Flow> = events
             .iter()
-            .map(|ev| strip(e.datapath_flow(&Ctx, ev)))
+            .flat_map(|ev| e.datapath_event_flows(&Ctx, ev))
+            .map(strip)
             .collect();
+        assert!(direct.iter().any(|f| !f.destination_names.is_empty()));
         let batched: Vec<Flow> = e
             .datapath_flows(&snap, &events)
             .into_iter()
@@ -937,7 +1133,8 @@ mod tests {
         assert_eq!(direct, batched);
         let via_trait: Vec<Flow> = events
             .iter()
-            .map(|ev| strip(e.datapath_flow(&snap, ev)))
+            .flat_map(|ev| e.datapath_event_flows(&snap, ev))
+            .map(strip)
             .collect();
         assert_eq!(direct, via_trait);
         // Questions it was not asked get the unknown answer.

@@ -178,8 +178,10 @@ impl observer_server::Observer for ObserverService {
         };
         let (tx, rx) = mpsc::channel(1024);
         let observer = self.observer.clone();
+        // Taken before the call returns: a follower receives every flow published after the
+        // client saw the stream open, however late the task below first runs.
+        let (events, next) = observer.snapshot();
         tokio::spawn(async move {
-            let (events, next) = observer.snapshot();
             for e in history(events, &req, &sel) {
                 if tx.send(Ok(response(&observer, e))).await.is_err() {
                     return;

@@ -12,7 +12,7 @@ use weir_identity::Identity;
 use weir_policy_compiler::{Decision, Flow as PolicyFlow};
 use weir_policy_model::Direction;
 
-use crate::enrich::{EndpointMeta, FlowContext, Resolve, policy_query};
+use crate::enrich::{EndpointMeta, FlowContext, Resolve, name_questions, policy_query};
 
 /// The answers a [`FlowContext`] gave for one batch of events; itself a [`FlowContext`] that
 /// answers the same questions without the original. Questions it was not asked during
@@ -24,7 +24,7 @@ pub struct ContextSnapshot {
     by_ip: HashMap<IpAddr, Option<Arc<EndpointMeta>>>,
     labels: HashMap<Identity, Vec<String>>,
     decisions: HashMap<(EndpointId, PolicyFlow), Option<Decision>>,
-    names: HashMap<IpAddr, Vec<String>>,
+    names: HashMap<(EndpointId, IpAddr), Vec<String>>,
 }
 
 impl ContextSnapshot {
@@ -45,12 +45,14 @@ impl ContextSnapshot {
             if local.is_none() {
                 need_labels[0] = Some(local_identity);
             }
+            let local_id = local.as_ref().map_or(ev.endpoint_id, |m| EndpointId(m.id));
             let peer = peer_ip.and_then(|ip| {
                 s.by_ip
                     .entry(ip)
                     .or_insert_with(|| ctx.endpoint_by_ip(ip).map(Arc::new))
                     .as_ref()
             });
+            let peer_id = EndpointId(peer.map_or(0, |m| m.id));
             if peer.is_none() {
                 need_labels[1] = Some(peer_identity);
             }
@@ -59,8 +61,14 @@ impl ContextSnapshot {
                     .entry(identity)
                     .or_insert_with(|| ctx.identity_labels(identity));
             }
-            for ip in [ev.src, ev.dst].into_iter().flatten() {
-                s.names.entry(ip).or_insert_with(|| ctx.names_of(ip));
+            let (src_ep, dst_ep) = match ev.direction {
+                Direction::Ingress => (peer_id, local_id),
+                Direction::Egress => (local_id, peer_id),
+            };
+            for (resolver, ip, _) in name_questions(ev, src_ep, dst_ep) {
+                s.names
+                    .entry((resolver, ip))
+                    .or_insert_with(|| ctx.names_of(resolver, ip));
             }
             if let Some(query) = policy_query(ev) {
                 s.decisions
@@ -85,8 +93,8 @@ impl FlowContext for ContextSnapshot {
     fn decide(&self, endpoint: EndpointId, flow: &PolicyFlow) -> Option<Decision> {
         self.decisions.get(&(endpoint, *flow))?.clone()
     }
-    fn names_of(&self, ip: IpAddr) -> Vec<String> {
-        self.names.get(&ip).cloned().unwrap_or_default()
+    fn names_of(&self, endpoint: EndpointId, ip: IpAddr) -> Vec<String> {
+        self.names.get(&(endpoint, ip)).cloned().unwrap_or_default()
     }
 }
 
@@ -106,7 +114,11 @@ impl Resolve for ContextSnapshot {
             .as_ref()
             .map(Cow::Borrowed)
     }
-    fn names(&self, ip: IpAddr) -> Cow<'_, [String]> {
-        Cow::Borrowed(self.names.get(&ip).map_or(&[][..], Vec::as_slice))
+    fn names(&self, endpoint: EndpointId, ip: IpAddr) -> Cow<'_, [String]> {
+        Cow::Borrowed(
+            self.names
+                .get(&(endpoint, ip))
+                .map_or(&[][..], Vec::as_slice),
+        )
     }
 }
