@@ -9,7 +9,8 @@
 # forwarder. Needs root, dnsmasq (Debian `dnsmasq-base`) and dnsperf (Debian `dnsperf`).
 # Usage: sudo bench/dns-proxy.sh [seconds per test, default 5] [repetitions, default 3]
 # Env: WORKERS (tokio worker threads of the proxy, default 1), CLIENTS (dnsperf -c, default 8),
-# PROXY_BIN (a prebuilt dns-forward to measure instead of building this tree's).
+# PROXY_BIN (a prebuilt dns-forward to measure instead of building this tree's), BASELINE_BIN
+# (another prebuilt dns-forward, e.g. an older tree's, measured as path `base` on 127.0.0.3).
 set -u
 T=${1:-5}; REPS=${2:-3}; WORKERS=${WORKERS:-1}; CLIENTS=${CLIENTS:-8}
 cd "$(dirname "$0")/.."
@@ -40,10 +41,16 @@ nsenter --net=/run/netns/"$A" dnsmasq $DM --listen-address=127.0.0.1 --server=10
   --dns-forward-max=1000 --pid-file="$WORK/a.pid" --dhcp-leasefile="$WORK/a.leases" 2>/dev/null & PIDS+=($!)
 WORKERS=$WORKERS nsenter --net=/run/netns/"$A" "$PROXY" 127.0.0.2:53 10.202.0.2:53 127.0.0.1 127.0.0.2 \
   > "$WORK/proxy.out" 2>&1 & PROXYPID=$!; PIDS+=($PROXYPID)
+PATHS="direct forwarder weir"; CHECK="10.202.0.2 127.0.0.1 127.0.0.2"
+if [ -n "${BASELINE_BIN:-}" ]; then
+  WORKERS=$WORKERS nsenter --net=/run/netns/"$A" "$BASELINE_BIN" 127.0.0.3:53 10.202.0.2:53 127.0.0.1 \
+    > "$WORK/base.out" 2>&1 & PIDS+=($!)
+  PATHS="$PATHS base"; CHECK="$CHECK 127.0.0.3"
+fi
 sleep 1
 printf 'api.stripe.com A\napi.github.com A\ns3.amazonaws.com A\ntest.local A\n' > "$WORK/q.txt"
 # One check per path: every path must answer before anything is measured.
-for s in 10.202.0.2 127.0.0.1 127.0.0.2; do
+for s in $CHECK; do
   ip netns exec "$A" dnsperf -s $s -d "$WORK/q.txt" -n 1 2>&1 | grep -q "Queries completed: *4 " ||
     { echo "no answers from $s" >&2; cat "$WORK/proxy.out" >&2; exit 1; }
 done
@@ -61,10 +68,10 @@ light() {
 median() { sort -n | awk '{v[NR]=$1} END{print v[int((NR+1)/2)]}'; }
 echo "# $(date -u +%FT%TZ) $(uname -r) load $(cut -d' ' -f1-3 /proc/loadavg); $T s per test, $REPS reps, dnsperf -c $CLIENTS, proxy workers $WORKERS"
 declare -A QPS AVG P50 P99
-RATIOS=""
+RATIOS=""; BRATIOS=""
 for r in $(seq "$REPS"); do
-  for path in direct forwarder weir; do
-    case $path in direct) s=10.202.0.2;; forwarder) s=127.0.0.1;; weir) s=127.0.0.2;; esac
+  for path in $PATHS; do
+    case $path in direct) s=10.202.0.2;; forwarder) s=127.0.0.1;; weir) s=127.0.0.2;; base) s=127.0.0.3;; esac
     read -r q a lost < <(sat $s); sleep 1
     read -r p50 p99 < <(light $s); sleep 1
     echo "rep $r $path: $q q/s (avg $a us, lost $lost) | at 2k q/s p50 $p50 us p99 $p99 us"
@@ -73,14 +80,16 @@ for r in $(seq "$REPS"); do
   done
   # Each repetition's own ratio: its runs are seconds apart, so drift cancels better.
   RATIOS+="$(awk -v a="$Q_weir" -v b="$Q_forwarder" 'BEGIN{printf "%.3f", a/b}') "
+  [ -n "${BASELINE_BIN:-}" ] && BRATIOS+="$(awk -v a="$Q_base" -v b="$Q_forwarder" 'BEGIN{printf "%.3f", a/b}') "
 done
 echo
 echo "path | saturating q/s (median) | avg latency us | at 2k q/s p50 us | p99 us | q/s ratio to forwarder"
 fwd=$(echo ${QPS[forwarder]} | tr ' ' '\n' | median)
-for path in direct forwarder weir; do
+for path in $PATHS; do
   q=$(echo ${QPS[$path]} | tr ' ' '\n' | median)
   echo "$path | $q | $(echo ${AVG[$path]} | tr ' ' '\n' | median) | $(echo ${P50[$path]} | tr ' ' '\n' | median) | $(echo ${P99[$path]} | tr ' ' '\n' | median) | $(awk -v a="$q" -v b="$fwd" 'BEGIN{printf "%.2f", a/b}')"
 done
 echo "weir / forwarder per repetition: $RATIOS(median $(echo $RATIOS | tr ' ' '\n' | median))"
+[ -n "$BRATIOS" ] && echo "base / forwarder per repetition: $BRATIOS(median $(echo $BRATIOS | tr ' ' '\n' | median))"
 kill -INT $PROXYPID 2>/dev/null; sleep 0.5
 echo "proxy counters: $(cat "$WORK/proxy.out")"

@@ -20,7 +20,7 @@ use crate::policy::{DnsDecision, DnsDenyReason, DnsPolicyStore, Transport};
 use crate::record::{DnsRecord, DnsRecordKind, DnsSink, DnsVerdict};
 use crate::stats::{Counters, DnsProxyStats};
 use crate::udp::DnsUdpSocket;
-use crate::upstream::UpstreamPool;
+use crate::upstream::{Outcome, UpstreamPool};
 use crate::wire::{
     self, DnsMessage, MAX_MESSAGE_LEN, Mismatch, ParseError, rcode, resolve_chain, rtype,
 };
@@ -144,10 +144,13 @@ impl DnsProxy {
     }
 
     /// Serves DNS over UDP on `socket` until receiving fails for good. Denied and malformed
-    /// queries are answered inline; allowed ones are forwarded on their own task.
+    /// queries are answered inline; allowed ones are sent upstream inline too, and their
+    /// answers are checked, learned from and released by the upstream socket's reader (a
+    /// task is spawned only when that has to wait, e.g. for a slow learner).
     pub async fn serve_udp(&self, socket: DnsUdpSocket) -> io::Error {
         let socket = Arc::new(socket);
         let mut buf = vec![0u8; MAX_MESSAGE_LEN];
+        let mut scratch = Vec::with_capacity(512);
         loop {
             let (n, source, server) = match socket.recv(&mut buf).await {
                 Ok(x) => x,
@@ -168,16 +171,7 @@ impl DnsProxy {
                         tracing::debug!(error = %e, %source, "DNS reply failed");
                     }
                 }
-                Step::Forward(p) => {
-                    let this = self.clone();
-                    let socket = socket.clone();
-                    tokio::spawn(async move {
-                        let r = this.finish(*p).await;
-                        if let Err(e) = socket.reply(&r, source, server).await {
-                            tracing::debug!(error = %e, %source, "DNS reply failed");
-                        }
-                    });
-                }
+                Step::Forward(p) => self.forward_udp(*p, &socket, &mut scratch).await,
             }
         }
     }
@@ -374,7 +368,52 @@ impl DnsProxy {
         Step::Reply(reply)
     }
 
+    /// Forwards an allowed UDP query; its answer is completed and sent to the client by the
+    /// upstream socket's reader (see [`UpstreamPool::send_detached`]).
+    async fn forward_udp(&self, p: Pending, socket: &Arc<DnsUdpSocket>, scratch: &mut Vec<u8>) {
+        let sh = &self.shared;
+        Counters::inc(&sh.counters.forwarded);
+        let (source, server) = (p.ctx.source, p.ctx.server);
+        let Some(question) = p.query.questions.first().cloned() else {
+            let r = self.complete(p, Outcome::Failed).await;
+            return reply_udp(socket, &r, (source, server)).await;
+        };
+        // The ID is rewritten on the copy that goes upstream; `p.raw` stays the client's.
+        scratch.clear();
+        scratch.extend_from_slice(&p.raw);
+        let deadline = std::time::Instant::now() + sh.config.upstream_timeout;
+        let this = self.clone();
+        let sock = socket.clone();
+        let done = Box::new(move |outcome: Outcome| {
+            run_inline(async move {
+                let r = this.complete(p, outcome).await;
+                reply_udp(&sock, &r, (source, server)).await;
+            });
+        });
+        sh.upstream
+            .send_detached(server, scratch, &question, deadline, done)
+            .await;
+    }
+
     async fn finish(&self, mut p: Pending) -> Vec<u8> {
+        Counters::inc(&self.shared.counters.forwarded);
+        let exchanged = tokio::time::timeout(
+            self.shared.config.upstream_timeout,
+            self.exchange(p.ctx, &mut p.raw, &p.query),
+        )
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout));
+        let outcome = match exchanged {
+            Ok((raw, answer)) => Outcome::Answer(raw, answer),
+            Err(UpstreamError::Timeout) => Outcome::Timeout,
+            Err(UpstreamError::Io) => Outcome::Failed,
+        };
+        self.complete(p, outcome).await
+    }
+
+    /// Checks, learns from and records the upstream outcome of a forwarded query; returns
+    /// the bytes for the client.
+    async fn complete(&self, p: Pending, outcome: Outcome) -> Vec<u8> {
         let sh = &self.shared;
         let mut rec = DnsRecord {
             time: p.time,
@@ -405,20 +444,14 @@ impl DnsProxy {
             rule: p.rule.clone(),
             latency: Duration::ZERO,
         };
-        Counters::inc(&sh.counters.forwarded);
-        let exchanged = tokio::time::timeout(
-            sh.config.upstream_timeout,
-            self.exchange(p.ctx, &mut p.raw, &p.query),
-        )
-        .await
-        .unwrap_or(Err(UpstreamError::Timeout));
-        let (raw_answer, answer) = match exchanged {
-            Ok(x) => x,
-            Err(e) => {
-                Counters::inc(match e {
-                    UpstreamError::Timeout => &sh.counters.upstream_timeouts,
-                    UpstreamError::Io => &sh.counters.upstream_errors,
-                });
+        let (raw_answer, answer) = match outcome {
+            Outcome::Answer(raw, answer) => (raw, answer),
+            Outcome::Timeout => {
+                Counters::inc(&sh.counters.upstream_timeouts);
+                return self.fail(rec, &p, rcode::SERVFAIL);
+            }
+            Outcome::Failed => {
+                Counters::inc(&sh.counters.upstream_errors);
                 return self.fail(rec, &p, rcode::SERVFAIL);
             }
         };
@@ -508,7 +541,7 @@ impl DnsProxy {
     /// Checks one upstream message; `None` (counted) if it is not the awaited answer.
     fn accept_answer(&self, query: &DnsMessage, data: &[u8]) -> Option<DnsMessage> {
         let c = &self.shared.counters;
-        match wire::parse_message(data) {
+        match wire::parse_answer(data) {
             Err(_) => {
                 Counters::inc(&c.malformed_answers);
                 None
@@ -569,6 +602,26 @@ impl DnsProxy {
                 return Ok((data, answer));
             }
         }
+    }
+}
+
+/// Sends an answer to a UDP client `(source, server)`.
+async fn reply_udp(socket: &DnsUdpSocket, data: &[u8], (source, server): (SocketAddr, SocketAddr)) {
+    if let Err(e) = socket.reply(data, source, server).await {
+        tracing::debug!(error = %e, %source, "DNS reply failed");
+    }
+}
+
+/// Runs `fut` on the caller's task as far as it goes without waiting (usually to the end:
+/// the learner and the reply rarely block); only if it has to wait does it get a task of its
+/// own. Saves a task spawn and a wake-up per answer. Must be called inside a tokio runtime.
+fn run_inline(fut: impl std::future::Future<Output = ()> + Send + 'static) {
+    // Unconstrained: the calling task's cooperative budget must not make it wait for nothing.
+    let mut fut = Box::pin(tokio::task::unconstrained(fut));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if fut.as_mut().poll(&mut cx).is_pending() {
+        // Polled again on its task, with a real waker.
+        tokio::spawn(fut);
     }
 }
 

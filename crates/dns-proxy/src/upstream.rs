@@ -17,12 +17,18 @@
 //! - **Bounded.** At most [`MAX_SERVERS`] servers (the least recently used is dropped),
 //!   `sockets_per_server` sockets each, [`MAX_WAITERS_PER_SOCKET`] queries in flight per socket;
 //!   a retired socket's reader ends when its last query ends.
+//! - **No task per query.** A query sent with [`UpstreamPool::send_detached`] leaves a
+//!   callback instead of a channel: the socket's reader runs it with the answer (or the
+//!   reader's sweep with [`Outcome::Timeout`] once its deadline passed), so an answer costs
+//!   no task wake-up or hand-over. [`UpstreamPool::send`] (an [`Exchange`] to await) serves
+//!   callers that want to wait themselves.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, oneshot};
@@ -45,6 +51,10 @@ const RANDOM_IDS: usize = 128;
 
 /// Draws of a random ID before giving up on a crowded socket.
 const ID_DRAWS: usize = 32;
+
+/// How often a socket's reader looks for detached queries past their deadline (so a
+/// deadline is met within this much).
+const SWEEP_EVERY: Duration = Duration::from_millis(20);
 
 /// IDs from the OS random source, fetched in batches.
 struct IdSource {
@@ -96,10 +106,44 @@ fn fill_random(buf: &mut [u16]) -> io::Result<()> {
     Ok(())
 }
 
+/// How a detached query ended.
+pub(crate) enum Outcome {
+    /// Its answer (a response with its ID and question), the client's ID restored.
+    Answer(Vec<u8>, DnsMessage),
+    /// No answer by its deadline.
+    Timeout,
+    /// Sending failed or the socket failed.
+    Failed,
+}
+
+/// The callback of a detached query; called exactly once.
+pub(crate) type Done = Box<dyn FnOnce(Outcome) + Send>;
+
+/// Where a waiting query's answer goes.
+enum Reply {
+    /// To the [`Exchange`] awaiting it.
+    Channel(oneshot::Sender<(Vec<u8>, DnsMessage)>),
+    /// To a callback, run by the socket's reader.
+    Detached {
+        client_id: [u8; 2],
+        deadline: Instant,
+        done: Done,
+    },
+}
+
 /// A query waiting for its answer: the question the answer must repeat.
 struct Waiter {
     question: Question,
-    tx: oneshot::Sender<(Vec<u8>, DnsMessage)>,
+    reply: Reply,
+}
+
+impl Waiter {
+    /// Tells a detached query it failed; a channel's receiver sees its sender dropped.
+    fn fail(self, why: Outcome) {
+        if let Reply::Detached { done, .. } = self.reply {
+            done(why);
+        }
+    }
 }
 
 struct Waiters {
@@ -132,9 +176,38 @@ impl UpSocket {
         self.retired.load(Ordering::Relaxed) && self.lock().by_id.is_empty()
     }
 
+    /// Fails every waiting query (callbacks run outside the lock).
+    fn fail_all(&self) {
+        let drained: Vec<Waiter> = self.lock().by_id.drain().map(|(_, w)| w).collect();
+        for w in drained {
+            w.fail(Outcome::Failed);
+        }
+    }
+
+    /// Times out the detached queries whose deadline passed.
+    fn sweep(&self, now: Instant) {
+        let expired: Vec<Waiter> = {
+            let mut w = self.lock();
+            let ids: Vec<u16> = w
+                .by_id
+                .iter()
+                .filter(
+                    |(_, q)| matches!(q.reply, Reply::Detached { deadline, .. } if deadline <= now),
+                )
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| w.by_id.remove(id)).collect()
+        };
+        for w in expired {
+            w.fail(Outcome::Timeout);
+        }
+    }
+
     /// Receives answers and hands each to the query waiting on its ID.
     async fn read(self: Arc<Self>, counters: Arc<Counters>) {
         let mut buf = vec![0u8; MAX_MESSAGE_LEN];
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if self.done() {
                 return;
@@ -142,25 +215,29 @@ impl UpSocket {
             let n = tokio::select! {
                 r = self.socket.recv(&mut buf) => r,
                 () = self.wake.notified() => continue,
+                _ = sweep.tick() => {
+                    self.sweep(Instant::now());
+                    continue;
+                }
             };
             let n = match n {
                 Ok(n) => n,
                 // The server's port is closed (ICMP): fail the waiting queries at once rather
                 // than at their timeout, and keep the socket for the next ones.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    self.lock().by_id.clear();
+                    self.fail_all();
                     continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::debug!(error = %e, "upstream DNS socket failed; replacing it");
                     self.retired.store(true, Ordering::Relaxed);
-                    self.lock().by_id.clear();
+                    self.fail_all();
                     return;
                 }
             };
             let data = buf.get(..n).unwrap_or_default();
-            let Ok(answer) = wire::parse_message(data) else {
+            let Ok(mut answer) = wire::parse_answer(data) else {
                 Counters::inc(&counters.malformed_answers);
                 continue;
             };
@@ -180,13 +257,30 @@ impl UpSocket {
                     None
                 }
             };
-            match waiter {
-                Some(w) => {
-                    let _ = w.tx.send((data.to_vec(), answer));
+            match waiter.map(|w| w.reply) {
+                Some(Reply::Channel(tx)) => {
+                    let _ = tx.send((data.to_vec(), answer));
+                }
+                Some(Reply::Detached {
+                    client_id, done, ..
+                }) => {
+                    let mut data = data.to_vec();
+                    if let Some(id) = data.get_mut(..2) {
+                        id.copy_from_slice(&client_id);
+                    }
+                    answer.id = u16::from_be_bytes(client_id);
+                    done(Outcome::Answer(data, answer));
                 }
                 None => Counters::inc(&counters.mismatched_answers),
             }
         }
+    }
+}
+
+fn client_id(query: &[u8]) -> io::Result<[u8; 2]> {
+    match query.get(..2) {
+        Some(&[a, b]) => Ok([a, b]),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "no DNS header")),
     }
 }
 
@@ -214,9 +308,18 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
+        // Closed first: a waiter under this ID with an open channel is a later query's
+        // (the ID was freed by the answer and reused) and stays.
+        self.rx.close();
         let empty = {
             let mut w = self.socket.lock();
-            w.by_id.remove(&self.upstream_id);
+            let ours = w
+                .by_id
+                .get(&self.upstream_id)
+                .is_some_and(|q| matches!(&q.reply, Reply::Channel(tx) if tx.is_closed()));
+            if ours {
+                w.by_id.remove(&self.upstream_id);
+            }
             w.by_id.is_empty()
         };
         if empty && self.socket.retired.load(Ordering::Relaxed) {
@@ -280,40 +383,9 @@ impl UpstreamPool {
         query: &mut [u8],
         question: &Question,
     ) -> io::Result<Exchange> {
-        let client_id = match query.get(..2) {
-            Some(&[a, b]) => [a, b],
-            _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "no DNS header")),
-        };
-        let socket = self.socket(server)?;
+        let client_id = client_id(query)?;
         let (tx, rx) = oneshot::channel();
-        let upstream_id = {
-            let mut w = socket.lock();
-            if w.by_id.len() >= MAX_WAITERS_PER_SOCKET {
-                return Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    "too many queries in flight on one upstream socket",
-                ));
-            }
-            let mut free = None;
-            for _ in 0..ID_DRAWS {
-                let id = w.ids.next()?;
-                if !w.by_id.contains_key(&id) {
-                    free = Some(id);
-                    break;
-                }
-            }
-            let id = free.ok_or_else(|| {
-                io::Error::new(io::ErrorKind::WouldBlock, "no free upstream DNS ID")
-            })?;
-            w.by_id.insert(
-                id,
-                Waiter {
-                    question: question.clone(),
-                    tx,
-                },
-            );
-            id
-        };
+        let (socket, upstream_id) = self.register(server, question, Reply::Channel(tx))?;
         // From here on, dropping the exchange frees the ID.
         let exchange = Exchange {
             socket: socket.clone(),
@@ -330,6 +402,98 @@ impl UpstreamPool {
         }
         sent?;
         Ok(exchange)
+    }
+
+    /// Sends `query` (asking `question`; its ID is overwritten) to `server` and leaves `done`
+    /// to be called exactly once: by the socket's reader with the answer (client ID
+    /// restored), by its sweep with [`Outcome::Timeout`] after `deadline`, or with
+    /// [`Outcome::Failed`] (possibly before this returns) if sending or the socket fails.
+    pub(crate) async fn send_detached(
+        &self,
+        server: SocketAddr,
+        query: &mut [u8],
+        question: &Question,
+        deadline: Instant,
+        done: Done,
+    ) {
+        let client_id = match client_id(query) {
+            Ok(id) => id,
+            Err(_) => return done(Outcome::Failed),
+        };
+        let reply = Reply::Detached {
+            client_id,
+            deadline,
+            done,
+        };
+        // `register` hands the reply back when it cannot take it.
+        let (socket, upstream_id) = match self.register_or_return(server, question, reply) {
+            Ok(x) => x,
+            Err(reply) => {
+                if let Reply::Detached { done, .. } = reply {
+                    done(Outcome::Failed);
+                }
+                return;
+            }
+        };
+        if let Some(id) = query.get_mut(..2) {
+            id.copy_from_slice(&upstream_id.to_be_bytes());
+        }
+        if socket.socket.send(query).await.is_err() {
+            // Unless the reader or the sweep got to it first.
+            let w = socket.lock().by_id.remove(&upstream_id);
+            if let Some(w) = w {
+                w.fail(Outcome::Failed);
+            }
+        }
+    }
+
+    fn register(
+        &self,
+        server: SocketAddr,
+        question: &Question,
+        reply: Reply,
+    ) -> io::Result<(Arc<UpSocket>, u16)> {
+        self.register_or_return(server, question, reply)
+            .map_err(|_| io::Error::new(io::ErrorKind::WouldBlock, "no upstream DNS slot"))
+    }
+
+    /// Registers `reply` under a free random ID of one of `server`'s sockets; on failure
+    /// hands `reply` back.
+    fn register_or_return(
+        &self,
+        server: SocketAddr,
+        question: &Question,
+        reply: Reply,
+    ) -> Result<(Arc<UpSocket>, u16), Reply> {
+        let Ok(socket) = self.socket(server) else {
+            return Err(reply);
+        };
+        let mut w = socket.lock();
+        if w.by_id.len() >= MAX_WAITERS_PER_SOCKET {
+            return Err(reply);
+        }
+        let mut free = None;
+        for _ in 0..ID_DRAWS {
+            let Ok(id) = w.ids.next() else {
+                break;
+            };
+            if !w.by_id.contains_key(&id) {
+                free = Some(id);
+                break;
+            }
+        }
+        let Some(id) = free else {
+            return Err(reply);
+        };
+        w.by_id.insert(
+            id,
+            Waiter {
+                question: question.clone(),
+                reply,
+            },
+        );
+        drop(w);
+        Ok((socket, id))
     }
 
     /// A socket for `server`: the next slot's, replacing it if missing, failed or used up.
