@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use hickory_proto::op::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weir_identity::Identity;
 use weir_l7_proxy::{EndpointId, IdentityResolver, OriginalDestination};
@@ -19,11 +19,10 @@ use crate::learn::{DnsLearner, Learned, LearnedIp};
 use crate::policy::{DnsDecision, DnsDenyReason, DnsPolicyStore, Transport};
 use crate::record::{DnsRecord, DnsRecordKind, DnsSink, DnsVerdict};
 use crate::stats::{Counters, DnsProxyStats};
+use crate::tcp_upstream::TcpUpstreamPool;
 use crate::udp::DnsUdpSocket;
 use crate::upstream::{Outcome, UpstreamPool};
-use crate::wire::{
-    self, DnsMessage, MAX_MESSAGE_LEN, Mismatch, ParseError, rcode, resolve_chain, rtype,
-};
+use crate::wire::{self, DnsMessage, MAX_MESSAGE_LEN, ParseError, rcode, resolve_chain, rtype};
 
 /// Where a query came from and which server it was for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +52,7 @@ struct Shared {
     counters: Arc<Counters>,
     permits: Arc<Semaphore>,
     upstream: UpstreamPool,
+    tcp_upstream: TcpUpstreamPool,
 }
 
 impl std::fmt::Debug for DnsProxy {
@@ -111,6 +111,11 @@ impl DnsProxy {
                 upstream: UpstreamPool::new(
                     config.upstream_sockets,
                     config.upstream_mark,
+                    counters.clone(),
+                ),
+                tcp_upstream: TcpUpstreamPool::new(
+                    config.upstream_mark,
+                    config.tcp_idle_timeout,
                     counters.clone(),
                 ),
                 config,
@@ -538,24 +543,6 @@ impl DnsProxy {
         }
     }
 
-    /// Checks one upstream message; `None` (counted) if it is not the awaited answer.
-    fn accept_answer(&self, query: &DnsMessage, data: &[u8]) -> Option<DnsMessage> {
-        let c = &self.shared.counters;
-        match wire::parse_answer(data) {
-            Err(_) => {
-                Counters::inc(&c.malformed_answers);
-                None
-            }
-            Ok(answer) => match wire::check_answer(query, &answer) {
-                Ok(()) => Some(answer),
-                Err(Mismatch::NotAResponse | Mismatch::Id | Mismatch::Question) => {
-                    Counters::inc(&c.mismatched_answers);
-                    None
-                }
-            },
-        }
-    }
-
     async fn exchange_udp(
         &self,
         server: SocketAddr,
@@ -579,29 +566,27 @@ impl DnsProxy {
         raw: &[u8],
         query: &DnsMessage,
     ) -> Result<(Vec<u8>, DnsMessage), UpstreamError> {
-        let sock = if server.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-        .map_err(|_| UpstreamError::Io)?;
-        if let Some(mark) = self.shared.config.upstream_mark {
-            socket2::SockRef::from(&sock)
-                .set_mark(mark)
-                .map_err(|_| UpstreamError::Io)?;
-        }
-        let mut stream = sock.connect(server).await.map_err(|_| UpstreamError::Io)?;
-        write_framed(&mut stream, raw)
+        let question = query.questions.first().ok_or(UpstreamError::Io)?;
+        let pool = &self.shared.tcp_upstream;
+        let mut exchange = pool
+            .send(server, raw, question, false)
             .await
             .map_err(|_| UpstreamError::Io)?;
-        loop {
-            let data = read_framed(&mut stream)
-                .await
-                .map_err(|_| UpstreamError::Io)?;
-            if let Some(answer) = self.accept_answer(query, &data) {
-                return Ok((data, answer));
-            }
+        // The pool checked ID, QR and question.
+        if let Some(answer) = exchange.recv().await {
+            return Ok(answer);
         }
+        if !exchange.reused {
+            return Err(UpstreamError::Io);
+        }
+        // The server may have closed the reused connection just as the query went out: once
+        // more on a fresh one.
+        drop(exchange);
+        let mut exchange = pool
+            .send(server, raw, question, true)
+            .await
+            .map_err(|_| UpstreamError::Io)?;
+        exchange.recv().await.ok_or(UpstreamError::Io)
     }
 }
 

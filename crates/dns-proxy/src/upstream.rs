@@ -57,20 +57,20 @@ const ID_DRAWS: usize = 32;
 const SWEEP_EVERY: Duration = Duration::from_millis(20);
 
 /// IDs from the OS random source, fetched in batches.
-struct IdSource {
+pub(crate) struct IdSource {
     buf: [u16; RANDOM_IDS],
     next: usize,
 }
 
 impl IdSource {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         IdSource {
             buf: [0; RANDOM_IDS],
             next: RANDOM_IDS,
         }
     }
 
-    fn next(&mut self) -> io::Result<u16> {
+    pub(crate) fn next(&mut self) -> io::Result<u16> {
         if self.next >= RANDOM_IDS {
             fill_random(&mut self.buf)?;
             self.next = 0;
@@ -785,6 +785,42 @@ mod tests {
             drop(ask(&p, other, &mut q).await.expect("send"));
         }
         assert!(p.servers.lock().expect("lock").len() <= MAX_SERVERS);
+    }
+
+    /// A detached query's callback runs once: with the answer (client ID restored), or with
+    /// a timeout from the sweep when the server is silent; the ID is freed either way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn detached_queries_get_their_answer_or_time_out() {
+        let (echo, _s) = server(Behaviour::Echo).await;
+        let (silent, _s2) = server(Behaviour::Silent).await;
+        let (p, _) = pool(1);
+        for (up, want_answer) in [(echo, true), (silent, false)] {
+            let mut q = build_query(0x0102, "d.example.", 1).expect("query");
+            let question = parse_message(&q).expect("query").questions[0].clone();
+            let (tx, rx) = oneshot::channel();
+            let deadline = Instant::now() + Duration::from_millis(100);
+            let done: Done = Box::new(move |o| {
+                let _ = tx.send(match o {
+                    Outcome::Answer(a, m) => Some((a, m)),
+                    Outcome::Timeout => None,
+                    Outcome::Failed => panic!("failed"),
+                });
+            });
+            p.send_detached(up, &mut q, &question, deadline, done).await;
+            let got = tokio::time::timeout(WAIT, rx)
+                .await
+                .expect("called in time")
+                .expect("called");
+            match got {
+                Some((a, m)) => {
+                    assert!(want_answer);
+                    assert_eq!(&a[..2], &[1, 2]);
+                    assert_eq!(m.id, 0x0102);
+                }
+                None => assert!(!want_answer, "timed out"),
+            }
+            assert_eq!(waiting(&p), 0);
+        }
     }
 
     #[tokio::test]

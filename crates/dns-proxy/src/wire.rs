@@ -497,6 +497,7 @@ pub fn build_query(id: u16, name: &str, qtype: u16) -> Option<Vec<u8>> {
 }
 
 /// Why an upstream message is not the answer to the query the proxy forwarded.
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mismatch {
     NotAResponse,
@@ -506,6 +507,7 @@ pub(crate) enum Mismatch {
 
 /// Checks that `answer` answers `query`: same ID, QR set, exactly the same single question
 /// (names compared case-insensitively, since resolvers may randomise case).
+#[cfg(test)]
 pub(crate) fn check_answer(query: &DnsMessage, answer: &DnsMessage) -> Result<(), Mismatch> {
     if !answer.is_response {
         return Err(Mismatch::NotAResponse);
