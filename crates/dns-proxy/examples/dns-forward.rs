@@ -31,16 +31,17 @@ const KUBE_DNS: Identity = Identity(1002);
 /// Stands in for the agent's learner: one locked map update per learned IP.
 #[derive(Default)]
 struct TableLearner {
-    table: Mutex<HashSet<(IpAddr, DnsRule)>>,
+    table: Mutex<HashMap<IpAddr, HashSet<DnsRule>>>,
 }
 
 impl DnsLearner for TableLearner {
     fn learn<'a>(&'a self, learned: &'a Learned) -> LearnFuture<'a> {
         if let Ok(mut t) = self.table.lock() {
             for ip in &learned.ips {
+                let known = t.entry(ip.ip).or_default();
                 for sel in &learned.selectors {
-                    if !t.contains(&(ip.ip, sel.clone())) {
-                        t.insert((ip.ip, sel.clone()));
+                    if !known.contains(sel) {
+                        known.insert(sel.clone());
                     }
                 }
             }

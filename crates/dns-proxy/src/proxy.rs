@@ -73,7 +73,7 @@ struct Pending {
     msg: Option<Message>,
     endpoint: EndpointId,
     server_identity: Identity,
-    rule: Option<String>,
+    rule: Option<Arc<str>>,
     time: SystemTime,
     started: Instant,
     _permit: OwnedSemaphorePermit,
@@ -314,10 +314,12 @@ impl DnsProxy {
             _ if question.qclass != rtype::CLASS_IN => DnsDecision {
                 denied: Some(DnsDenyReason::UnsupportedClass),
                 rule: None,
+                rule_text: None,
             },
             None => DnsDecision {
                 denied: Some(DnsDenyReason::NoPolicy),
                 rule: None,
+                rule_text: None,
             },
             Some(ep) => sh.policy.load().decide(
                 ep,
@@ -327,7 +329,7 @@ impl DnsProxy {
                 &question.name,
             ),
         };
-        rec.rule = decision.rule.as_ref().map(|r| r.to_string());
+        rec.rule = decision.rule_text.as_deref().map(str::to_owned);
         let (Some(ep), None) = (endpoint, decision.denied) else {
             let reason = decision.denied.unwrap_or(DnsDenyReason::NoPolicy);
             Counters::inc(&sh.counters.denied);
@@ -344,7 +346,7 @@ impl DnsProxy {
             return self.answer_now(rec, wire::reply(msg.as_ref(), raw, rcode::SERVFAIL));
         };
         rec.verdict = DnsVerdict::Forwarded;
-        let rule = rec.rule.clone();
+        let rule = decision.rule_text;
         sh.sink.record(rec);
         Step::Forward(Box::new(Pending {
             ctx,
@@ -386,7 +388,7 @@ impl DnsProxy {
         // The ID is rewritten on the copy that goes upstream; `p.raw` stays the client's.
         scratch.clear();
         scratch.extend_from_slice(&p.raw);
-        let deadline = std::time::Instant::now() + sh.config.upstream_timeout;
+        let deadline = p.started + sh.config.upstream_timeout;
         let this = self.clone();
         let sock = socket.clone();
         let done = Box::new(move |outcome: Outcome| {
@@ -396,7 +398,7 @@ impl DnsProxy {
             });
         });
         sh.upstream
-            .send_detached(server, scratch, &question, deadline, done)
+            .send_detached(server, scratch, question, deadline, done)
             .await;
     }
 
@@ -446,7 +448,7 @@ impl DnsProxy {
             cnames: Vec::new(),
             ttl: None,
             verdict: DnsVerdict::Forwarded,
-            rule: p.rule.clone(),
+            rule: p.rule.as_deref().map(str::to_owned),
             latency: Duration::ZERO,
         };
         let (raw_answer, answer) = match outcome {

@@ -385,7 +385,7 @@ impl UpstreamPool {
     ) -> io::Result<Exchange> {
         let client_id = client_id(query)?;
         let (tx, rx) = oneshot::channel();
-        let (socket, upstream_id) = self.register(server, question, Reply::Channel(tx))?;
+        let (socket, upstream_id) = self.register(server, question.clone(), Reply::Channel(tx))?;
         // From here on, dropping the exchange frees the ID.
         let exchange = Exchange {
             socket: socket.clone(),
@@ -412,7 +412,7 @@ impl UpstreamPool {
         &self,
         server: SocketAddr,
         query: &mut [u8],
-        question: &Question,
+        question: Question,
         deadline: Instant,
         done: Done,
     ) {
@@ -450,7 +450,7 @@ impl UpstreamPool {
     fn register(
         &self,
         server: SocketAddr,
-        question: &Question,
+        question: Question,
         reply: Reply,
     ) -> io::Result<(Arc<UpSocket>, u16)> {
         self.register_or_return(server, question, reply)
@@ -462,7 +462,7 @@ impl UpstreamPool {
     fn register_or_return(
         &self,
         server: SocketAddr,
-        question: &Question,
+        question: Question,
         reply: Reply,
     ) -> Result<(Arc<UpSocket>, u16), Reply> {
         let Ok(socket) = self.socket(server) else {
@@ -485,13 +485,7 @@ impl UpstreamPool {
         let Some(id) = free else {
             return Err(reply);
         };
-        w.by_id.insert(
-            id,
-            Waiter {
-                question: question.clone(),
-                reply,
-            },
-        );
+        w.by_id.insert(id, Waiter { question, reply });
         drop(w);
         Ok((socket, id))
     }
@@ -806,7 +800,7 @@ mod tests {
                     Outcome::Failed => panic!("failed"),
                 });
             });
-            p.send_detached(up, &mut q, &question, deadline, done).await;
+            p.send_detached(up, &mut q, question, deadline, done).await;
             let got = tokio::time::timeout(WAIT, rx)
                 .await
                 .expect("called in time")
