@@ -5,7 +5,7 @@
 # AgentLearner) against the real eBPF maps. Runs in a network namespace of its own (one veth
 # for the endpoint to attach to) and a private mount namespace with its own bpffs, so nothing
 # in the root namespaces changes and nothing is left behind.
-# Usage: sudo bench/fqdn-learn.sh [answers, default 2000]
+# Usage: sudo bench/fqdn-learn.sh [answers, default 2000]; env NO_STATE=1: no state directory.
 set -u
 N=${1:-2000}
 cd "$(dirname "$0")/.."
@@ -20,4 +20,4 @@ ip -n "$NS" link add hostep type veth peer name podep
 ip -n "$NS" link set hostep up; ip -n "$NS" link set podep up; ip -n "$NS" link set lo up
 echo "# $(date -u +%FT%TZ) $(uname -r) load $(cut -d' ' -f1-3 /proc/loadavg); $N answers"
 nsenter --net=/run/netns/"$NS" unshare --mount --propagation private \
-  sh -c "mount -t bpf bpf '$DIR' && exec '$BIN' '$DIR' hostep $N"
+  env ${NO_STATE:+NO_STATE=1} sh -c "mount -t bpf bpf '$DIR' && exec '$BIN' '$DIR' hostep $N"

@@ -9,8 +9,9 @@
 //! the seed's `backend` pod and was addressed to kube-dns at `UPSTREAM`; allowed answers whose
 //! names the selectors select are learned into an in-memory table standing in for the
 //! datapath, then recorded in the name cache, as in the agent. Env `WORKERS` sets the tokio
-//! worker threads (default 1: dnsmasq is single-threaded too). Prints the proxy's counters
-//! on SIGINT/SIGTERM.
+//! worker threads (default 1, a current-thread runtime: dnsmasq is single-threaded too;
+//! `RUNTIME=multi` takes a one-worker multi-thread runtime instead). Prints the proxy's
+//! counters on SIGINT/SIGTERM.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -140,11 +141,19 @@ fn run() -> Result<(), String> {
         identities: HashMap::from([(upstream.ip(), KUBE_DNS)]),
         endpoints: clients.iter().map(|c| (*c, EndpointId(9))).collect(),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    // One worker: a current-thread runtime, everything on one thread as in dnsmasq (no
+    // cross-thread wake-ups); more: a multi-thread runtime.
+    let rt = if workers <= 1 && std::env::var("RUNTIME").as_deref() != Ok("multi") {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers.max(1))
+            .enable_all()
+            .build()
+    }
+    .map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let proxy = DnsProxy::new(
             DnsProxyConfig::default(),

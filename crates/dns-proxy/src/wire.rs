@@ -371,6 +371,13 @@ pub(crate) fn quick_answer(bytes: &[u8]) -> Option<DnsMessage> {
     })
 }
 
+/// The quick readers the proxy tries before the full decode (a query's shape, then an
+/// answer's). Where this is `Some` it must equal [`parse_message`]'s result: the
+/// `dns_message` fuzz target and property tests check that.
+pub fn parse_quick(bytes: &[u8]) -> Option<DnsMessage> {
+    quick_query(bytes).or_else(|| quick_answer(bytes))
+}
+
 /// Parses an answer from upstream: [`quick_answer`], else the full decode.
 pub(crate) fn parse_answer(bytes: &[u8]) -> Result<DnsMessage, ParseError> {
     match quick_answer(bytes) {
