@@ -570,25 +570,23 @@ impl DnsProxy {
     ) -> Result<(Vec<u8>, DnsMessage), UpstreamError> {
         let question = query.questions.first().ok_or(UpstreamError::Io)?;
         let pool = &self.shared.tcp_upstream;
-        let mut exchange = pool
-            .send(server, raw, question, false)
-            .await
-            .map_err(|_| UpstreamError::Io)?;
-        // The pool checked ID, QR and question.
-        if let Some(answer) = exchange.recv().await {
-            return Ok(answer);
+        // A reused connection the server closed just as the query went out fails it: once
+        // more on a fresh connection.
+        for fresh in [false, true] {
+            let mut exchange = match pool.send(server, raw, question, fresh).await {
+                Ok(x) => x,
+                Err(_) if !fresh => continue,
+                Err(_) => return Err(UpstreamError::Io),
+            };
+            // The pool checked ID, QR and question.
+            if let Some(answer) = exchange.recv().await {
+                return Ok(answer);
+            }
+            if !exchange.reused {
+                break;
+            }
         }
-        if !exchange.reused {
-            return Err(UpstreamError::Io);
-        }
-        // The server may have closed the reused connection just as the query went out: once
-        // more on a fresh one.
-        drop(exchange);
-        let mut exchange = pool
-            .send(server, raw, question, true)
-            .await
-            .map_err(|_| UpstreamError::Io)?;
-        exchange.recv().await.ok_or(UpstreamError::Io)
+        Err(UpstreamError::Io)
     }
 }
 

@@ -63,7 +63,7 @@ impl Conn {
 
     /// Marks the connection dead and fails its waiting queries (their senders drop).
     fn kill(&self) {
-        self.dead.store(true, Ordering::Relaxed);
+        self.dead.store(true, Ordering::SeqCst);
         self.lock().by_id.clear();
     }
 
@@ -267,6 +267,14 @@ impl TcpUpstreamPool {
         let (tx, rx) = oneshot::channel();
         let upstream_id = {
             let mut w = conn.lock();
+            // Checked under the lock `kill` clears the waiters with: either that sees this
+            // query or this sees the connection dead.
+            if conn.dead.load(Ordering::SeqCst) {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "upstream connection closed",
+                ));
+            }
             if w.by_id.len() >= MAX_WAITERS_PER_SOCKET {
                 return Err(io::Error::new(
                     io::ErrorKind::WouldBlock,

@@ -157,6 +157,9 @@ struct UpSocket {
     waiters: Mutex<Waiters>,
     uses: AtomicU32,
     retired: AtomicBool,
+    /// Set by the reader as it ends: a query registered after that fails at once instead of
+    /// waiting for a reader that is gone.
+    closed: AtomicBool,
     /// Wakes the reader to check whether it may end.
     wake: Notify,
 }
@@ -203,8 +206,15 @@ impl UpSocket {
         }
     }
 
-    /// Receives answers and hands each to the query waiting on its ID.
+    /// Receives answers and hands each to the query waiting on its ID; on the way out, fails
+    /// whatever still waits (see `closed`).
     async fn read(self: Arc<Self>, counters: Arc<Counters>) {
+        self.clone().read_until_done(counters).await;
+        self.closed.store(true, Ordering::SeqCst);
+        self.fail_all();
+    }
+
+    async fn read_until_done(self: Arc<Self>, counters: Arc<Counters>) {
         let mut buf = vec![0u8; MAX_MESSAGE_LEN];
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -232,7 +242,6 @@ impl UpSocket {
                 Err(e) => {
                     tracing::debug!(error = %e, "upstream DNS socket failed; replacing it");
                     self.retired.store(true, Ordering::Relaxed);
-                    self.fail_all();
                     return;
                 }
             };
@@ -485,6 +494,11 @@ impl UpstreamPool {
         let Some(id) = free else {
             return Err(reply);
         };
+        // Checked under the lock the reader's final drain takes: either the drain sees this
+        // waiter or this sees the reader gone.
+        if socket.closed.load(Ordering::SeqCst) {
+            return Err(reply);
+        }
         w.by_id.insert(id, Waiter { question, reply });
         drop(w);
         Ok((socket, id))
@@ -528,6 +542,7 @@ impl UpstreamPool {
             }),
             uses: AtomicU32::new(1),
             retired: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             wake: Notify::new(),
         });
         tokio::spawn(fresh.clone().read(self.counters.clone()));
