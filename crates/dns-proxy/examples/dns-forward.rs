@@ -9,8 +9,9 @@
 //! the seed's `backend` pod and was addressed to kube-dns at `UPSTREAM`; allowed answers whose
 //! names the selectors select are learned into an in-memory table standing in for the
 //! datapath, then recorded in the name cache, as in the agent. Env `WORKERS` sets the tokio
-//! worker threads (default 1: dnsmasq is single-threaded too). Prints the proxy's counters
-//! on SIGINT/SIGTERM.
+//! worker threads (default 1, a current-thread runtime: dnsmasq is single-threaded too;
+//! `RUNTIME=multi` takes a one-worker multi-thread runtime instead). Prints the proxy's
+//! counters on SIGINT/SIGTERM.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -31,16 +32,17 @@ const KUBE_DNS: Identity = Identity(1002);
 /// Stands in for the agent's learner: one locked map update per learned IP.
 #[derive(Default)]
 struct TableLearner {
-    table: Mutex<HashSet<(IpAddr, DnsRule)>>,
+    table: Mutex<HashMap<IpAddr, HashSet<DnsRule>>>,
 }
 
 impl DnsLearner for TableLearner {
     fn learn<'a>(&'a self, learned: &'a Learned) -> LearnFuture<'a> {
         if let Ok(mut t) = self.table.lock() {
             for ip in &learned.ips {
+                let known = t.entry(ip.ip).or_default();
                 for sel in &learned.selectors {
-                    if !t.contains(&(ip.ip, sel.clone())) {
-                        t.insert((ip.ip, sel.clone()));
+                    if !known.contains(sel) {
+                        known.insert(sel.clone());
                     }
                 }
             }
@@ -139,11 +141,19 @@ fn run() -> Result<(), String> {
         identities: HashMap::from([(upstream.ip(), KUBE_DNS)]),
         endpoints: clients.iter().map(|c| (*c, EndpointId(9))).collect(),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    // One worker: a current-thread runtime, everything on one thread as in dnsmasq (no
+    // cross-thread wake-ups); more: a multi-thread runtime.
+    let rt = if workers <= 1 && std::env::var("RUNTIME").as_deref() != Ok("multi") {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers.max(1))
+            .enable_all()
+            .build()
+    }
+    .map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let proxy = DnsProxy::new(
             DnsProxyConfig::default(),

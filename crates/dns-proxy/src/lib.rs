@@ -10,8 +10,8 @@
 //! - **Forwarding.** Allowed queries go to the server the client addressed (its original
 //!   destination). Over UDP they share a few connected sockets per server, each query under
 //!   a fresh random ID that is swapped back to the client's in the answer (the sockets are
-//!   replaced every few thousand queries, so the source port still changes); over TCP each
-//!   query gets its own connection. Only a message that matches the forwarded query (ID, QR,
+//!   replaced every few thousand queries, so the source port still changes); over TCP they
+//!   are pipelined on one connection per server, under random IDs too. Only a message that matches the forwarded query (ID, QR,
 //!   the single question) is accepted; anything else is dropped and counted, and nothing is
 //!   learned from it. No answer within `upstream_timeout`: SERVFAIL.
 //! - **Learning.** From an allowed NOERROR answer, the A/AAAA records of the query name's
@@ -44,6 +44,7 @@ mod policy;
 mod proxy;
 mod record;
 mod stats;
+mod tcp_upstream;
 mod udp;
 mod upstream;
 pub mod wire;

@@ -83,17 +83,24 @@ pub struct DnsDecision {
     pub denied: Option<DnsDenyReason>,
     /// The rule that allowed the query (for an L4 allow, the first such rule).
     pub rule: Option<Arc<RuleRef>>,
+    /// `rule` as flows show it, formatted once when the rules were compiled.
+    pub rule_text: Option<Arc<str>>,
 }
 
 impl DnsDecision {
-    fn allow(rule: Option<Arc<RuleRef>>) -> Self {
-        DnsDecision { denied: None, rule }
+    fn allow(rule: Option<&(Arc<RuleRef>, Arc<str>)>) -> Self {
+        DnsDecision {
+            denied: None,
+            rule: rule.map(|(r, _)| r.clone()),
+            rule_text: rule.map(|(_, t)| t.clone()),
+        }
     }
 
     fn deny(reason: DnsDenyReason) -> Self {
         DnsDecision {
             denied: Some(reason),
             rule: None,
+            rule_text: None,
         }
     }
 
@@ -231,10 +238,10 @@ impl DnsPolicySnapshot {
 /// The compiled form of one [`L7Verdict`].
 #[derive(Debug)]
 enum CompiledVerdict {
-    AllowAll(Option<Arc<RuleRef>>),
+    AllowAll(Option<(Arc<RuleRef>, Arc<str>)>),
     Rules {
         matcher: DnsMatcher,
-        refs: Vec<Arc<RuleRef>>,
+        refs: Vec<(Arc<RuleRef>, Arc<str>)>,
     },
     Denied(DnsDenyReason),
 }
@@ -245,7 +252,7 @@ impl CompiledVerdict {
             L7Verdict::NotRedirected => CompiledVerdict::Denied(DnsDenyReason::NoPolicy),
             L7Verdict::Denied => CompiledVerdict::Denied(DnsDenyReason::PeerNotAllowed),
             L7Verdict::AllowAll { derived_from } => {
-                CompiledVerdict::AllowAll(derived_from.into_iter().next())
+                CompiledVerdict::AllowAll(derived_from.into_iter().next().map(with_text))
             }
             // HTTP rules on the port are not for this proxy, and an empty DNS rule list
             // matches nothing: refuse.
@@ -255,7 +262,10 @@ impl CompiledVerdict {
             L7Verdict::Rules(set) => {
                 let (rules, refs): (Vec<_>, Vec<_>) = set.dns.into_iter().unzip();
                 match DnsMatcher::compile(&rules) {
-                    Ok(matcher) => CompiledVerdict::Rules { matcher, refs },
+                    Ok(matcher) => CompiledVerdict::Rules {
+                        matcher,
+                        refs: refs.into_iter().map(with_text).collect(),
+                    },
                     Err(e) => {
                         tracing::warn!(error = %e, "DNS rules do not compile; refusing");
                         CompiledVerdict::Denied(DnsDenyReason::InvalidRules)
@@ -267,14 +277,20 @@ impl CompiledVerdict {
 
     fn decide(&self, qname: &str) -> DnsDecision {
         match self {
-            CompiledVerdict::AllowAll(rule) => DnsDecision::allow(rule.clone()),
+            CompiledVerdict::AllowAll(rule) => DnsDecision::allow(rule.as_ref()),
             CompiledVerdict::Denied(reason) => DnsDecision::deny(*reason),
             CompiledVerdict::Rules { matcher, refs } => match matcher.matches(qname) {
                 None => DnsDecision::deny(DnsDenyReason::NoRuleMatched),
-                Some(i) => DnsDecision::allow(refs.get(i).cloned()),
+                Some(i) => DnsDecision::allow(refs.get(i)),
             },
         }
     }
+}
+
+/// A rule reference with its text for flows.
+fn with_text(rule: Arc<RuleRef>) -> (Arc<RuleRef>, Arc<str>) {
+    let text = Arc::from(rule.to_string());
+    (rule, text)
 }
 
 type VerdictKey = (u8, u16, Identity);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use hickory_proto::op::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weir_identity::Identity;
 use weir_l7_proxy::{EndpointId, IdentityResolver, OriginalDestination};
@@ -19,11 +19,10 @@ use crate::learn::{DnsLearner, Learned, LearnedIp};
 use crate::policy::{DnsDecision, DnsDenyReason, DnsPolicyStore, Transport};
 use crate::record::{DnsRecord, DnsRecordKind, DnsSink, DnsVerdict};
 use crate::stats::{Counters, DnsProxyStats};
+use crate::tcp_upstream::TcpUpstreamPool;
 use crate::udp::DnsUdpSocket;
-use crate::upstream::UpstreamPool;
-use crate::wire::{
-    self, DnsMessage, MAX_MESSAGE_LEN, Mismatch, ParseError, rcode, resolve_chain, rtype,
-};
+use crate::upstream::{Outcome, UpstreamPool};
+use crate::wire::{self, DnsMessage, MAX_MESSAGE_LEN, ParseError, rcode, resolve_chain, rtype};
 
 /// Where a query came from and which server it was for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +52,7 @@ struct Shared {
     counters: Arc<Counters>,
     permits: Arc<Semaphore>,
     upstream: UpstreamPool,
+    tcp_upstream: TcpUpstreamPool,
 }
 
 impl std::fmt::Debug for DnsProxy {
@@ -73,7 +73,7 @@ struct Pending {
     msg: Option<Message>,
     endpoint: EndpointId,
     server_identity: Identity,
-    rule: Option<String>,
+    rule: Option<Arc<str>>,
     time: SystemTime,
     started: Instant,
     _permit: OwnedSemaphorePermit,
@@ -113,6 +113,11 @@ impl DnsProxy {
                     config.upstream_mark,
                     counters.clone(),
                 ),
+                tcp_upstream: TcpUpstreamPool::new(
+                    config.upstream_mark,
+                    config.tcp_idle_timeout,
+                    counters.clone(),
+                ),
                 config,
                 policy,
                 identities,
@@ -144,10 +149,13 @@ impl DnsProxy {
     }
 
     /// Serves DNS over UDP on `socket` until receiving fails for good. Denied and malformed
-    /// queries are answered inline; allowed ones are forwarded on their own task.
+    /// queries are answered inline; allowed ones are sent upstream inline too, and their
+    /// answers are checked, learned from and released by the upstream socket's reader (a
+    /// task is spawned only when that has to wait, e.g. for a slow learner).
     pub async fn serve_udp(&self, socket: DnsUdpSocket) -> io::Error {
         let socket = Arc::new(socket);
         let mut buf = vec![0u8; MAX_MESSAGE_LEN];
+        let mut scratch = Vec::with_capacity(512);
         loop {
             let (n, source, server) = match socket.recv(&mut buf).await {
                 Ok(x) => x,
@@ -168,16 +176,7 @@ impl DnsProxy {
                         tracing::debug!(error = %e, %source, "DNS reply failed");
                     }
                 }
-                Step::Forward(p) => {
-                    let this = self.clone();
-                    let socket = socket.clone();
-                    tokio::spawn(async move {
-                        let r = this.finish(*p).await;
-                        if let Err(e) = socket.reply(&r, source, server).await {
-                            tracing::debug!(error = %e, %source, "DNS reply failed");
-                        }
-                    });
-                }
+                Step::Forward(p) => self.forward_udp(*p, &socket, &mut scratch).await,
             }
         }
     }
@@ -315,10 +314,12 @@ impl DnsProxy {
             _ if question.qclass != rtype::CLASS_IN => DnsDecision {
                 denied: Some(DnsDenyReason::UnsupportedClass),
                 rule: None,
+                rule_text: None,
             },
             None => DnsDecision {
                 denied: Some(DnsDenyReason::NoPolicy),
                 rule: None,
+                rule_text: None,
             },
             Some(ep) => sh.policy.load().decide(
                 ep,
@@ -328,7 +329,7 @@ impl DnsProxy {
                 &question.name,
             ),
         };
-        rec.rule = decision.rule.as_ref().map(|r| r.to_string());
+        rec.rule = decision.rule_text.as_deref().map(str::to_owned);
         let (Some(ep), None) = (endpoint, decision.denied) else {
             let reason = decision.denied.unwrap_or(DnsDenyReason::NoPolicy);
             Counters::inc(&sh.counters.denied);
@@ -345,7 +346,7 @@ impl DnsProxy {
             return self.answer_now(rec, wire::reply(msg.as_ref(), raw, rcode::SERVFAIL));
         };
         rec.verdict = DnsVerdict::Forwarded;
-        let rule = rec.rule.clone();
+        let rule = decision.rule_text;
         sh.sink.record(rec);
         Step::Forward(Box::new(Pending {
             ctx,
@@ -374,7 +375,52 @@ impl DnsProxy {
         Step::Reply(reply)
     }
 
+    /// Forwards an allowed UDP query; its answer is completed and sent to the client by the
+    /// upstream socket's reader (see [`UpstreamPool::send_detached`]).
+    async fn forward_udp(&self, p: Pending, socket: &Arc<DnsUdpSocket>, scratch: &mut Vec<u8>) {
+        let sh = &self.shared;
+        Counters::inc(&sh.counters.forwarded);
+        let (source, server) = (p.ctx.source, p.ctx.server);
+        let Some(question) = p.query.questions.first().cloned() else {
+            let r = self.complete(p, Outcome::Failed).await;
+            return reply_udp(socket, &r, (source, server)).await;
+        };
+        // The ID is rewritten on the copy that goes upstream; `p.raw` stays the client's.
+        scratch.clear();
+        scratch.extend_from_slice(&p.raw);
+        let deadline = p.started + sh.config.upstream_timeout;
+        let this = self.clone();
+        let sock = socket.clone();
+        let done = Box::new(move |outcome: Outcome| {
+            run_inline(async move {
+                let r = this.complete(p, outcome).await;
+                reply_udp(&sock, &r, (source, server)).await;
+            });
+        });
+        sh.upstream
+            .send_detached(server, scratch, question, deadline, done)
+            .await;
+    }
+
     async fn finish(&self, mut p: Pending) -> Vec<u8> {
+        Counters::inc(&self.shared.counters.forwarded);
+        let exchanged = tokio::time::timeout(
+            self.shared.config.upstream_timeout,
+            self.exchange(p.ctx, &mut p.raw, &p.query),
+        )
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout));
+        let outcome = match exchanged {
+            Ok((raw, answer)) => Outcome::Answer(raw, answer),
+            Err(UpstreamError::Timeout) => Outcome::Timeout,
+            Err(UpstreamError::Io) => Outcome::Failed,
+        };
+        self.complete(p, outcome).await
+    }
+
+    /// Checks, learns from and records the upstream outcome of a forwarded query; returns
+    /// the bytes for the client.
+    async fn complete(&self, p: Pending, outcome: Outcome) -> Vec<u8> {
         let sh = &self.shared;
         let mut rec = DnsRecord {
             time: p.time,
@@ -402,23 +448,17 @@ impl DnsProxy {
             cnames: Vec::new(),
             ttl: None,
             verdict: DnsVerdict::Forwarded,
-            rule: p.rule.clone(),
+            rule: p.rule.as_deref().map(str::to_owned),
             latency: Duration::ZERO,
         };
-        Counters::inc(&sh.counters.forwarded);
-        let exchanged = tokio::time::timeout(
-            sh.config.upstream_timeout,
-            self.exchange(p.ctx, &mut p.raw, &p.query),
-        )
-        .await
-        .unwrap_or(Err(UpstreamError::Timeout));
-        let (raw_answer, answer) = match exchanged {
-            Ok(x) => x,
-            Err(e) => {
-                Counters::inc(match e {
-                    UpstreamError::Timeout => &sh.counters.upstream_timeouts,
-                    UpstreamError::Io => &sh.counters.upstream_errors,
-                });
+        let (raw_answer, answer) = match outcome {
+            Outcome::Answer(raw, answer) => (raw, answer),
+            Outcome::Timeout => {
+                Counters::inc(&sh.counters.upstream_timeouts);
+                return self.fail(rec, &p, rcode::SERVFAIL);
+            }
+            Outcome::Failed => {
+                Counters::inc(&sh.counters.upstream_errors);
                 return self.fail(rec, &p, rcode::SERVFAIL);
             }
         };
@@ -505,24 +545,6 @@ impl DnsProxy {
         }
     }
 
-    /// Checks one upstream message; `None` (counted) if it is not the awaited answer.
-    fn accept_answer(&self, query: &DnsMessage, data: &[u8]) -> Option<DnsMessage> {
-        let c = &self.shared.counters;
-        match wire::parse_message(data) {
-            Err(_) => {
-                Counters::inc(&c.malformed_answers);
-                None
-            }
-            Ok(answer) => match wire::check_answer(query, &answer) {
-                Ok(()) => Some(answer),
-                Err(Mismatch::NotAResponse | Mismatch::Id | Mismatch::Question) => {
-                    Counters::inc(&c.mismatched_answers);
-                    None
-                }
-            },
-        }
-    }
-
     async fn exchange_udp(
         &self,
         server: SocketAddr,
@@ -546,29 +568,45 @@ impl DnsProxy {
         raw: &[u8],
         query: &DnsMessage,
     ) -> Result<(Vec<u8>, DnsMessage), UpstreamError> {
-        let sock = if server.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-        .map_err(|_| UpstreamError::Io)?;
-        if let Some(mark) = self.shared.config.upstream_mark {
-            socket2::SockRef::from(&sock)
-                .set_mark(mark)
-                .map_err(|_| UpstreamError::Io)?;
-        }
-        let mut stream = sock.connect(server).await.map_err(|_| UpstreamError::Io)?;
-        write_framed(&mut stream, raw)
-            .await
-            .map_err(|_| UpstreamError::Io)?;
-        loop {
-            let data = read_framed(&mut stream)
-                .await
-                .map_err(|_| UpstreamError::Io)?;
-            if let Some(answer) = self.accept_answer(query, &data) {
-                return Ok((data, answer));
+        let question = query.questions.first().ok_or(UpstreamError::Io)?;
+        let pool = &self.shared.tcp_upstream;
+        // A reused connection the server closed just as the query went out fails it: once
+        // more on a fresh connection.
+        for fresh in [false, true] {
+            let mut exchange = match pool.send(server, raw, question, fresh).await {
+                Ok(x) => x,
+                Err(_) if !fresh => continue,
+                Err(_) => return Err(UpstreamError::Io),
+            };
+            // The pool checked ID, QR and question.
+            if let Some(answer) = exchange.recv().await {
+                return Ok(answer);
+            }
+            if !exchange.reused {
+                break;
             }
         }
+        Err(UpstreamError::Io)
+    }
+}
+
+/// Sends an answer to a UDP client `(source, server)`.
+async fn reply_udp(socket: &DnsUdpSocket, data: &[u8], (source, server): (SocketAddr, SocketAddr)) {
+    if let Err(e) = socket.reply(data, source, server).await {
+        tracing::debug!(error = %e, %source, "DNS reply failed");
+    }
+}
+
+/// Runs `fut` on the caller's task as far as it goes without waiting (usually to the end:
+/// the learner and the reply rarely block); only if it has to wait does it get a task of its
+/// own. Saves a task spawn and a wake-up per answer. Must be called inside a tokio runtime.
+fn run_inline(fut: impl std::future::Future<Output = ()> + Send + 'static) {
+    // Unconstrained: the calling task's cooperative budget must not make it wait for nothing.
+    let mut fut = Box::pin(tokio::task::unconstrained(fut));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if fut.as_mut().poll(&mut cx).is_pending() {
+        // Polled again on its task, with a real waker.
+        tokio::spawn(fut);
     }
 }
 

@@ -17,12 +17,18 @@
 //! - **Bounded.** At most [`MAX_SERVERS`] servers (the least recently used is dropped),
 //!   `sockets_per_server` sockets each, [`MAX_WAITERS_PER_SOCKET`] queries in flight per socket;
 //!   a retired socket's reader ends when its last query ends.
+//! - **No task per query.** A query sent with [`UpstreamPool::send_detached`] leaves a
+//!   callback instead of a channel: the socket's reader runs it with the answer (or the
+//!   reader's sweep with [`Outcome::Timeout`] once its deadline passed), so an answer costs
+//!   no task wake-up or hand-over. [`UpstreamPool::send`] (an [`Exchange`] to await) serves
+//!   callers that want to wait themselves.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, oneshot};
@@ -46,21 +52,25 @@ const RANDOM_IDS: usize = 128;
 /// Draws of a random ID before giving up on a crowded socket.
 const ID_DRAWS: usize = 32;
 
+/// How often a socket's reader looks for detached queries past their deadline (so a
+/// deadline is met within this much).
+const SWEEP_EVERY: Duration = Duration::from_millis(20);
+
 /// IDs from the OS random source, fetched in batches.
-struct IdSource {
+pub(crate) struct IdSource {
     buf: [u16; RANDOM_IDS],
     next: usize,
 }
 
 impl IdSource {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         IdSource {
             buf: [0; RANDOM_IDS],
             next: RANDOM_IDS,
         }
     }
 
-    fn next(&mut self) -> io::Result<u16> {
+    pub(crate) fn next(&mut self) -> io::Result<u16> {
         if self.next >= RANDOM_IDS {
             fill_random(&mut self.buf)?;
             self.next = 0;
@@ -96,10 +106,44 @@ fn fill_random(buf: &mut [u16]) -> io::Result<()> {
     Ok(())
 }
 
+/// How a detached query ended.
+pub(crate) enum Outcome {
+    /// Its answer (a response with its ID and question), the client's ID restored.
+    Answer(Vec<u8>, DnsMessage),
+    /// No answer by its deadline.
+    Timeout,
+    /// Sending failed or the socket failed.
+    Failed,
+}
+
+/// The callback of a detached query; called exactly once.
+pub(crate) type Done = Box<dyn FnOnce(Outcome) + Send>;
+
+/// Where a waiting query's answer goes.
+enum Reply {
+    /// To the [`Exchange`] awaiting it.
+    Channel(oneshot::Sender<(Vec<u8>, DnsMessage)>),
+    /// To a callback, run by the socket's reader.
+    Detached {
+        client_id: [u8; 2],
+        deadline: Instant,
+        done: Done,
+    },
+}
+
 /// A query waiting for its answer: the question the answer must repeat.
 struct Waiter {
     question: Question,
-    tx: oneshot::Sender<(Vec<u8>, DnsMessage)>,
+    reply: Reply,
+}
+
+impl Waiter {
+    /// Tells a detached query it failed; a channel's receiver sees its sender dropped.
+    fn fail(self, why: Outcome) {
+        if let Reply::Detached { done, .. } = self.reply {
+            done(why);
+        }
+    }
 }
 
 struct Waiters {
@@ -113,6 +157,9 @@ struct UpSocket {
     waiters: Mutex<Waiters>,
     uses: AtomicU32,
     retired: AtomicBool,
+    /// Set by the reader as it ends: a query registered after that fails at once instead of
+    /// waiting for a reader that is gone.
+    closed: AtomicBool,
     /// Wakes the reader to check whether it may end.
     wake: Notify,
 }
@@ -132,9 +179,45 @@ impl UpSocket {
         self.retired.load(Ordering::Relaxed) && self.lock().by_id.is_empty()
     }
 
-    /// Receives answers and hands each to the query waiting on its ID.
+    /// Fails every waiting query (callbacks run outside the lock).
+    fn fail_all(&self) {
+        let drained: Vec<Waiter> = self.lock().by_id.drain().map(|(_, w)| w).collect();
+        for w in drained {
+            w.fail(Outcome::Failed);
+        }
+    }
+
+    /// Times out the detached queries whose deadline passed.
+    fn sweep(&self, now: Instant) {
+        let expired: Vec<Waiter> = {
+            let mut w = self.lock();
+            let ids: Vec<u16> = w
+                .by_id
+                .iter()
+                .filter(
+                    |(_, q)| matches!(q.reply, Reply::Detached { deadline, .. } if deadline <= now),
+                )
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| w.by_id.remove(id)).collect()
+        };
+        for w in expired {
+            w.fail(Outcome::Timeout);
+        }
+    }
+
+    /// Receives answers and hands each to the query waiting on its ID; on the way out, fails
+    /// whatever still waits (see `closed`).
     async fn read(self: Arc<Self>, counters: Arc<Counters>) {
+        self.clone().read_until_done(counters).await;
+        self.closed.store(true, Ordering::SeqCst);
+        self.fail_all();
+    }
+
+    async fn read_until_done(self: Arc<Self>, counters: Arc<Counters>) {
         let mut buf = vec![0u8; MAX_MESSAGE_LEN];
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if self.done() {
                 return;
@@ -142,25 +225,28 @@ impl UpSocket {
             let n = tokio::select! {
                 r = self.socket.recv(&mut buf) => r,
                 () = self.wake.notified() => continue,
+                _ = sweep.tick() => {
+                    self.sweep(Instant::now());
+                    continue;
+                }
             };
             let n = match n {
                 Ok(n) => n,
                 // The server's port is closed (ICMP): fail the waiting queries at once rather
                 // than at their timeout, and keep the socket for the next ones.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    self.lock().by_id.clear();
+                    self.fail_all();
                     continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::debug!(error = %e, "upstream DNS socket failed; replacing it");
                     self.retired.store(true, Ordering::Relaxed);
-                    self.lock().by_id.clear();
                     return;
                 }
             };
             let data = buf.get(..n).unwrap_or_default();
-            let Ok(answer) = wire::parse_message(data) else {
+            let Ok(mut answer) = wire::parse_answer(data) else {
                 Counters::inc(&counters.malformed_answers);
                 continue;
             };
@@ -180,13 +266,30 @@ impl UpSocket {
                     None
                 }
             };
-            match waiter {
-                Some(w) => {
-                    let _ = w.tx.send((data.to_vec(), answer));
+            match waiter.map(|w| w.reply) {
+                Some(Reply::Channel(tx)) => {
+                    let _ = tx.send((data.to_vec(), answer));
+                }
+                Some(Reply::Detached {
+                    client_id, done, ..
+                }) => {
+                    let mut data = data.to_vec();
+                    if let Some(id) = data.get_mut(..2) {
+                        id.copy_from_slice(&client_id);
+                    }
+                    answer.id = u16::from_be_bytes(client_id);
+                    done(Outcome::Answer(data, answer));
                 }
                 None => Counters::inc(&counters.mismatched_answers),
             }
         }
+    }
+}
+
+fn client_id(query: &[u8]) -> io::Result<[u8; 2]> {
+    match query.get(..2) {
+        Some(&[a, b]) => Ok([a, b]),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "no DNS header")),
     }
 }
 
@@ -214,9 +317,18 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
+        // Closed first: a waiter under this ID with an open channel is a later query's
+        // (the ID was freed by the answer and reused) and stays.
+        self.rx.close();
         let empty = {
             let mut w = self.socket.lock();
-            w.by_id.remove(&self.upstream_id);
+            let ours = w
+                .by_id
+                .get(&self.upstream_id)
+                .is_some_and(|q| matches!(&q.reply, Reply::Channel(tx) if tx.is_closed()));
+            if ours {
+                w.by_id.remove(&self.upstream_id);
+            }
             w.by_id.is_empty()
         };
         if empty && self.socket.retired.load(Ordering::Relaxed) {
@@ -280,40 +392,9 @@ impl UpstreamPool {
         query: &mut [u8],
         question: &Question,
     ) -> io::Result<Exchange> {
-        let client_id = match query.get(..2) {
-            Some(&[a, b]) => [a, b],
-            _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "no DNS header")),
-        };
-        let socket = self.socket(server)?;
+        let client_id = client_id(query)?;
         let (tx, rx) = oneshot::channel();
-        let upstream_id = {
-            let mut w = socket.lock();
-            if w.by_id.len() >= MAX_WAITERS_PER_SOCKET {
-                return Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    "too many queries in flight on one upstream socket",
-                ));
-            }
-            let mut free = None;
-            for _ in 0..ID_DRAWS {
-                let id = w.ids.next()?;
-                if !w.by_id.contains_key(&id) {
-                    free = Some(id);
-                    break;
-                }
-            }
-            let id = free.ok_or_else(|| {
-                io::Error::new(io::ErrorKind::WouldBlock, "no free upstream DNS ID")
-            })?;
-            w.by_id.insert(
-                id,
-                Waiter {
-                    question: question.clone(),
-                    tx,
-                },
-            );
-            id
-        };
+        let (socket, upstream_id) = self.register(server, question.clone(), Reply::Channel(tx))?;
         // From here on, dropping the exchange frees the ID.
         let exchange = Exchange {
             socket: socket.clone(),
@@ -330,6 +411,97 @@ impl UpstreamPool {
         }
         sent?;
         Ok(exchange)
+    }
+
+    /// Sends `query` (asking `question`; its ID is overwritten) to `server` and leaves `done`
+    /// to be called exactly once: by the socket's reader with the answer (client ID
+    /// restored), by its sweep with [`Outcome::Timeout`] after `deadline`, or with
+    /// [`Outcome::Failed`] (possibly before this returns) if sending or the socket fails.
+    pub(crate) async fn send_detached(
+        &self,
+        server: SocketAddr,
+        query: &mut [u8],
+        question: Question,
+        deadline: Instant,
+        done: Done,
+    ) {
+        let client_id = match client_id(query) {
+            Ok(id) => id,
+            Err(_) => return done(Outcome::Failed),
+        };
+        let reply = Reply::Detached {
+            client_id,
+            deadline,
+            done,
+        };
+        // `register` hands the reply back when it cannot take it.
+        let (socket, upstream_id) = match self.register_or_return(server, question, reply) {
+            Ok(x) => x,
+            Err(reply) => {
+                if let Reply::Detached { done, .. } = reply {
+                    done(Outcome::Failed);
+                }
+                return;
+            }
+        };
+        if let Some(id) = query.get_mut(..2) {
+            id.copy_from_slice(&upstream_id.to_be_bytes());
+        }
+        if socket.socket.send(query).await.is_err() {
+            // Unless the reader or the sweep got to it first.
+            let w = socket.lock().by_id.remove(&upstream_id);
+            if let Some(w) = w {
+                w.fail(Outcome::Failed);
+            }
+        }
+    }
+
+    fn register(
+        &self,
+        server: SocketAddr,
+        question: Question,
+        reply: Reply,
+    ) -> io::Result<(Arc<UpSocket>, u16)> {
+        self.register_or_return(server, question, reply)
+            .map_err(|_| io::Error::new(io::ErrorKind::WouldBlock, "no upstream DNS slot"))
+    }
+
+    /// Registers `reply` under a free random ID of one of `server`'s sockets; on failure
+    /// hands `reply` back.
+    fn register_or_return(
+        &self,
+        server: SocketAddr,
+        question: Question,
+        reply: Reply,
+    ) -> Result<(Arc<UpSocket>, u16), Reply> {
+        let Ok(socket) = self.socket(server) else {
+            return Err(reply);
+        };
+        let mut w = socket.lock();
+        if w.by_id.len() >= MAX_WAITERS_PER_SOCKET {
+            return Err(reply);
+        }
+        let mut free = None;
+        for _ in 0..ID_DRAWS {
+            let Ok(id) = w.ids.next() else {
+                break;
+            };
+            if !w.by_id.contains_key(&id) {
+                free = Some(id);
+                break;
+            }
+        }
+        let Some(id) = free else {
+            return Err(reply);
+        };
+        // Checked under the lock the reader's final drain takes: either the drain sees this
+        // waiter or this sees the reader gone.
+        if socket.closed.load(Ordering::SeqCst) {
+            return Err(reply);
+        }
+        w.by_id.insert(id, Waiter { question, reply });
+        drop(w);
+        Ok((socket, id))
     }
 
     /// A socket for `server`: the next slot's, replacing it if missing, failed or used up.
@@ -370,6 +542,7 @@ impl UpstreamPool {
             }),
             uses: AtomicU32::new(1),
             retired: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             wake: Notify::new(),
         });
         tokio::spawn(fresh.clone().read(self.counters.clone()));
@@ -621,6 +794,42 @@ mod tests {
             drop(ask(&p, other, &mut q).await.expect("send"));
         }
         assert!(p.servers.lock().expect("lock").len() <= MAX_SERVERS);
+    }
+
+    /// A detached query's callback runs once: with the answer (client ID restored), or with
+    /// a timeout from the sweep when the server is silent; the ID is freed either way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn detached_queries_get_their_answer_or_time_out() {
+        let (echo, _s) = server(Behaviour::Echo).await;
+        let (silent, _s2) = server(Behaviour::Silent).await;
+        let (p, _) = pool(1);
+        for (up, want_answer) in [(echo, true), (silent, false)] {
+            let mut q = build_query(0x0102, "d.example.", 1).expect("query");
+            let question = parse_message(&q).expect("query").questions[0].clone();
+            let (tx, rx) = oneshot::channel();
+            let deadline = Instant::now() + Duration::from_millis(100);
+            let done: Done = Box::new(move |o| {
+                let _ = tx.send(match o {
+                    Outcome::Answer(a, m) => Some((a, m)),
+                    Outcome::Timeout => None,
+                    Outcome::Failed => panic!("failed"),
+                });
+            });
+            p.send_detached(up, &mut q, question, deadline, done).await;
+            let got = tokio::time::timeout(WAIT, rx)
+                .await
+                .expect("called in time")
+                .expect("called");
+            match got {
+                Some((a, m)) => {
+                    assert!(want_answer);
+                    assert_eq!(&a[..2], &[1, 2]);
+                    assert_eq!(m.id, 0x0102);
+                }
+                None => assert!(!want_answer, "timed out"),
+            }
+            assert_eq!(waiting(&p), 0);
+        }
     }
 
     #[tokio::test]

@@ -174,36 +174,7 @@ pub(crate) fn quick_query(bytes: &[u8]) -> Option<DnsMessage> {
     if qd != 1 || an != 0 || ns != 0 || ar > 1 {
         return None;
     }
-    let mut name = String::with_capacity(64);
-    let mut at = HEADER_LEN;
-    loop {
-        let len = usize::from(b(at)?);
-        at += 1;
-        if len == 0 {
-            break;
-        }
-        // Compression pointers and extended label types: leave them to hickory.
-        if len > 63 {
-            return None;
-        }
-        let label = bytes.get(at..at + len)?;
-        // hickory escapes some characters when it prints a name (a leading `-`, for one);
-        // only labels it prints as they are take the quick way.
-        let plain = |c: &u8| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_';
-        if label.first().is_none_or(|c| *c == b'-') || !label.iter().all(plain) {
-            return None;
-        }
-        name.extend(label.iter().map(|c| char::from(c.to_ascii_lowercase())));
-        name.push('.');
-        at += len;
-        // The wire form of a name is at most 255 bytes.
-        if at - HEADER_LEN > 255 {
-            return None;
-        }
-    }
-    if name.is_empty() {
-        return None;
-    }
+    let (name, mut at) = plain_name(bytes, HEADER_LEN, &mut Vec::new())?;
     let (qtype, qclass) = (be16(at)?, be16(at + 2)?);
     at += 4;
     let mut rcode = u16::from(flags_lo & 0x0f);
@@ -233,6 +204,186 @@ pub(crate) fn quick_query(bytes: &[u8]) -> Option<DnsMessage> {
         }],
         answers: Vec::new(),
     })
+}
+
+/// Reads a name of plain labels (see [`quick_query`]) at `at`, ending in a root label or in
+/// a compression pointer to the start of a name in `known` (offset, name); returns it
+/// lower-cased with the trailing dot and the offset after it. `None` for anything else.
+fn plain_name(
+    bytes: &[u8],
+    mut at: usize,
+    known: &mut Vec<(usize, String)>,
+) -> Option<(String, usize)> {
+    let start = at;
+    let mut name = String::with_capacity(64);
+    // (offset, position in `name`) of each label read here: each starts a suffix a later
+    // pointer may name.
+    let mut starts: Vec<(usize, usize)> = Vec::new();
+    loop {
+        let len = usize::from(*bytes.get(at)?);
+        if len != 0 && len <= 63 {
+            starts.push((at, name.len()));
+        }
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        if len & 0xc0 == 0xc0 {
+            // A pointer: only to a name already read whole, so it always points backwards.
+            let target = ((len & 0x3f) << 8) | usize::from(*bytes.get(at)?);
+            at += 1;
+            let (_, suffix) = known.iter().find(|(o, _)| *o == target)?;
+            name.push_str(suffix);
+            if name.len() > 254 {
+                return None;
+            }
+            remember(known, &starts, &name);
+            return Some((name, at));
+        }
+        // Extended label types: leave them to hickory.
+        if len > 63 {
+            return None;
+        }
+        let label = bytes.get(at..at + len)?;
+        // hickory escapes some characters when it prints a name (a leading `-`, for one);
+        // only labels it prints as they are take the quick way.
+        let plain = |c: &u8| c.is_ascii_alphanumeric() || *c == b'-' || *c == b'_';
+        if label.first().is_none_or(|c| *c == b'-') || !label.iter().all(plain) {
+            return None;
+        }
+        name.extend(label.iter().map(|c| char::from(c.to_ascii_lowercase())));
+        name.push('.');
+        at += len;
+        // The wire form of a name is at most 255 bytes.
+        if at - start > 255 {
+            return None;
+        }
+    }
+    if name.is_empty() {
+        return None;
+    }
+    remember(known, &starts, &name);
+    Some((name, at))
+}
+
+/// Records the names starting at each label of `name` (see [`plain_name`]).
+fn remember(known: &mut Vec<(usize, String)>, starts: &[(usize, usize)], name: &str) {
+    for &(offset, pos) in starts {
+        if known.iter().all(|(o, _)| *o != offset)
+            && let Some(suffix) = name.get(pos..)
+        {
+            known.push((offset, suffix.to_owned()));
+        }
+    }
+}
+
+/// Reads an answer of the common shape without hickory: a QUERY response with one question
+/// (as [`quick_query`] reads it), answer records of type A, AAAA or CNAME in class IN whose
+/// names are plain labels or compression pointers to names read before, no authority
+/// records, and either no additional record or one empty EDNS OPT record, ending exactly at
+/// the end of the bytes. Anything else is `None` (use [`parse_message`]); where it is `Some`
+/// it equals [`parse_message`]'s result (a property test checks this). Saves a full decode
+/// per answer.
+pub(crate) fn quick_answer(bytes: &[u8]) -> Option<DnsMessage> {
+    let b = |i: usize| bytes.get(i).copied();
+    let be16 = |i: usize| Some(u16::from_be_bytes([b(i)?, b(i + 1)?]));
+    let be32 = |i: usize| Some(u32::from_be_bytes([b(i)?, b(i + 1)?, b(i + 2)?, b(i + 3)?]));
+    if bytes.len() > MAX_MESSAGE_LEN {
+        return None;
+    }
+    let id = be16(0)?;
+    let (flags_hi, flags_lo) = (b(2)?, b(3)?);
+    // QR set, opcode QUERY.
+    if flags_hi & 0xf8 != 0x80 {
+        return None;
+    }
+    let (qd, an, ns, ar) = (be16(4)?, be16(6)?, be16(8)?, be16(10)?);
+    if qd != 1 || ns != 0 || ar > 1 || an > 64 {
+        return None;
+    }
+    let mut known: Vec<(usize, String)> = Vec::with_capacity(4);
+    let (qname, mut at) = plain_name(bytes, HEADER_LEN, &mut known)?;
+    let (qtype, qclass) = (be16(at)?, be16(at + 2)?);
+    at += 4;
+    let mut answers = Vec::with_capacity(usize::from(an));
+    for _ in 0..an {
+        let (name, next) = plain_name(bytes, at, &mut known)?;
+        at = next;
+        let (ty, class, ttl, rdlen) = (be16(at)?, be16(at + 2)?, be32(at + 4)?, be16(at + 8)?);
+        at += 10;
+        let end = at + usize::from(rdlen);
+        let rdata = bytes.get(at..end)?;
+        if class != rtype::CLASS_IN {
+            return None;
+        }
+        let data = match (ty, rdata.len()) {
+            (rtype::A, 4) => AnswerData::A(Ipv4Addr::new(
+                *rdata.first()?,
+                *rdata.get(1)?,
+                *rdata.get(2)?,
+                *rdata.get(3)?,
+            )),
+            (rtype::AAAA, 16) => {
+                AnswerData::Aaaa(Ipv6Addr::from(<[u8; 16]>::try_from(rdata).ok()?))
+            }
+            (rtype::CNAME, _) => {
+                let (target, after) = plain_name(bytes, at, &mut known)?;
+                if after != end {
+                    return None;
+                }
+                AnswerData::Cname(target)
+            }
+            _ => return None,
+        };
+        at = end;
+        answers.push(AnswerRecord {
+            name,
+            class,
+            ttl,
+            data,
+        });
+    }
+    let mut rcode = u16::from(flags_lo & 0x0f);
+    let has_edns = ar == 1;
+    if has_edns {
+        if b(at)? != 0 || be16(at + 1)? != 41 || be16(at + 9)? != 0 {
+            return None;
+        }
+        rcode |= u16::from(b(at + 5)?) << 4;
+        at += 11;
+    }
+    if at != bytes.len() {
+        return None;
+    }
+    Some(DnsMessage {
+        id,
+        is_response: true,
+        opcode: 0,
+        rcode,
+        truncated: flags_hi & 0x02 != 0,
+        has_edns,
+        questions: vec![Question {
+            name: qname,
+            qtype,
+            qclass,
+        }],
+        answers,
+    })
+}
+
+/// The quick readers the proxy tries before the full decode (a query's shape, then an
+/// answer's). Where this is `Some` it must equal [`parse_message`]'s result: the
+/// `dns_message` fuzz target and property tests check that.
+pub fn parse_quick(bytes: &[u8]) -> Option<DnsMessage> {
+    quick_query(bytes).or_else(|| quick_answer(bytes))
+}
+
+/// Parses an answer from upstream: [`quick_answer`], else the full decode.
+pub(crate) fn parse_answer(bytes: &[u8]) -> Result<DnsMessage, ParseError> {
+    match quick_answer(bytes) {
+        Some(m) => Ok(m),
+        None => parse_message(bytes),
+    }
 }
 
 fn name_string(name: &hickory_proto::rr::Name) -> String {
@@ -353,6 +504,7 @@ pub fn build_query(id: u16, name: &str, qtype: u16) -> Option<Vec<u8>> {
 }
 
 /// Why an upstream message is not the answer to the query the proxy forwarded.
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mismatch {
     NotAResponse,
@@ -362,6 +514,7 @@ pub(crate) enum Mismatch {
 
 /// Checks that `answer` answers `query`: same ID, QR set, exactly the same single question
 /// (names compared case-insensitively, since resolvers may randomise case).
+#[cfg(test)]
 pub(crate) fn check_answer(query: &DnsMessage, answer: &DnsMessage) -> Result<(), Mismatch> {
     if !answer.is_response {
         return Err(Mismatch::NotAResponse);
@@ -632,6 +785,65 @@ mod tests {
         assert_eq!(quick_query(&o), None);
     }
 
+    /// An answer as a server would encode it (hickory compresses names).
+    fn encoded_answer(qname: &str, chain: &[&str], ips: &[IpAddr], edns: bool) -> Vec<u8> {
+        use hickory_proto::rr::rdata::{A, AAAA, CNAME};
+        use hickory_proto::rr::{Name, Record};
+        let name = |n: &str| Name::from_ascii(n).unwrap_or_else(|_| Name::root());
+        let mut m = Message::response(0x4242, OpCode::Query);
+        let mut q = hickory_proto::op::Query::query(name(qname), RecordType::A);
+        q.set_query_class(DNSClass::IN);
+        m.queries.push(q);
+        let mut owner = qname;
+        for next in chain {
+            m.answers.push(Record::from_rdata(
+                name(owner),
+                60,
+                RData::CNAME(CNAME(name(next))),
+            ));
+            owner = next;
+        }
+        for ip in ips {
+            let data = match ip {
+                IpAddr::V4(a) => RData::A(A(*a)),
+                IpAddr::V6(a) => RData::AAAA(AAAA(*a)),
+            };
+            m.answers.push(Record::from_rdata(name(owner), 300, data));
+        }
+        if edns {
+            m.edns = Some(Edns::new());
+        }
+        m.to_vec().unwrap_or_default()
+    }
+
+    #[test]
+    fn quick_answer_reads_compressed_answers_and_leaves_the_rest() {
+        let ips = [
+            IpAddr::from([203, 0, 113, 10]),
+            IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1]),
+        ];
+        for edns in [false, true] {
+            let a = encoded_answer(
+                "www.Example.com.",
+                &["edge.cdn.net.", "e1.cdn.net."],
+                &ips,
+                edns,
+            );
+            let quick = quick_answer(&a);
+            assert!(quick.is_some(), "{a:?}");
+            assert_eq!(quick, parse_message(&a).ok());
+            assert_eq!(quick.map(|m| m.answers.len()), Some(4));
+        }
+        let a = encoded_answer("api.stripe.com.", &[], &ips[..1], false);
+        assert_eq!(quick_answer(&a), parse_message(&a).ok());
+        // A query is not an answer; trailing bytes: hickory decides.
+        let q = build_query(1, "api.stripe.com.", rtype::A).unwrap_or_default();
+        assert_eq!(quick_answer(&q), None);
+        let mut t = a.clone();
+        t.push(0);
+        assert_eq!(quick_answer(&t), None);
+    }
+
     proptest::proptest! {
         /// Wherever the quick reader answers, it agrees with hickory.
         #[test]
@@ -672,11 +884,44 @@ mod tests {
             }
         }
 
+        /// Wherever the quick answer reader answers, it agrees with hickory, also on
+        /// truncated and corrupted answers.
+        #[test]
+        fn quick_answer_agrees_with_hickory(
+            labels in proptest::collection::vec("[a-zA-Z0-9_-]{1,12}", 1..4),
+            chain in proptest::collection::vec("[a-z0-9]{1,8}\\.[a-z]{2,4}\\.", 0..3),
+            v4 in proptest::collection::vec(proptest::num::u32::ANY, 0..3),
+            edns in proptest::bool::ANY,
+            cut in 0usize..200,
+            pos in 0usize..200,
+            val in proptest::num::u8::ANY,
+        ) {
+            let qname = format!("{}.", labels.join("."));
+            let chain: Vec<&str> = chain.iter().map(String::as_str).collect();
+            let ips: Vec<IpAddr> = v4.iter().map(|v| IpAddr::from(v.to_be_bytes())).collect();
+            let m = encoded_answer(&qname, &chain, &ips, edns);
+            if labels.iter().all(|l| !l.starts_with('-')) {
+                proptest::prop_assert!(quick_answer(&m).is_some(), "{:?}", m);
+            }
+            for bytes in [m.clone(), m.get(..cut).unwrap_or(&m).to_vec(), {
+                let mut x = m.clone();
+                if let Some(b) = x.get_mut(pos) { *b = val; }
+                x
+            }] {
+                if let Some(quick) = quick_answer(&bytes) {
+                    proptest::prop_assert_eq!(Some(quick), parse_message(&bytes).ok());
+                }
+            }
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
             let _ = parse_message(&bytes);
             let _ = header_only_reply(&bytes, rcode::FORMERR);
             if let Some(quick) = quick_query(&bytes) {
+                proptest::prop_assert_eq!(Some(quick), parse_message(&bytes).ok());
+            }
+            if let Some(quick) = quick_answer(&bytes) {
                 proptest::prop_assert_eq!(Some(quick), parse_message(&bytes).ok());
             }
         }
