@@ -290,37 +290,84 @@ pub(crate) struct Item {
     pub(crate) action: EntryAction,
 }
 
-/// Collects (key, rule, action) triples and folds them per key.
+/// Hashes an [`Identity`] with one multiplication: the builder looks runs up once per
+/// (contribution, identity) pair, and SipHash would cost more than the work it indexes.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by identity with [`IdHasher`].
+pub(crate) type IdMap<V> = HashMap<Identity, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// Collects (key, rule, action) triples per remote identity and folds them per key. Keeping
+/// one run per identity makes the sort per identity (small, cache-resident) instead of one
+/// sort of every item, and the runs are what [`EndpointPolicy`] keeps for later updates.
 #[derive(Default)]
 pub(crate) struct Builder {
-    pub(crate) items: Vec<Item>,
+    runs: IdMap<Vec<Item>>,
 }
 
 impl Builder {
     fn add(&mut self, key: PolicyKey, action: EntryAction, rule: u32) {
-        self.items.push(Item { key, rule, action });
+        self.run(key.identity).push(Item { key, rule, action });
+    }
+
+    /// The run of one identity, to push its items.
+    fn run(&mut self, id: Identity) -> &mut Vec<Item> {
+        self.runs.entry(id).or_default()
+    }
+
+    /// The items, per identity, in the order they were added.
+    pub(crate) fn into_runs(self) -> IdMap<Vec<Item>> {
+        self.runs
     }
 
     /// Folds the items of each key into its entry: deny wins, allows union, the redirect with
     /// the highest priority is taken. `rules` are the contributions the indices point into.
+    /// Also returns the items per identity, each run sorted by key then rule.
     fn finish(
-        mut self,
+        self,
         rules: &[Option<Arc<Contribution>>],
-    ) -> (BTreeMap<PolicyKey, PolicyEntry>, Vec<Item>) {
-        self.items.sort_unstable_by_key(|a| (a.key, a.rule));
+    ) -> (
+        BTreeMap<PolicyKey, PolicyEntry>,
+        BTreeMap<Identity, Vec<Item>>,
+    ) {
+        let mut runs: Vec<(Identity, Vec<Item>)> = self
+            .runs
+            .into_iter()
+            .filter(|(_, r)| !r.is_empty())
+            .collect();
+        runs.sort_unstable_by_key(|(id, _)| *id);
         let mut out = Vec::new();
-        let mut rest = self.items.as_slice();
-        while let Some(first) = rest.first() {
-            let n = rest
-                .iter()
-                .position(|i| i.key != first.key)
-                .unwrap_or(rest.len());
-            let (group, tail) = rest.split_at(n);
-            out.push((first.key, fold(group, rules)));
-            rest = tail;
+        for (_, run) in runs.iter_mut() {
+            run.sort_unstable_by_key(|a| (a.key, a.rule));
+            let mut rest = run.as_slice();
+            while let Some(first) = rest.first() {
+                let n = rest
+                    .iter()
+                    .position(|i| i.key != first.key)
+                    .unwrap_or(rest.len());
+                let (group, tail) = rest.split_at(n);
+                out.push((first.key, fold(group, rules)));
+                rest = tail;
+            }
         }
-        // Sorted input: the map is bulk-built.
-        (out.into_iter().collect(), self.items)
+        // Sorted input (runs in identity order, keys start with the identity): both maps are
+        // bulk-built.
+        (out.into_iter().collect(), runs.into_iter().collect())
     }
 }
 
@@ -365,18 +412,6 @@ pub(crate) fn fold(group: &[Item], rules: &[Option<Arc<Contribution>>]) -> Polic
         action,
         derived_from: derived_from.into_iter().collect(),
     }
-}
-
-/// Splits items sorted by key into per-identity runs.
-fn by_identity(items: Vec<Item>) -> BTreeMap<Identity, Vec<Item>> {
-    let mut out: Vec<(Identity, Vec<Item>)> = Vec::new();
-    for i in items {
-        match out.last_mut() {
-            Some((id, v)) if *id == i.key.identity => v.push(i),
-            _ => out.push((i.key.identity, vec![i])),
-        }
-    }
-    out.into_iter().collect()
 }
 
 /// Turns every non-deny entry covered by a deny (in `entries` or in `extra_denies`) into a
@@ -744,13 +779,12 @@ impl Compiler {
         keys: &[L4Key],
     ) {
         let rule = u32::try_from(ci).unwrap_or(NO_RULE);
-        for k in keys {
-            b.add(
-                k.key(id, c.direction),
-                self.action_for(c.deny, c.direction, k.l7.as_ref()),
-                rule,
-            );
-        }
+        let run = b.run(id);
+        run.extend(keys.iter().map(|k| Item {
+            key: k.key(id, c.direction),
+            rule,
+            action: self.action_for(c.deny, c.direction, k.l7.as_ref()),
+        }));
     }
 
     /// Compiles the policy of one endpoint from scratch.
@@ -819,7 +853,7 @@ impl Compiler {
             map_state: MapState { entries },
             l7,
             plan,
-            items: Arc::new(by_identity(items)),
+            items: Arc::new(items),
             deny_keys: Arc::new(deny_keys),
         }
     }
@@ -1021,13 +1055,16 @@ impl Compiler {
         if info.is_some() {
             self.add_synthetic(&mut b, &plan, Some(id));
         }
-        let (mut entries, mut id_items) = b.finish(&plan.contributions);
+        let (mut entries, mut runs) = b.finish(&plan.contributions);
         // Keep the pre-fold items and deny keys in step, for later policy updates.
         let items = Arc::make_mut(&mut policy.items);
-        if id_items.is_empty() {
-            items.remove(&id);
-        } else {
-            items.insert(id, std::mem::take(&mut id_items));
+        match runs.remove(&id) {
+            Some(run) if !run.is_empty() => {
+                items.insert(id, run);
+            }
+            _ => {
+                items.remove(&id);
+            }
         }
         let deny_keys = Arc::make_mut(&mut policy.deny_keys);
         deny_keys.retain(|k| k.identity != id);

@@ -229,11 +229,8 @@ impl Compiler {
                 }
             }
         }
-        touched.extend(b.items.iter().map(|i| i.key));
-        let mut added: BTreeMap<Identity, Vec<Item>> = BTreeMap::new();
-        for i in b.items {
-            added.entry(i.key.identity).or_default().push(i);
-        }
+        let mut added = b.into_runs();
+        touched.extend(added.values().flatten().map(|i| i.key));
         let gone: BTreeSet<u32> = old_part.slots.iter().copied().collect();
         let ids: BTreeSet<Identity> = touched.iter().map(|k| k.identity).collect();
         let items = Arc::make_mut(&mut policy.items);
