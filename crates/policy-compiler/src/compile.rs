@@ -541,6 +541,88 @@ fn port_l7s(pr: &PeerRule) -> Vec<Option<Arc<L7Rules>>> {
         .collect()
 }
 
+/// A peer rule's contribution as far as it does not depend on the endpoint, built once when
+/// the policy is stored so that a compile only clones `Arc`s.
+#[derive(Debug, Clone)]
+pub(crate) enum Prepared {
+    /// Complete.
+    Ready(Arc<Contribution>),
+    /// Ingress with named ports: its L4 keys come from the endpoint's named ports, so `base`
+    /// (with no keys) gets them at plan time.
+    IngressNamed {
+        base: Arc<Contribution>,
+        rule: PeerRule,
+        l7s: Vec<Option<Arc<L7Rules>>>,
+    },
+}
+
+/// The contributions of every rule of `policy`, per rule, in the order a plan lists them:
+/// ingress then egress, allows then denies, peer rules in order. Peer rules that allow
+/// nothing are left out.
+pub(crate) fn prepare(policy: &Policy) -> Vec<Vec<Prepared>> {
+    let owner = Arc::new(policy.name.clone());
+    policy
+        .rules
+        .iter()
+        .map(|rule| {
+            let mut out = Vec::new();
+            for (dir, sections) in [
+                (Direction::Ingress, &rule.ingress),
+                (Direction::Egress, &rule.egress),
+            ] {
+                let (allow_sec, deny_sec) = match dir {
+                    Direction::Ingress => (Section::Ingress, Section::IngressDeny),
+                    Direction::Egress => (Section::Egress, Section::EgressDeny),
+                };
+                for (deny, section, list) in [
+                    (false, allow_sec, &sections.allow),
+                    (true, deny_sec, &sections.deny),
+                ] {
+                    for pr in list.iter().filter(|pr| !pr.allows_nothing()) {
+                        let rule_ref = Arc::new(RuleRef {
+                            policy: rule.origin.clone(),
+                            spec: rule.spec,
+                            multi_spec: rule.multi_spec,
+                            section,
+                            index: pr.index,
+                        });
+                        let peers = match &pr.peers {
+                            Peers::Any => None,
+                            Peers::List(l) if l.iter().any(peer_is_wildcard) => None,
+                            Peers::List(l) => Some(l.clone()),
+                        };
+                        let l7s = port_l7s(pr);
+                        let named = has_named_port(pr);
+                        let l4 = match (dir, named) {
+                            (Direction::Egress, true) => L4::PerPeer(pr.clone(), l7s.clone()),
+                            (Direction::Ingress, true) => L4::Fixed(Vec::new()),
+                            (_, false) => L4::Fixed(resolve_l4(pr, &l7s, &|_| Vec::new())),
+                        };
+                        let c = Arc::new(Contribution {
+                            direction: dir,
+                            deny,
+                            rule: rule_ref,
+                            owner: owner.clone(),
+                            peers,
+                            l4,
+                        });
+                        out.push(if dir == Direction::Ingress && named {
+                            Prepared::IngressNamed {
+                                base: c,
+                                rule: pr.clone(),
+                                l7s,
+                            }
+                        } else {
+                            Prepared::Ready(c)
+                        });
+                    }
+                }
+            }
+            out
+        })
+        .collect()
+}
+
 fn has_named_port(pr: &PeerRule) -> bool {
     pr.ports
         .iter()
@@ -649,9 +731,9 @@ impl Compiler {
             ..Plan::default()
         };
         let mut own = Vec::new();
-        for policy in self.repo.iter() {
+        for (policy, prepared) in self.repo.iter_prepared() {
             own.clear();
-            if let Some(mut part) = self.plan_policy(policy, ep, &mut own) {
+            if let Some(mut part) = self.plan_policy(policy, prepared, ep, &mut own) {
                 for c in own.drain(..) {
                     let slot = u32::try_from(plan.contributions.len()).unwrap_or(NO_RULE);
                     plan.index
@@ -667,25 +749,21 @@ impl Compiler {
     }
 
     /// The contributions of one policy's rules that select `ep`, appended to `out`; `None` if
-    /// no rule selects it.
+    /// no rule selects it. `prepared` is the policy's [`prepare`]d contributions.
     pub(crate) fn plan_policy(
         &self,
         policy: &Policy,
+        prepared: &[Vec<Prepared>],
         ep: &EndpointInfo,
         out: &mut Vec<Arc<Contribution>>,
     ) -> Option<PolicyPart> {
         let mut part = PolicyPart::default();
         let mut selected = false;
-        let mut owner: Option<Arc<PolicyName>> = None;
-        for rule in policy
-            .rules
-            .iter()
-            .filter(|r| r.subject.matches(&ep.labels))
-        {
+        for (rule, prepared) in policy.rules.iter().zip(prepared) {
+            if !rule.subject.matches(&ep.labels) {
+                continue;
+            }
             selected = true;
-            let owner = owner
-                .get_or_insert_with(|| Arc::new(policy.name.clone()))
-                .clone();
             for (dir, sections) in [
                 (Direction::Ingress, &rule.ingress),
                 (Direction::Egress, &rule.egress),
@@ -702,44 +780,14 @@ impl Compiler {
                 if has_rules && let Some(h) = part.has_rules.get_mut(di) {
                     *h = true;
                 }
-                let (allow_sec, deny_sec) = match dir {
-                    Direction::Ingress => (Section::Ingress, Section::IngressDeny),
-                    Direction::Egress => (Section::Egress, Section::EgressDeny),
-                };
-                for (deny, section, list) in [
-                    (false, allow_sec, &sections.allow),
-                    (true, deny_sec, &sections.deny),
-                ] {
-                    for pr in list.iter().filter(|pr| !pr.allows_nothing()) {
-                        let rule_ref = Arc::new(RuleRef {
-                            policy: rule.origin.clone(),
-                            spec: rule.spec,
-                            multi_spec: rule.multi_spec,
-                            section,
-                            index: pr.index,
-                        });
-                        let peers = match &pr.peers {
-                            Peers::Any => None,
-                            Peers::List(l) if l.iter().any(peer_is_wildcard) => None,
-                            Peers::List(l) => Some(l.clone()),
-                        };
-                        let l7s = port_l7s(pr);
-                        let l4 = if dir == Direction::Egress && has_named_port(pr) {
-                            L4::PerPeer(pr.clone(), l7s)
-                        } else {
-                            L4::Fixed(resolve_l4(pr, &l7s, &|n| named_lookup(&ep.named_ports, n)))
-                        };
-                        out.push(Arc::new(Contribution {
-                            direction: dir,
-                            deny,
-                            rule: rule_ref,
-                            owner: owner.clone(),
-                            peers,
-                            l4,
-                        }));
-                    }
-                }
             }
+            out.extend(prepared.iter().map(|p| match p {
+                Prepared::Ready(c) => c.clone(),
+                Prepared::IngressNamed { base, rule, l7s } => Arc::new(Contribution {
+                    l4: L4::Fixed(resolve_l4(rule, l7s, &|n| named_lookup(&ep.named_ports, n))),
+                    ..Contribution::clone(base)
+                }),
+            }));
         }
         selected.then_some(part)
     }

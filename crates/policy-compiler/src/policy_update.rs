@@ -138,8 +138,8 @@ impl Compiler {
         let mut new_own = Vec::new();
         let part = self
             .repo
-            .get(name)
-            .and_then(|p| self.plan_policy(p, ep, &mut new_own));
+            .get_prepared(name)
+            .and_then(|(p, prep)| self.plan_policy(p, prep, ep, &mut new_own));
         let new_part = part.clone().unwrap_or_default();
         // Enforcement with the new part in place of the old.
         let mut default_deny = new_part.default_deny;
