@@ -300,12 +300,25 @@ impl std::hash::Hasher for IdHasher {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.mix(u64::from_le_bytes(c.try_into().unwrap_or_default()));
+        }
+        for &b in chunks.remainder() {
+            self.mix(u64::from(b));
         }
     }
     fn write_u32(&mut self, n: u32) {
-        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.mix(u64::from(n));
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.mix(n as u64);
+    }
+}
+
+impl IdHasher {
+    fn mix(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 
@@ -352,6 +365,7 @@ impl Builder {
             .collect();
         runs.sort_unstable_by_key(|(id, _)| *id);
         let mut out = Vec::new();
+        let mut sets = RuleSets::default();
         for (_, run) in runs.iter_mut() {
             run.sort_unstable_by_key(|a| (a.key, a.rule));
             let mut rest = run.as_slice();
@@ -361,7 +375,7 @@ impl Builder {
                     .position(|i| i.key != first.key)
                     .unwrap_or(rest.len());
                 let (group, tail) = rest.split_at(n);
-                out.push((first.key, fold(group, rules)));
+                out.push((first.key, fold_with(group, rules, &mut sets)));
                 rest = tail;
             }
         }
@@ -371,14 +385,30 @@ impl Builder {
     }
 }
 
+/// The `derived_from` sets built so far, by the contribution indices they come from: many
+/// keys (the ports of one rule, the identities a group of rules selects) carry the same
+/// rules, and cloning a built set costs no `RuleRef` comparisons.
+#[derive(Default)]
+pub(crate) struct RuleSets {
+    sets: HashMap<Vec<u32>, BTreeSet<Arc<RuleRef>>, std::hash::BuildHasherDefault<IdHasher>>,
+    scratch: Vec<u32>,
+}
+
 /// The entry of one key from its items (all with that key, sorted by rule).
 pub(crate) fn fold(group: &[Item], rules: &[Option<Arc<Contribution>>]) -> PolicyEntry {
+    fold_with(group, rules, &mut RuleSets::default())
+}
+
+/// [`fold`], reusing the sets in `sets`.
+pub(crate) fn fold_with(
+    group: &[Item],
+    rules: &[Option<Arc<Contribution>>],
+    sets: &mut RuleSets,
+) -> PolicyEntry {
     let is_deny = group.iter().any(|i| i.action.is_deny());
-    // Collected, then bulk-built: in a fresh plan slot order is rule order, so the sort
-    // inside `collect` sees a sorted run.
-    let mut derived_from = Vec::new();
     let mut redirect: Option<(u8, u16)> = None;
     let mut last = NO_RULE;
+    sets.scratch.clear();
     for i in group {
         if i.action.is_deny() != is_deny {
             continue;
@@ -390,13 +420,26 @@ pub(crate) fn fold(group: &[Item], rules: &[Option<Arc<Contribution>>]) -> Polic
         {
             redirect = redirect.max(Some((priority, proxy_port)));
         }
-        if i.rule != last
-            && let Some(Some(r)) = rules.get(i.rule as usize)
-        {
-            derived_from.push(r.rule.clone());
+        if i.rule != last && matches!(rules.get(i.rule as usize), Some(Some(_))) {
+            sets.scratch.push(i.rule);
         }
         last = i.rule;
     }
+    let derived_from = match sets.sets.get(sets.scratch.as_slice()) {
+        Some(set) => set.clone(),
+        None => {
+            // Collected, then bulk-built: in a fresh plan slot order is rule order, so the
+            // sort inside `collect` sees a sorted run.
+            let set: BTreeSet<Arc<RuleRef>> = sets
+                .scratch
+                .iter()
+                .filter_map(|&r| rules.get(r as usize).and_then(|c| c.as_ref()))
+                .map(|c| c.rule.clone())
+                .collect();
+            sets.sets.insert(sets.scratch.clone(), set.clone());
+            set
+        }
+    };
     let action = if is_deny {
         EntryAction::Deny
     } else {
@@ -410,7 +453,7 @@ pub(crate) fn fold(group: &[Item], rules: &[Option<Arc<Contribution>>]) -> Polic
     };
     PolicyEntry {
         action,
-        derived_from: derived_from.into_iter().collect(),
+        derived_from,
     }
 }
 
@@ -461,6 +504,21 @@ fn resolve_denies(
             },
         );
     }
+}
+
+/// Pushes a contribution's keys (see [`Compiler::templates`]) for one identity.
+fn push_items(b: &mut Builder, templates: &[(PolicyKey, EntryAction)], ci: usize, id: Identity) {
+    let rule = u32::try_from(ci).unwrap_or(NO_RULE);
+    b.run(id)
+        .extend(templates.iter().map(|&(key, action)| Item {
+            // Key normalisation does not depend on the identity.
+            key: PolicyKey {
+                identity: id,
+                ..key
+            },
+            rule,
+            action,
+        }));
 }
 
 /// Resolves a peer rule's L4 part. `named` looks up a named port (in the endpoint's ports for
@@ -731,6 +789,7 @@ impl Compiler {
             ..Plan::default()
         };
         let mut own = Vec::new();
+        let mut parts = Vec::new();
         for (policy, prepared) in self.repo.iter_prepared() {
             own.clear();
             if let Some(mut part) = self.plan_policy(policy, prepared, ep, &mut own) {
@@ -741,9 +800,11 @@ impl Compiler {
                     part.slots.push(slot);
                     plan.contributions.push(Some(c));
                 }
-                plan.policies.insert(policy.name.clone(), part);
+                parts.push((policy.name.clone(), part));
             }
         }
+        // In name order: bulk-built.
+        plan.policies = parts.into_iter().collect();
         plan.summarise(self.config.enforcement);
         plan
     }
@@ -818,6 +879,23 @@ impl Compiler {
         }
     }
 
+    /// A contribution's keys (for [`Identity::ANY`]; only the identity changes per peer)
+    /// with their actions, computed once per contribution rather than per selected identity.
+    pub(crate) fn templates(
+        &self,
+        c: &Contribution,
+        keys: &[L4Key],
+    ) -> Vec<(PolicyKey, EntryAction)> {
+        keys.iter()
+            .map(|k| {
+                (
+                    k.key(Identity::ANY, c.direction),
+                    self.action_for(c.deny, c.direction, k.l7.as_ref()),
+                )
+            })
+            .collect()
+    }
+
     pub(crate) fn add_keys(
         &self,
         b: &mut Builder,
@@ -826,13 +904,8 @@ impl Compiler {
         id: Identity,
         keys: &[L4Key],
     ) {
-        let rule = u32::try_from(ci).unwrap_or(NO_RULE);
-        let run = b.run(id);
-        run.extend(keys.iter().map(|k| Item {
-            key: k.key(id, c.direction),
-            rule,
-            action: self.action_for(c.deny, c.direction, k.l7.as_ref()),
-        }));
+        let templates = self.templates(c, keys);
+        push_items(b, &templates, ci, id);
     }
 
     /// Compiles the policy of one endpoint from scratch.
@@ -865,8 +938,9 @@ impl Compiler {
                     }
                     Some(ids) => {
                         if let L4::Fixed(keys) = &c.l4 {
+                            let templates = self.templates(c, keys);
                             for &id in ids.iter() {
-                                self.add_keys(&mut b, c, ci, id, keys);
+                                push_items(&mut b, &templates, ci, id);
                             }
                         } else {
                             for &id in ids.iter() {
