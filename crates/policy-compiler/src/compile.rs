@@ -367,7 +367,16 @@ impl Builder {
         let mut out = Vec::new();
         let mut sets = RuleSets::default();
         for (_, run) in runs.iter_mut() {
-            run.sort_unstable_by_key(|a| (a.key, a.rule));
+            // Same order as (key, rule): the identity is the run's, the rest packs into
+            // one integer in field order.
+            run.sort_unstable_by_key(|a| {
+                let k = a.key;
+                (u64::from(dir_index(k.direction) as u8) << 61)
+                    | (u64::from(k.protocol) << 53)
+                    | (u64::from(k.port) << 37)
+                    | (u64::from(k.prefix_len) << 32)
+                    | u64::from(a.rule)
+            });
             let mut rest = run.as_slice();
             while let Some(first) = rest.first() {
                 let n = rest
@@ -464,7 +473,7 @@ fn resolve_denies(
     entries: &mut BTreeMap<PolicyKey, PolicyEntry>,
     extra_denies: &[(PolicyKey, PolicyEntry)],
 ) {
-    let denies: HashMap<PolicyKey, &PolicyEntry> = entries
+    let denies: HashMap<PolicyKey, &PolicyEntry, std::hash::BuildHasherDefault<IdHasher>> = entries
         .iter()
         .filter(|(_, e)| e.action.is_deny())
         .map(|(k, e)| (*k, e))
@@ -910,7 +919,11 @@ impl Compiler {
 
     /// Compiles the policy of one endpoint from scratch.
     pub fn compile(&self, ep: &EndpointInfo) -> EndpointPolicy {
-        let plan = Arc::new(self.plan(ep));
+        let mut plan = self.plan(ep);
+        // Moved out rather than cloned: the kept plan's copy is only read after a policy
+        // update re-summarises it.
+        let [selected_by_ingress, selected_by_egress] = std::mem::take(&mut plan.selected_by);
+        let plan = Arc::new(plan);
         let mut b = Builder::default();
         let mut eval = PeerEvaluator::new(&self.identities, &self.config.cluster_name);
         // Identities selected by each contribution (`None`: wildcard).
@@ -970,8 +983,8 @@ impl Compiler {
             revision: self.repo.revision(),
             ingress_enforced: plan.enforced[0],
             egress_enforced: plan.enforced[1],
-            selected_by_ingress: plan.selected_by[0].clone(),
-            selected_by_egress: plan.selected_by[1].clone(),
+            selected_by_ingress,
+            selected_by_egress,
             map_state: MapState { entries },
             l7,
             plan,

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use weir_identity::{Identity, Label, LabelSet, LabelSource, Operator, ReservedIdentity, Selector};
+use weir_identity::{
+    Identity, Label, LabelSet, LabelSource, Operator, Requirement, ReservedIdentity, Selector,
+};
 
 /// Named ports of a workload: name → (IP protocol number, port). Names are lower-case, as the
 /// policy model stores them.
@@ -243,8 +245,16 @@ impl IdentityTable {
     /// set is walked and the others are probed, so the exact test runs on their intersection.
     pub(crate) fn select(&self, sel: &Selector) -> Vec<Identity> {
         let mut sets: Vec<Candidates<'_>> = Vec::new();
+        // The requirements the index sets do not settle: negative ones, and positive ones
+        // bound to a source (the index ignores sources).
+        let mut residual: Vec<&Requirement> = Vec::new();
         for r in sel.requirements() {
             let index = self.by_key.get(r.key.key.as_str());
+            if matches!(r.operator, Operator::NotIn | Operator::DoesNotExist)
+                || r.key.source != LabelSource::Any
+            {
+                residual.push(r);
+            }
             let set = match (r.operator, index) {
                 (Operator::NotIn | Operator::DoesNotExist, _) => continue,
                 // Nobody carries the key: a positive requirement matches nothing.
@@ -270,7 +280,12 @@ impl IdentityTable {
             };
             sets.push(set);
         }
-        let exact = |id: &Identity| self.ids.get(id).is_some_and(|i| sel.matches(&i.labels));
+        // Membership in every set settles the other requirements exactly.
+        let exact = |id: &Identity| {
+            self.ids
+                .get(id)
+                .is_some_and(|i| residual.iter().all(|r| r.matches(&i.labels)))
+        };
         sets.sort_by_key(Candidates::len);
         let Some((driver, others)) = sets.split_first() else {
             return self
