@@ -332,3 +332,73 @@ impl Candidates<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `select` narrows through the index (which ignores label sources) and then tests only
+    /// what the index leaves open; it must agree with the plain selector test everywhere.
+    #[test]
+    fn select_agrees_with_selector_matches() {
+        let mut t = IdentityTable::new();
+        let sources = [
+            LabelSource::K8s,
+            LabelSource::Container,
+            LabelSource::Unspec,
+        ];
+        for i in 0..60u32 {
+            let labels: LabelSet = [
+                Label::new(sources[(i % 3) as usize], "app", format!("a{}", i % 4)),
+                Label::new(
+                    sources[((i / 3) % 3) as usize],
+                    "tier",
+                    format!("t{}", i % 2),
+                ),
+            ]
+            .into_iter()
+            .chain((i % 5 == 0).then(|| Label::k8s("extra", "")))
+            .collect();
+            t.upsert(Identity(1000 + i), labels, NamedPorts::new());
+        }
+        let key = |s: &str| weir_identity::LabelKey::parse_selector_key(s);
+        let vals = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        let mut selectors = Vec::new();
+        for k in [
+            "app",
+            "k8s:app",
+            "container:app",
+            "tier",
+            "k8s:tier",
+            "extra",
+            "nope",
+        ] {
+            for (op, v) in [
+                (Operator::In, vals(&["a1"])),
+                (Operator::In, vals(&["a1", "a2", "t0"])),
+                (Operator::NotIn, vals(&["a1", "t1"])),
+                (Operator::Exists, vals(&[])),
+                (Operator::DoesNotExist, vals(&[])),
+            ] {
+                if let Ok(r) = Requirement::new(key(k), op, v) {
+                    selectors.push(vec![r]);
+                }
+            }
+        }
+        let singles: Vec<Requirement> = selectors.iter().flatten().cloned().collect();
+        for a in singles.iter().step_by(3) {
+            for b in singles.iter().step_by(2) {
+                selectors.push(vec![a.clone(), b.clone()]);
+            }
+        }
+        for reqs in selectors {
+            let sel = Selector::new(reqs);
+            let brute: Vec<Identity> = t
+                .iter()
+                .filter(|(_, i)| sel.matches(&i.labels))
+                .map(|(id, _)| id)
+                .collect();
+            assert_eq!(t.select(&sel), brute, "{sel}");
+        }
+    }
+}
