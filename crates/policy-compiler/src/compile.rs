@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use weir_identity::{Identity, LabelSet, ReservedIdentity};
+use weir_identity::{Identity, LabelSet, ReservedIdentity, Selector};
 use weir_policy_model::{
     Direction, Enforcement, IpFamily, L7Rules, Peer, PeerRule, Peers, Policy, PolicyName, Port,
     RuleRef, Section,
@@ -608,6 +608,23 @@ fn port_l7s(pr: &PeerRule) -> Vec<Option<Arc<L7Rules>>> {
         .collect()
 }
 
+/// Whether rule subjects select one endpoint, per distinct selector: many rules share their
+/// subject, and hashing a selector costs less than testing it against the labels.
+#[derive(Default)]
+pub(crate) struct SubjectCache<'a> {
+    seen: HashMap<&'a Selector, bool, std::hash::BuildHasherDefault<IdHasher>>,
+}
+
+impl<'a> SubjectCache<'a> {
+    /// `subject.matches(labels)`; `labels` must be the same in every call.
+    pub(crate) fn matches(&mut self, subject: &'a Selector, labels: &LabelSet) -> bool {
+        *self
+            .seen
+            .entry(subject)
+            .or_insert_with(|| subject.matches(labels))
+    }
+}
+
 /// A peer rule's contribution as far as it does not depend on the endpoint, built once when
 /// the policy is stored so that a compile only clones `Arc`s.
 #[derive(Debug, Clone)]
@@ -799,9 +816,11 @@ impl Compiler {
         };
         let mut own = Vec::new();
         let mut parts = Vec::new();
+        let mut subjects = SubjectCache::default();
         for (policy, prepared) in self.repo.iter_prepared() {
             own.clear();
-            if let Some(mut part) = self.plan_policy(policy, prepared, ep, &mut own) {
+            if let Some(mut part) = self.plan_policy(policy, prepared, ep, &mut subjects, &mut own)
+            {
                 for c in own.drain(..) {
                     let slot = u32::try_from(plan.contributions.len()).unwrap_or(NO_RULE);
                     plan.index
@@ -820,17 +839,18 @@ impl Compiler {
 
     /// The contributions of one policy's rules that select `ep`, appended to `out`; `None` if
     /// no rule selects it. `prepared` is the policy's [`prepare`]d contributions.
-    pub(crate) fn plan_policy(
+    pub(crate) fn plan_policy<'a>(
         &self,
-        policy: &Policy,
+        policy: &'a Policy,
         prepared: &[Vec<Prepared>],
         ep: &EndpointInfo,
+        subjects: &mut SubjectCache<'a>,
         out: &mut Vec<Arc<Contribution>>,
     ) -> Option<PolicyPart> {
         let mut part = PolicyPart::default();
         let mut selected = false;
         for (rule, prepared) in policy.rules.iter().zip(prepared) {
-            if !rule.subject.matches(&ep.labels) {
+            if !subjects.matches(&rule.subject, &ep.labels) {
                 continue;
             }
             selected = true;

@@ -12,7 +12,7 @@ use weir_policy_model::PolicyName;
 
 use crate::compile::{
     Builder, Compiler, Contribution, EndpointInfo, EndpointPolicy, EnforcementMode, Item, L4,
-    NO_RULE, fold,
+    NO_RULE, SubjectCache, fold,
 };
 use crate::l7::{L7Contribution, L7Peers};
 use crate::mapstate::{
@@ -136,10 +136,9 @@ impl Compiler {
             .filter_map(|s| old.contributions.get(*s as usize).cloned().flatten())
             .collect();
         let mut new_own = Vec::new();
-        let part = self
-            .repo
-            .get_prepared(name)
-            .and_then(|(p, prep)| self.plan_policy(p, prep, ep, &mut new_own));
+        let part = self.repo.get_prepared(name).and_then(|(p, prep)| {
+            self.plan_policy(p, prep, ep, &mut SubjectCache::default(), &mut new_own)
+        });
         let new_part = part.clone().unwrap_or_default();
         // Enforcement with the new part in place of the old.
         let mut default_deny = new_part.default_deny;
