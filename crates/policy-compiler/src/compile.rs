@@ -934,8 +934,13 @@ impl Compiler {
         id: Identity,
         keys: &[L4Key],
     ) {
-        let templates = self.templates(c, keys);
-        push_items(b, &templates, ci, id);
+        // One identity: pushed directly, without the template vector `compile` amortises.
+        let rule = u32::try_from(ci).unwrap_or(NO_RULE);
+        b.run(id).extend(keys.iter().map(|k| Item {
+            key: k.key(id, c.direction),
+            rule,
+            action: self.action_for(c.deny, c.direction, k.l7.as_ref()),
+        }));
     }
 
     /// Compiles the policy of one endpoint from scratch.
