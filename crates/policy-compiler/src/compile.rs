@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use weir_identity::{Identity, LabelSet, ReservedIdentity};
+use weir_identity::{Identity, LabelSet, ReservedIdentity, Selector};
 use weir_policy_model::{
     Direction, Enforcement, IpFamily, L7Rules, Peer, PeerRule, Peers, Policy, PolicyName, Port,
     RuleRef, Section,
@@ -290,48 +290,135 @@ pub(crate) struct Item {
     pub(crate) action: EntryAction,
 }
 
-/// Collects (key, rule, action) triples and folds them per key.
+/// Hashes an [`Identity`] with one multiplication: the builder looks runs up once per
+/// (contribution, identity) pair, and SipHash would cost more than the work it indexes.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        // The multiplications mix upwards; the table indexes by the low bits.
+        self.0.rotate_left(26)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.mix(u64::from_le_bytes(c.try_into().unwrap_or_default()));
+        }
+        for &b in chunks.remainder() {
+            self.mix(u64::from(b));
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.mix(u64::from(n));
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.mix(n as u64);
+    }
+}
+
+impl IdHasher {
+    fn mix(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by identity with [`IdHasher`].
+pub(crate) type IdMap<V> = HashMap<Identity, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// Collects (key, rule, action) triples per remote identity and folds them per key. Keeping
+/// one run per identity makes the sort per identity (small, cache-resident) instead of one
+/// sort of every item, and the runs are what [`EndpointPolicy`] keeps for later updates.
 #[derive(Default)]
 pub(crate) struct Builder {
-    pub(crate) items: Vec<Item>,
+    runs: IdMap<Vec<Item>>,
 }
 
 impl Builder {
     fn add(&mut self, key: PolicyKey, action: EntryAction, rule: u32) {
-        self.items.push(Item { key, rule, action });
+        self.run(key.identity).push(Item { key, rule, action });
+    }
+
+    /// The run of one identity, to push its items.
+    fn run(&mut self, id: Identity) -> &mut Vec<Item> {
+        self.runs.entry(id).or_default()
+    }
+
+    /// The items, per identity, in the order they were added.
+    pub(crate) fn into_runs(self) -> IdMap<Vec<Item>> {
+        self.runs
     }
 
     /// Folds the items of each key into its entry: deny wins, allows union, the redirect with
     /// the highest priority is taken. `rules` are the contributions the indices point into.
+    /// Also returns the items per identity, each run sorted by key then rule.
     fn finish(
-        mut self,
+        self,
         rules: &[Option<Arc<Contribution>>],
-    ) -> (BTreeMap<PolicyKey, PolicyEntry>, Vec<Item>) {
-        self.items.sort_unstable_by_key(|a| (a.key, a.rule));
+    ) -> (
+        BTreeMap<PolicyKey, PolicyEntry>,
+        BTreeMap<Identity, Vec<Item>>,
+    ) {
+        let mut runs: Vec<(Identity, Vec<Item>)> = self
+            .runs
+            .into_iter()
+            .filter(|(_, r)| !r.is_empty())
+            .collect();
+        runs.sort_unstable_by_key(|(id, _)| *id);
         let mut out = Vec::new();
-        let mut rest = self.items.as_slice();
-        while let Some(first) = rest.first() {
-            let n = rest
-                .iter()
-                .position(|i| i.key != first.key)
-                .unwrap_or(rest.len());
-            let (group, tail) = rest.split_at(n);
-            out.push((first.key, fold(group, rules)));
-            rest = tail;
+        let mut sets = RuleSets::default();
+        for (_, run) in runs.iter_mut() {
+            // Same order as (key, rule): the identity is the run's, the rest packs into
+            // one integer in field order.
+            run.sort_unstable_by_key(|a| {
+                let k = a.key;
+                (u64::from(dir_index(k.direction) as u8) << 61)
+                    | (u64::from(k.protocol) << 53)
+                    | (u64::from(k.port) << 37)
+                    | (u64::from(k.prefix_len) << 32)
+                    | u64::from(a.rule)
+            });
+            let mut rest = run.as_slice();
+            while let Some(first) = rest.first() {
+                let n = rest
+                    .iter()
+                    .position(|i| i.key != first.key)
+                    .unwrap_or(rest.len());
+                let (group, tail) = rest.split_at(n);
+                out.push((first.key, fold_with(group, rules, &mut sets)));
+                rest = tail;
+            }
         }
-        // Sorted input: the map is bulk-built.
-        (out.into_iter().collect(), self.items)
+        // Sorted input (runs in identity order, keys start with the identity): both maps are
+        // bulk-built.
+        (out.into_iter().collect(), runs.into_iter().collect())
     }
+}
+
+/// The `derived_from` sets built so far, by the contribution indices they come from: many
+/// keys (the ports of one rule, the identities a group of rules selects) carry the same
+/// rules, and cloning a built set costs no `RuleRef` comparisons.
+#[derive(Default)]
+pub(crate) struct RuleSets {
+    sets: HashMap<Vec<u32>, BTreeSet<Arc<RuleRef>>, std::hash::BuildHasherDefault<IdHasher>>,
+    scratch: Vec<u32>,
 }
 
 /// The entry of one key from its items (all with that key, sorted by rule).
 pub(crate) fn fold(group: &[Item], rules: &[Option<Arc<Contribution>>]) -> PolicyEntry {
+    fold_with(group, rules, &mut RuleSets::default())
+}
+
+/// [`fold`], reusing the sets in `sets`.
+pub(crate) fn fold_with(
+    group: &[Item],
+    rules: &[Option<Arc<Contribution>>],
+    sets: &mut RuleSets,
+) -> PolicyEntry {
     let is_deny = group.iter().any(|i| i.action.is_deny());
-    // Collected, then bulk-built: in a fresh plan slot order is rule order, so the sort
-    // inside `collect` sees a sorted run.
-    let mut derived_from = Vec::new();
     let mut redirect: Option<(u8, u16)> = None;
     let mut last = NO_RULE;
+    sets.scratch.clear();
     for i in group {
         if i.action.is_deny() != is_deny {
             continue;
@@ -343,13 +430,26 @@ pub(crate) fn fold(group: &[Item], rules: &[Option<Arc<Contribution>>]) -> Polic
         {
             redirect = redirect.max(Some((priority, proxy_port)));
         }
-        if i.rule != last
-            && let Some(Some(r)) = rules.get(i.rule as usize)
-        {
-            derived_from.push(r.rule.clone());
+        if i.rule != last && matches!(rules.get(i.rule as usize), Some(Some(_))) {
+            sets.scratch.push(i.rule);
         }
         last = i.rule;
     }
+    let derived_from = match sets.sets.get(sets.scratch.as_slice()) {
+        Some(set) => set.clone(),
+        None => {
+            // Collected, then bulk-built: in a fresh plan slot order is rule order, so the
+            // sort inside `collect` sees a sorted run.
+            let set: BTreeSet<Arc<RuleRef>> = sets
+                .scratch
+                .iter()
+                .filter_map(|&r| rules.get(r as usize).and_then(|c| c.as_ref()))
+                .map(|c| c.rule.clone())
+                .collect();
+            sets.sets.insert(sets.scratch.clone(), set.clone());
+            set
+        }
+    };
     let action = if is_deny {
         EntryAction::Deny
     } else {
@@ -363,20 +463,8 @@ pub(crate) fn fold(group: &[Item], rules: &[Option<Arc<Contribution>>]) -> Polic
     };
     PolicyEntry {
         action,
-        derived_from: derived_from.into_iter().collect(),
+        derived_from,
     }
-}
-
-/// Splits items sorted by key into per-identity runs.
-fn by_identity(items: Vec<Item>) -> BTreeMap<Identity, Vec<Item>> {
-    let mut out: Vec<(Identity, Vec<Item>)> = Vec::new();
-    for i in items {
-        match out.last_mut() {
-            Some((id, v)) if *id == i.key.identity => v.push(i),
-            _ => out.push((i.key.identity, vec![i])),
-        }
-    }
-    out.into_iter().collect()
 }
 
 /// Turns every non-deny entry covered by a deny (in `entries` or in `extra_denies`) into a
@@ -386,7 +474,7 @@ fn resolve_denies(
     entries: &mut BTreeMap<PolicyKey, PolicyEntry>,
     extra_denies: &[(PolicyKey, PolicyEntry)],
 ) {
-    let denies: HashMap<PolicyKey, &PolicyEntry> = entries
+    let denies: HashMap<PolicyKey, &PolicyEntry, std::hash::BuildHasherDefault<IdHasher>> = entries
         .iter()
         .filter(|(_, e)| e.action.is_deny())
         .map(|(k, e)| (*k, e))
@@ -426,6 +514,21 @@ fn resolve_denies(
             },
         );
     }
+}
+
+/// Pushes a contribution's keys (see [`Compiler::templates`]) for one identity.
+fn push_items(b: &mut Builder, templates: &[(PolicyKey, EntryAction)], ci: usize, id: Identity) {
+    let rule = u32::try_from(ci).unwrap_or(NO_RULE);
+    b.run(id)
+        .extend(templates.iter().map(|&(key, action)| Item {
+            // Key normalisation does not depend on the identity.
+            key: PolicyKey {
+                identity: id,
+                ..key
+            },
+            rule,
+            action,
+        }));
 }
 
 /// Resolves a peer rule's L4 part. `named` looks up a named port (in the endpoint's ports for
@@ -502,6 +605,105 @@ fn port_l7s(pr: &PeerRule) -> Vec<Option<Arc<L7Rules>>> {
             Some(L7Rules::Http(h)) if h.is_empty() => None,
             Some(L7Rules::Dns(d)) if d.is_empty() => None,
             other => other.clone().map(Arc::new),
+        })
+        .collect()
+}
+
+/// Whether rule subjects select one endpoint, per distinct selector: many rules share their
+/// subject, and hashing a selector costs less than testing it against the labels.
+#[derive(Default)]
+pub(crate) struct SubjectCache<'a> {
+    seen: HashMap<&'a Selector, bool, std::hash::BuildHasherDefault<IdHasher>>,
+}
+
+impl<'a> SubjectCache<'a> {
+    /// `subject.matches(labels)`; `labels` must be the same in every call.
+    pub(crate) fn matches(&mut self, subject: &'a Selector, labels: &LabelSet) -> bool {
+        *self
+            .seen
+            .entry(subject)
+            .or_insert_with(|| subject.matches(labels))
+    }
+}
+
+/// A peer rule's contribution as far as it does not depend on the endpoint, built once when
+/// the policy is stored so that a compile only clones `Arc`s.
+#[derive(Debug, Clone)]
+pub(crate) enum Prepared {
+    /// Complete.
+    Ready(Arc<Contribution>),
+    /// Ingress with named ports: its L4 keys come from the endpoint's named ports, so `base`
+    /// (with no keys) gets them at plan time.
+    IngressNamed {
+        base: Arc<Contribution>,
+        rule: PeerRule,
+        l7s: Vec<Option<Arc<L7Rules>>>,
+    },
+}
+
+/// The contributions of every rule of `policy`, per rule, in the order a plan lists them:
+/// ingress then egress, allows then denies, peer rules in order. Peer rules that allow
+/// nothing are left out.
+pub(crate) fn prepare(policy: &Policy) -> Vec<Vec<Prepared>> {
+    let owner = Arc::new(policy.name.clone());
+    policy
+        .rules
+        .iter()
+        .map(|rule| {
+            let mut out = Vec::new();
+            for (dir, sections) in [
+                (Direction::Ingress, &rule.ingress),
+                (Direction::Egress, &rule.egress),
+            ] {
+                let (allow_sec, deny_sec) = match dir {
+                    Direction::Ingress => (Section::Ingress, Section::IngressDeny),
+                    Direction::Egress => (Section::Egress, Section::EgressDeny),
+                };
+                for (deny, section, list) in [
+                    (false, allow_sec, &sections.allow),
+                    (true, deny_sec, &sections.deny),
+                ] {
+                    for pr in list.iter().filter(|pr| !pr.allows_nothing()) {
+                        let rule_ref = Arc::new(RuleRef {
+                            policy: rule.origin.clone(),
+                            spec: rule.spec,
+                            multi_spec: rule.multi_spec,
+                            section,
+                            index: pr.index,
+                        });
+                        let peers = match &pr.peers {
+                            Peers::Any => None,
+                            Peers::List(l) if l.iter().any(peer_is_wildcard) => None,
+                            Peers::List(l) => Some(l.clone()),
+                        };
+                        let l7s = port_l7s(pr);
+                        let named = has_named_port(pr);
+                        let l4 = match (dir, named) {
+                            (Direction::Egress, true) => L4::PerPeer(pr.clone(), l7s.clone()),
+                            (Direction::Ingress, true) => L4::Fixed(Vec::new()),
+                            (_, false) => L4::Fixed(resolve_l4(pr, &l7s, &|_| Vec::new())),
+                        };
+                        let c = Arc::new(Contribution {
+                            direction: dir,
+                            deny,
+                            rule: rule_ref,
+                            owner: owner.clone(),
+                            peers,
+                            l4,
+                        });
+                        out.push(if dir == Direction::Ingress && named {
+                            Prepared::IngressNamed {
+                                base: c,
+                                rule: pr.clone(),
+                                l7s,
+                            }
+                        } else {
+                            Prepared::Ready(c)
+                        });
+                    }
+                }
+            }
+            out
         })
         .collect()
 }
@@ -614,9 +816,12 @@ impl Compiler {
             ..Plan::default()
         };
         let mut own = Vec::new();
-        for policy in self.repo.iter() {
+        let mut parts = Vec::new();
+        let mut subjects = SubjectCache::default();
+        for (policy, prepared) in self.repo.iter_prepared() {
             own.clear();
-            if let Some(mut part) = self.plan_policy(policy, ep, &mut own) {
+            if let Some(mut part) = self.plan_policy(policy, prepared, ep, &mut subjects, &mut own)
+            {
                 for c in own.drain(..) {
                     let slot = u32::try_from(plan.contributions.len()).unwrap_or(NO_RULE);
                     plan.index
@@ -624,33 +829,32 @@ impl Compiler {
                     part.slots.push(slot);
                     plan.contributions.push(Some(c));
                 }
-                plan.policies.insert(policy.name.clone(), part);
+                parts.push((policy.name.clone(), part));
             }
         }
+        // In name order: bulk-built.
+        plan.policies = parts.into_iter().collect();
         plan.summarise(self.config.enforcement);
         plan
     }
 
     /// The contributions of one policy's rules that select `ep`, appended to `out`; `None` if
-    /// no rule selects it.
-    pub(crate) fn plan_policy(
+    /// no rule selects it. `prepared` is the policy's [`prepare`]d contributions.
+    pub(crate) fn plan_policy<'a>(
         &self,
-        policy: &Policy,
+        policy: &'a Policy,
+        prepared: &[Vec<Prepared>],
         ep: &EndpointInfo,
+        subjects: &mut SubjectCache<'a>,
         out: &mut Vec<Arc<Contribution>>,
     ) -> Option<PolicyPart> {
         let mut part = PolicyPart::default();
         let mut selected = false;
-        let mut owner: Option<Arc<PolicyName>> = None;
-        for rule in policy
-            .rules
-            .iter()
-            .filter(|r| r.subject.matches(&ep.labels))
-        {
+        for (rule, prepared) in policy.rules.iter().zip(prepared) {
+            if !subjects.matches(&rule.subject, &ep.labels) {
+                continue;
+            }
             selected = true;
-            let owner = owner
-                .get_or_insert_with(|| Arc::new(policy.name.clone()))
-                .clone();
             for (dir, sections) in [
                 (Direction::Ingress, &rule.ingress),
                 (Direction::Egress, &rule.egress),
@@ -667,44 +871,14 @@ impl Compiler {
                 if has_rules && let Some(h) = part.has_rules.get_mut(di) {
                     *h = true;
                 }
-                let (allow_sec, deny_sec) = match dir {
-                    Direction::Ingress => (Section::Ingress, Section::IngressDeny),
-                    Direction::Egress => (Section::Egress, Section::EgressDeny),
-                };
-                for (deny, section, list) in [
-                    (false, allow_sec, &sections.allow),
-                    (true, deny_sec, &sections.deny),
-                ] {
-                    for pr in list.iter().filter(|pr| !pr.allows_nothing()) {
-                        let rule_ref = Arc::new(RuleRef {
-                            policy: rule.origin.clone(),
-                            spec: rule.spec,
-                            multi_spec: rule.multi_spec,
-                            section,
-                            index: pr.index,
-                        });
-                        let peers = match &pr.peers {
-                            Peers::Any => None,
-                            Peers::List(l) if l.iter().any(peer_is_wildcard) => None,
-                            Peers::List(l) => Some(l.clone()),
-                        };
-                        let l7s = port_l7s(pr);
-                        let l4 = if dir == Direction::Egress && has_named_port(pr) {
-                            L4::PerPeer(pr.clone(), l7s)
-                        } else {
-                            L4::Fixed(resolve_l4(pr, &l7s, &|n| named_lookup(&ep.named_ports, n)))
-                        };
-                        out.push(Arc::new(Contribution {
-                            direction: dir,
-                            deny,
-                            rule: rule_ref,
-                            owner: owner.clone(),
-                            peers,
-                            l4,
-                        }));
-                    }
-                }
             }
+            out.extend(prepared.iter().map(|p| match p {
+                Prepared::Ready(c) => c.clone(),
+                Prepared::IngressNamed { base, rule, l7s } => Arc::new(Contribution {
+                    l4: L4::Fixed(resolve_l4(rule, l7s, &|n| named_lookup(&ep.named_ports, n))),
+                    ..Contribution::clone(base)
+                }),
+            }));
         }
         selected.then_some(part)
     }
@@ -735,6 +909,23 @@ impl Compiler {
         }
     }
 
+    /// A contribution's keys (for [`Identity::ANY`]; only the identity changes per peer)
+    /// with their actions, computed once per contribution rather than per selected identity.
+    pub(crate) fn templates(
+        &self,
+        c: &Contribution,
+        keys: &[L4Key],
+    ) -> Vec<(PolicyKey, EntryAction)> {
+        keys.iter()
+            .map(|k| {
+                (
+                    k.key(Identity::ANY, c.direction),
+                    self.action_for(c.deny, c.direction, k.l7.as_ref()),
+                )
+            })
+            .collect()
+    }
+
     pub(crate) fn add_keys(
         &self,
         b: &mut Builder,
@@ -743,19 +934,22 @@ impl Compiler {
         id: Identity,
         keys: &[L4Key],
     ) {
+        // One identity: pushed directly, without the template vector `compile` amortises.
         let rule = u32::try_from(ci).unwrap_or(NO_RULE);
-        for k in keys {
-            b.add(
-                k.key(id, c.direction),
-                self.action_for(c.deny, c.direction, k.l7.as_ref()),
-                rule,
-            );
-        }
+        b.run(id).extend(keys.iter().map(|k| Item {
+            key: k.key(id, c.direction),
+            rule,
+            action: self.action_for(c.deny, c.direction, k.l7.as_ref()),
+        }));
     }
 
     /// Compiles the policy of one endpoint from scratch.
     pub fn compile(&self, ep: &EndpointInfo) -> EndpointPolicy {
-        let plan = Arc::new(self.plan(ep));
+        let mut plan = self.plan(ep);
+        // Moved out rather than cloned: the kept plan's copy is only read after a policy
+        // update re-summarises it.
+        let [selected_by_ingress, selected_by_egress] = std::mem::take(&mut plan.selected_by);
+        let plan = Arc::new(plan);
         let mut b = Builder::default();
         let mut eval = PeerEvaluator::new(&self.identities, &self.config.cluster_name);
         // Identities selected by each contribution (`None`: wildcard).
@@ -783,8 +977,9 @@ impl Compiler {
                     }
                     Some(ids) => {
                         if let L4::Fixed(keys) = &c.l4 {
+                            let templates = self.templates(c, keys);
                             for &id in ids.iter() {
-                                self.add_keys(&mut b, c, ci, id, keys);
+                                push_items(&mut b, &templates, ci, id);
                             }
                         } else {
                             for &id in ids.iter() {
@@ -814,12 +1009,12 @@ impl Compiler {
             revision: self.repo.revision(),
             ingress_enforced: plan.enforced[0],
             egress_enforced: plan.enforced[1],
-            selected_by_ingress: plan.selected_by[0].clone(),
-            selected_by_egress: plan.selected_by[1].clone(),
+            selected_by_ingress,
+            selected_by_egress,
             map_state: MapState { entries },
             l7,
             plan,
-            items: Arc::new(by_identity(items)),
+            items: Arc::new(items),
             deny_keys: Arc::new(deny_keys),
         }
     }
@@ -1021,13 +1216,16 @@ impl Compiler {
         if info.is_some() {
             self.add_synthetic(&mut b, &plan, Some(id));
         }
-        let (mut entries, mut id_items) = b.finish(&plan.contributions);
+        let (mut entries, mut runs) = b.finish(&plan.contributions);
         // Keep the pre-fold items and deny keys in step, for later policy updates.
         let items = Arc::make_mut(&mut policy.items);
-        if id_items.is_empty() {
-            items.remove(&id);
-        } else {
-            items.insert(id, std::mem::take(&mut id_items));
+        match runs.remove(&id) {
+            Some(run) if !run.is_empty() => {
+                items.insert(id, run);
+            }
+            _ => {
+                items.remove(&id);
+            }
         }
         let deny_keys = Arc::make_mut(&mut policy.deny_keys);
         deny_keys.retain(|k| k.identity != id);

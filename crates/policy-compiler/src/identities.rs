@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use weir_identity::{Identity, Label, LabelSet, LabelSource, Operator, ReservedIdentity, Selector};
+use weir_identity::{
+    Identity, Label, LabelSet, LabelSource, Operator, Requirement, ReservedIdentity, Selector,
+};
 
 /// Named ports of a workload: name → (IP protocol number, port). Names are lower-case, as the
 /// policy model stores them.
@@ -238,50 +240,165 @@ impl IdentityTable {
         self.world_no_prefix.iter().copied()
     }
 
-    /// The identities a selector matches, sorted. Only identities that carry the key of the
-    /// most selective positive requirement are tested.
+    /// The identities a selector matches, sorted. Only identities that carry a label of
+    /// every positive requirement's key (and value, for `In`) are tested: the smallest such
+    /// set is walked and the others are probed, so the exact test runs on their intersection.
     pub(crate) fn select(&self, sel: &Selector) -> Vec<Identity> {
-        let mut best: Option<Vec<Identity>> = None;
+        let mut sets: Vec<Candidates<'_>> = Vec::new();
+        // The requirements the index sets do not settle: negative ones, and positive ones
+        // bound to a source (the index ignores sources).
+        let mut residual: Vec<&Requirement> = Vec::new();
         for r in sel.requirements() {
-            let cand: Vec<Identity> = match r.operator {
-                Operator::In => {
-                    let mut v: Vec<Identity> = r
+            let index = self.by_key.get(r.key.key.as_str());
+            if matches!(r.operator, Operator::NotIn | Operator::DoesNotExist)
+                || r.key.source != LabelSource::Any
+            {
+                residual.push(r);
+            }
+            let set = match (r.operator, index) {
+                (Operator::NotIn | Operator::DoesNotExist, _) => continue,
+                // Nobody carries the key: a positive requirement matches nothing.
+                (_, None) => return Vec::new(),
+                (Operator::Exists, Some(k)) => Candidates::Set(&k.all),
+                (Operator::In, Some(k)) => {
+                    let mut found = r
                         .values
                         .iter()
-                        .filter_map(|val| {
-                            self.by_key
-                                .get(r.key.key.as_str())
-                                .and_then(|k| k.by_value.get(val.as_str()))
-                        })
-                        .flatten()
-                        .copied()
-                        .collect();
-                    v.sort_unstable();
-                    v.dedup();
-                    v
+                        .filter_map(|val| k.by_value.get(val.as_str()));
+                    match (found.next(), found.next()) {
+                        (None, _) => return Vec::new(),
+                        (Some(one), None) => Candidates::Set(one),
+                        (Some(a), Some(b)) => {
+                            let mut v: Vec<Identity> =
+                                a.iter().chain(b).chain(found.flatten()).copied().collect();
+                            v.sort_unstable();
+                            v.dedup();
+                            Candidates::Sorted(v)
+                        }
+                    }
                 }
-                Operator::Exists => self
-                    .by_key
-                    .get(r.key.key.as_str())
-                    .map(|k| k.all.iter().copied().collect())
-                    .unwrap_or_default(),
-                Operator::NotIn | Operator::DoesNotExist => continue,
             };
-            if best.as_ref().is_none_or(|b| cand.len() < b.len()) {
-                best = Some(cand);
-            }
+            sets.push(set);
         }
-        match best {
-            Some(c) => c
-                .into_iter()
-                .filter(|id| self.ids.get(id).is_some_and(|i| sel.matches(&i.labels)))
-                .collect(),
-            None => self
+        // Membership in every set settles the other requirements exactly.
+        let exact = |id: &Identity| {
+            self.ids
+                .get(id)
+                .is_some_and(|i| residual.iter().all(|r| r.matches(&i.labels)))
+        };
+        sets.sort_by_key(Candidates::len);
+        let Some((driver, others)) = sets.split_first() else {
+            return self
                 .ids
                 .iter()
                 .filter(|(_, i)| sel.matches(&i.labels))
                 .map(|(id, _)| *id)
-                .collect(),
+                .collect();
+        };
+        driver
+            .iter()
+            .filter(|id| others.iter().all(|o| o.contains(id)) && exact(id))
+            .collect()
+    }
+}
+
+/// The identities that can satisfy one positive requirement, sorted.
+enum Candidates<'a> {
+    /// One index set.
+    Set(&'a BTreeSet<Identity>),
+    /// The union of several (`In` with several values).
+    Sorted(Vec<Identity>),
+}
+
+impl Candidates<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Candidates::Set(s) => s.len(),
+            Candidates::Sorted(v) => v.len(),
+        }
+    }
+
+    fn contains(&self, id: &Identity) -> bool {
+        match self {
+            Candidates::Set(s) => s.contains(id),
+            Candidates::Sorted(v) => v.binary_search(id).is_ok(),
+        }
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = Identity> + '_> {
+        match self {
+            Candidates::Set(s) => Box::new(s.iter().copied()),
+            Candidates::Sorted(v) => Box::new(v.iter().copied()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `select` narrows through the index (which ignores label sources) and then tests only
+    /// what the index leaves open; it must agree with the plain selector test everywhere.
+    #[test]
+    fn select_agrees_with_selector_matches() {
+        let mut t = IdentityTable::new();
+        let sources = [
+            LabelSource::K8s,
+            LabelSource::Container,
+            LabelSource::Unspec,
+        ];
+        for i in 0..60u32 {
+            let labels: LabelSet = [
+                Label::new(sources[(i % 3) as usize], "app", format!("a{}", i % 4)),
+                Label::new(
+                    sources[((i / 3) % 3) as usize],
+                    "tier",
+                    format!("t{}", i % 2),
+                ),
+            ]
+            .into_iter()
+            .chain((i % 5 == 0).then(|| Label::k8s("extra", "")))
+            .collect();
+            t.upsert(Identity(1000 + i), labels, NamedPorts::new());
+        }
+        let key = |s: &str| weir_identity::LabelKey::parse_selector_key(s);
+        let vals = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        let mut selectors = Vec::new();
+        for k in [
+            "app",
+            "k8s:app",
+            "container:app",
+            "tier",
+            "k8s:tier",
+            "extra",
+            "nope",
+        ] {
+            for (op, v) in [
+                (Operator::In, vals(&["a1"])),
+                (Operator::In, vals(&["a1", "a2", "t0"])),
+                (Operator::NotIn, vals(&["a1", "t1"])),
+                (Operator::Exists, vals(&[])),
+                (Operator::DoesNotExist, vals(&[])),
+            ] {
+                if let Ok(r) = Requirement::new(key(k), op, v) {
+                    selectors.push(vec![r]);
+                }
+            }
+        }
+        let singles: Vec<Requirement> = selectors.iter().flatten().cloned().collect();
+        for a in singles.iter().step_by(3) {
+            for b in singles.iter().step_by(2) {
+                selectors.push(vec![a.clone(), b.clone()]);
+            }
+        }
+        for reqs in selectors {
+            let sel = Selector::new(reqs);
+            let brute: Vec<Identity> = t
+                .iter()
+                .filter(|(_, i)| sel.matches(&i.labels))
+                .map(|(id, _)| id)
+                .collect();
+            assert_eq!(t.select(&sel), brute, "{sel}");
         }
     }
 }

@@ -4,15 +4,16 @@
 //! (no copied strings); a collision only adds a candidate, which the exact test then drops.
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 
 use weir_identity::{Identity, LabelSet, Operator};
 use weir_policy_model::{Entity, Peer};
 
+use crate::compile::IdHasher;
 use crate::peers::{CLUSTER_LABEL_KEY, fqdn_label};
 
 fn hash_kv(key: &str, value: &str) -> u64 {
-    let mut h = DefaultHasher::new();
+    let mut h = IdHasher::default();
     0u8.hash(&mut h);
     key.hash(&mut h);
     value.hash(&mut h);
@@ -20,7 +21,7 @@ fn hash_kv(key: &str, value: &str) -> u64 {
 }
 
 fn hash_key(key: &str) -> u64 {
-    let mut h = DefaultHasher::new();
+    let mut h = IdHasher::default();
     1u8.hash(&mut h);
     key.hash(&mut h);
     h.finish()

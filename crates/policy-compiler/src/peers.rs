@@ -6,12 +6,14 @@
 //! second).
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 
 use weir_identity::{Identity, Label, LabelSource, ReservedIdentity};
 use weir_l7_match::DnsRule;
 use weir_policy_model::{Entity, Peer};
 
+use crate::compile::IdHasher;
 use crate::identities::{IdentityInfo, IdentityTable, has_label};
 
 /// The `k8s:` label key that carries an endpoint's cluster name.
@@ -127,7 +129,7 @@ pub(crate) fn peer_is_wildcard(peer: &Peer) -> bool {
 pub(crate) struct PeerEvaluator<'a> {
     table: &'a IdentityTable,
     cluster_name: &'a str,
-    cache: HashMap<&'a Peer, Rc<[Identity]>>,
+    cache: HashMap<&'a Peer, Rc<[Identity]>, BuildHasherDefault<IdHasher>>,
 }
 
 impl<'a> PeerEvaluator<'a> {
@@ -135,7 +137,7 @@ impl<'a> PeerEvaluator<'a> {
         PeerEvaluator {
             table,
             cluster_name,
-            cache: HashMap::new(),
+            cache: HashMap::default(),
         }
     }
 

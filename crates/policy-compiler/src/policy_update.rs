@@ -12,7 +12,7 @@ use weir_policy_model::PolicyName;
 
 use crate::compile::{
     Builder, Compiler, Contribution, EndpointInfo, EndpointPolicy, EnforcementMode, Item, L4,
-    NO_RULE, fold,
+    NO_RULE, SubjectCache, fold,
 };
 use crate::l7::{L7Contribution, L7Peers};
 use crate::mapstate::{
@@ -136,10 +136,9 @@ impl Compiler {
             .filter_map(|s| old.contributions.get(*s as usize).cloned().flatten())
             .collect();
         let mut new_own = Vec::new();
-        let part = self
-            .repo
-            .get(name)
-            .and_then(|p| self.plan_policy(p, ep, &mut new_own));
+        let part = self.repo.get_prepared(name).and_then(|(p, prep)| {
+            self.plan_policy(p, prep, ep, &mut SubjectCache::default(), &mut new_own)
+        });
         let new_part = part.clone().unwrap_or_default();
         // Enforcement with the new part in place of the old.
         let mut default_deny = new_part.default_deny;
@@ -229,11 +228,8 @@ impl Compiler {
                 }
             }
         }
-        touched.extend(b.items.iter().map(|i| i.key));
-        let mut added: BTreeMap<Identity, Vec<Item>> = BTreeMap::new();
-        for i in b.items {
-            added.entry(i.key.identity).or_default().push(i);
-        }
+        let mut added = b.into_runs();
+        touched.extend(added.values().flatten().map(|i| i.key));
         let gone: BTreeSet<u32> = old_part.slots.iter().copied().collect();
         let ids: BTreeSet<Identity> = touched.iter().map(|k| k.identity).collect();
         let items = Arc::make_mut(&mut policy.items);

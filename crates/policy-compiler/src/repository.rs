@@ -6,6 +6,8 @@ use std::fmt;
 use weir_identity::LabelSet;
 use weir_policy_model::{Policy, PolicyName};
 
+use crate::compile::{Prepared, prepare};
+
 /// The repository's revision: it goes up by one on every change.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Revision(pub u64);
@@ -16,10 +18,18 @@ impl fmt::Display for Revision {
     }
 }
 
+/// A stored policy with its contributions prepared (see [`prepare`]): what a compile needs
+/// of it that does not depend on the endpoint is built once, here.
+#[derive(Debug, Clone)]
+struct Stored {
+    policy: Policy,
+    prepared: Vec<Vec<Prepared>>,
+}
+
 /// Policy objects by name, with a revision counter.
 #[derive(Debug, Clone, Default)]
 pub struct PolicyRepository {
-    policies: BTreeMap<PolicyName, Policy>,
+    policies: BTreeMap<PolicyName, Stored>,
     revision: Revision,
 }
 
@@ -31,7 +41,9 @@ impl PolicyRepository {
 
     /// Adds or replaces the policy with this name; returns the new revision.
     pub fn upsert(&mut self, policy: Policy) -> Revision {
-        self.policies.insert(policy.name.clone(), policy);
+        let prepared = prepare(&policy);
+        self.policies
+            .insert(policy.name.clone(), Stored { policy, prepared });
         self.bump()
     }
 
@@ -53,12 +65,26 @@ impl PolicyRepository {
 
     /// The policy with this name.
     pub fn get(&self, name: &PolicyName) -> Option<&Policy> {
-        self.policies.get(name)
+        self.policies.get(name).map(|s| &s.policy)
+    }
+
+    /// The policy with this name and its prepared contributions.
+    pub(crate) fn get_prepared(&self, name: &PolicyName) -> Option<(&Policy, &[Vec<Prepared>])> {
+        self.policies
+            .get(name)
+            .map(|s| (&s.policy, s.prepared.as_slice()))
+    }
+
+    /// All policies with their prepared contributions, in name order.
+    pub(crate) fn iter_prepared(&self) -> impl Iterator<Item = (&Policy, &[Vec<Prepared>])> {
+        self.policies
+            .values()
+            .map(|s| (&s.policy, s.prepared.as_slice()))
     }
 
     /// All policies in name order.
     pub fn iter(&self) -> impl Iterator<Item = &Policy> {
-        self.policies.values()
+        self.policies.values().map(|s| &s.policy)
     }
 
     /// The number of policies.
