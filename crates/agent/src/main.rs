@@ -318,6 +318,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 {
                     warn!(error = %e, "saving the DNS name cache");
                 }
+                // Identities learned from DNS answers, kept off the answer's path.
+                if let Err(e) = m.flush_state() {
+                    warn!(error = %e, "saving the agent state");
+                }
             }
         })
     };
@@ -355,8 +359,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for t in proxy_tasks.into_iter().chain(observe_tasks) {
         t.abort();
     }
-    if let Err(e) = manager.lock().await.save_name_cache() {
+    let mut m = manager.lock().await;
+    if let Err(e) = m.save_name_cache() {
         warn!(error = %e, "saving the DNS name cache");
+    }
+    if let Err(e) = m.flush_state() {
+        warn!(error = %e, "saving the agent state");
     }
     Ok(())
 }

@@ -196,6 +196,10 @@ pub struct Manager<D: Datapath> {
     /// they keep their compiled matchers).
     published: HashMap<ProxyEndpointId, Arc<L7Policy>>,
     published_selectors: Vec<DnsRule>,
+    /// Identities learned from DNS answers that the state file does not hold yet: written
+    /// by [`Manager::flush_state`] (the agent calls it every second and on shutdown), not
+    /// on the answer's path, which the pod is waiting on.
+    state_dirty: bool,
 }
 
 impl<D: Datapath> Manager<D> {
@@ -220,6 +224,7 @@ impl<D: Datapath> Manager<D> {
             proxies: ProxyHandles::new(name_cache),
             published: HashMap::new(),
             published_selectors: Vec::new(),
+            state_dirty: false,
         };
         m.restore_identities()?;
         for ip in m.config.node_addresses.clone() {
@@ -781,9 +786,19 @@ impl<D: Datapath> Manager<D> {
         }
         if changed {
             self.publish_proxies();
-            self.save()?;
+            self.state_dirty = true;
         }
         Ok(())
+    }
+
+    /// Writes the state file if DNS answers changed identities since it was last written;
+    /// returns whether it wrote.
+    pub fn flush_state(&mut self) -> Result<bool, ManagerError> {
+        if !self.state_dirty {
+            return Ok(false);
+        }
+        self.save()?;
+        Ok(true)
     }
 
     fn release_identity(&mut self, identity: Identity) -> Result<(), ManagerError> {
@@ -886,7 +901,8 @@ impl<D: Datapath> Manager<D> {
     }
 
     /// Writes endpoints and pod identities to the state directory (atomically).
-    fn save(&self) -> Result<(), ManagerError> {
+    fn save(&mut self) -> Result<(), ManagerError> {
+        self.state_dirty = false;
         let Some(path) = self.state_file() else {
             return Ok(());
         };
@@ -978,8 +994,30 @@ impl<D: Datapath> Manager<D> {
         if names > 0 {
             info!(names, "learned DNS names restored");
         }
+        let pruned = self.prune_unknown_ipcache()?;
+        if pruned > 0 {
+            info!(pruned, "ipcache entries with unknown identities removed");
+        }
         self.save()?;
         Ok(self.endpoints.len())
+    }
+}
+
+impl<D: Datapath> Manager<D> {
+    /// Removes pinned ipcache entries whose identity nothing restored knows. After a crash
+    /// they can exist (identities learned from DNS reach the state file up to a second
+    /// later), and their number could be handed out again for other labels; without the
+    /// entry the address is `world` until its name is answered again.
+    fn prune_unknown_ipcache(&mut self) -> Result<usize, ManagerError> {
+        let mut n = 0;
+        for (prefix, identity) in self.datapath.list_ipcache()? {
+            if identity.is_reserved() || self.allocator.shared_labels(identity).is_some() {
+                continue;
+            }
+            self.datapath.remove_ipcache(prefix)?;
+            n += 1;
+        }
+        Ok(n)
     }
 }
 
@@ -1247,6 +1285,51 @@ spec:
         m.delete_endpoint("c-fe").unwrap();
         assert!(h.http.load().endpoint(fe_pid).is_none());
         assert!(h.dns.load().endpoint(fe_pid).is_none());
+    }
+
+    #[test]
+    fn dns_identities_are_saved_off_the_answer_path_and_strays_pruned_on_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ManagerConfig {
+            state_dir: Some(dir.path().to_path_buf()),
+            ..ManagerConfig::default()
+        };
+        let api: IpAddr = "192.0.2.10".parse().unwrap();
+        let name = DnsRule::MatchName("api.example.com".into());
+        let mut m = Manager::new(config, FakeDatapath::new()).unwrap();
+        load(&mut m, "p.yaml", FQDN_AND_HTTP);
+        m.create_endpoint(spec("fe", "frontend", "10.0.1.1"))
+            .unwrap();
+        let state = dir.path().join("state.json");
+        let before = std::fs::read_to_string(&state).unwrap();
+
+        m.learn_fqdn(&[api], std::slice::from_ref(&name)).unwrap();
+        let id = m.datapath().identity_of(api);
+        assert!(!id.is_reserved());
+        assert_eq!(
+            std::fs::read_to_string(&state).unwrap(),
+            before,
+            "not written while the pod waits for its answer"
+        );
+        assert!(m.flush_state().unwrap());
+        assert!(!m.flush_state().unwrap(), "nothing new to write");
+        assert!(
+            std::fs::read_to_string(&state)
+                .unwrap()
+                .contains(&id.0.to_string())
+        );
+
+        // An entry whose identity nothing knows, as a crash before a flush leaves behind.
+        let stray: IpAddr = "198.51.100.7".parse().unwrap();
+        m.datapath_mut()
+            .upsert_ipcache(IpNet::from(stray), Identity(16_777_999))
+            .unwrap();
+        m.restore_endpoints().unwrap();
+        assert_eq!(
+            m.datapath().identity_of(stray),
+            Identity::from(ReservedIdentity::World)
+        );
+        assert_eq!(m.datapath().identity_of(api), id, "known entries stay");
     }
 
     #[test]
