@@ -1,6 +1,7 @@
 #!/bin/bash
 # Time from an allowed DNS answer reaching the agent's learner to the datapath allowing its
-# addresses (identity allocated, policy map and ipcache updated in the kernel, state saved):
+# addresses (identity allocated, policy map and ipcache updated in the kernel; the agent state
+# is written later, by the agent's housekeeping):
 # crates/agent/examples/fqdn-learn-latency.rs with the real learner (weir_agent::proxies::
 # AgentLearner) against the real eBPF maps. Runs in a network namespace of its own (one veth
 # for the endpoint to attach to) and a private mount namespace with its own bpffs, so nothing

@@ -1,7 +1,8 @@
 //! Measures the agent's DNS learner against the real eBPF datapath: from the moment the DNS
 //! proxy hands over an allowed answer (the [`DnsLearner`] call) to the moment the future
 //! completes, i.e. identities allocated, every endpoint's policy map and the ipcache updated
-//! in the kernel and the agent's state saved, after which the proxy releases the answer.
+//! in the kernel, after which the proxy releases the answer (the agent's state file is
+//! written later by its housekeeping, off this path).
 //!
 //! ```text
 //! fqdn-learn-latency BPFFS_DIR HOST_IFNAME [ANSWERS]
@@ -12,7 +13,7 @@
 //! namespace of its own). The endpoint's policy allows egress to `*.example.com` through
 //! `toFQDNs`; each answer names a fresh address (a new identity, as a new answer does), then
 //! each address is taught again (a repeated answer: nothing changes in the kernel). Prints
-//! p50/p99/max for both. `NO_STATE=1` runs without a state directory (nothing saved).
+//! p50/p99/max for both. `NO_STATE=1` runs without a state directory.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -132,7 +133,7 @@ fn run() -> Result<(), String> {
             again.push(t.elapsed());
         }
         println!(
-            "new address (identity + policy map + ipcache + state): {}",
+            "new address (identity + policy map + ipcache): {}",
             percentiles(fresh)
         );
         println!("repeated answer (nothing changes): {}", percentiles(again));
