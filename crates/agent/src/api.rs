@@ -232,9 +232,10 @@ impl<D: Datapath + Send + 'static> StatusService for AgentApi<D> {
 
 use weir_agent_api::v1::{
     BpfCtListRequest, BpfCtListResponse, BpfIpcacheListRequest, BpfIpcacheListResponse,
-    BpfPolicyEntry, BpfPolicyGetRequest, BpfPolicyGetResponse, GetPoliciesRequest,
-    GetPoliciesResponse, IdentityEntry, IpcacheEntry, ListIdentitiesRequest,
-    ListIdentitiesResponse, PolicyFileStatus, inspect_service_server::InspectService,
+    BpfPolicyEntry, BpfPolicyGetRequest, BpfPolicyGetResponse, FqdnCacheEntry,
+    FqdnCacheListRequest, FqdnCacheListResponse, GetPoliciesRequest, GetPoliciesResponse,
+    IdentityEntry, IpcacheEntry, ListIdentitiesRequest, ListIdentitiesResponse, PolicyFileStatus,
+    inspect_service_server::InspectService,
 };
 use weir_policy_compiler::EntryAction;
 use weir_policy_model::Direction;
@@ -352,6 +353,35 @@ impl<D: Datapath + Send + 'static> InspectService for AgentApi<D> {
             })
             .collect();
         Ok(Response::new(BpfIpcacheListResponse { entries }))
+    }
+
+    async fn fqdn_cache_list(
+        &self,
+        _: Request<FqdnCacheListRequest>,
+    ) -> Result<Response<FqdnCacheListResponse>, Status> {
+        let m = self.manager.lock().await;
+        let entries = m
+            .proxy_handles()
+            .name_cache
+            .entries()
+            .into_iter()
+            .map(|e| {
+                let id = EndpointId(u32::from(e.endpoint));
+                FqdnCacheEntry {
+                    endpoint_id: id.0,
+                    pod: m
+                        .endpoint(id)
+                        .map(|ep| format!("{}/{}", ep.spec.namespace, ep.spec.pod_name))
+                        .unwrap_or_default(),
+                    name: e.name,
+                    ip: e.ip.to_string(),
+                    identity: m.fqdn_identity(e.ip).map_or(0, |i| i.0),
+                    learned_ms: e.learned_ms,
+                    expires_ms: e.expires_ms,
+                }
+            })
+            .collect();
+        Ok(Response::new(FqdnCacheListResponse { entries }))
     }
 
     async fn bpf_ct_list(

@@ -791,6 +791,11 @@ impl<D: Datapath> Manager<D> {
         Ok(())
     }
 
+    /// The identity an address learned from DNS answers has, if any.
+    pub fn fqdn_identity(&self, ip: IpAddr) -> Option<Identity> {
+        self.fqdn.get(&ip).map(|f| f.identity)
+    }
+
     /// Writes the state file if DNS answers changed identities since it was last written;
     /// returns whether it wrote.
     pub fn flush_state(&mut self) -> Result<bool, ManagerError> {

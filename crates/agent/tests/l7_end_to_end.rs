@@ -17,7 +17,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use weir_agent_api::v1::CreateEndpointRequest;
+use weir_agent_api::v1::FqdnCacheListRequest;
 use weir_agent_api::v1::endpoint_service_client::EndpointServiceClient;
+use weir_agent_api::v1::inspect_service_client::InspectServiceClient;
 
 /// Answers every GET with 200 and the path.
 const SERVER: &str = r#"
@@ -280,6 +282,23 @@ fn egress_http_rule_enforced_by_the_agents_proxy() -> TestResult {
         .output()?;
     let udp_refused = String::from_utf8_lossy(&udp_refused.stdout).to_string();
     assert!(udp_refused.contains("REFUSED"), "{udp_refused}");
+
+    // What `weir fqdn cache list` shows: the learned name with its address, the identity
+    // the address got and the pod that asked; nothing for the refused name.
+    let channel = rt.block_on(weir_agent_api::connect_unix(&socket))?;
+    let cache = rt
+        .block_on(InspectServiceClient::new(channel).fqdn_cache_list(FqdnCacheListRequest {}))?
+        .into_inner()
+        .entries;
+    let learned = cache
+        .iter()
+        .find(|e| e.name == "api.example.com.")
+        .ok_or_else(|| format!("api.example.com not in the cache: {cache:?}"))?;
+    assert_eq!(learned.ip, "10.211.9.9");
+    assert!(learned.identity >= 256, "{learned:?}");
+    assert!(learned.pod.ends_with("/client"), "{learned:?}");
+    assert!(learned.expires_ms > learned.learned_ms, "{learned:?}");
+    assert!(!cache.iter().any(|e| e.name.contains("evil")), "{cache:?}");
     drop(rt);
     Ok(())
 }

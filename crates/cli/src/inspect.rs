@@ -9,8 +9,8 @@ use clap::Subcommand;
 use serde_json::json;
 use tonic::transport::Channel;
 use weir_agent_api::v1::{
-    BpfCtListRequest, BpfIpcacheListRequest, BpfPolicyGetRequest, GetPoliciesRequest,
-    ListEndpointsRequest, ListIdentitiesRequest, StatusRequest,
+    BpfCtListRequest, BpfIpcacheListRequest, BpfPolicyGetRequest, FqdnCacheListRequest,
+    GetPoliciesRequest, ListEndpointsRequest, ListIdentitiesRequest, StatusRequest,
     endpoint_service_client::EndpointServiceClient, inspect_service_client::InspectServiceClient,
     status_service_client::StatusServiceClient,
 };
@@ -27,6 +27,14 @@ pub enum BpfCommand {
     /// Connection tracking entries.
     #[command(subcommand)]
     Ct(ListOnly),
+}
+
+/// `weir fqdn ...`
+#[derive(Subcommand)]
+pub enum FqdnCommand {
+    /// Names the DNS proxy learned: name, address, identity, endpoint and expiry.
+    #[command(subcommand)]
+    Cache(ListOnly),
 }
 
 /// `weir bpf policy ...`
@@ -61,6 +69,8 @@ pub enum Query {
     Policies,
     /// `weir bpf ...`
     Bpf(BpfCommand),
+    /// `weir fqdn cache list`
+    Fqdn(FqdnCommand),
 }
 
 /// A runtime for one command's calls.
@@ -90,6 +100,7 @@ pub fn run(query: Query, socket: &Path, json: bool) -> anyhow::Result<ExitCode> 
             Query::Identities => identities(ch, json).await,
             Query::Policies => policies(ch, json).await,
             Query::Bpf(b) => bpf(ch, b, json).await,
+            Query::Fqdn(FqdnCommand::Cache(ListOnly::List)) => fqdn_cache(ch, json).await,
         }
     })
 }
@@ -124,6 +135,65 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             line(r.iter().map(|c| c.lines().nth(i).unwrap_or("")).collect());
         }
     }
+}
+
+/// Milliseconds since the Unix epoch as UTC `YYYY-MM-DDTHH:MM:SSZ`.
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+async fn fqdn_cache(ch: Channel, json: bool) -> anyhow::Result<ExitCode> {
+    let mut entries = InspectServiceClient::new(ch)
+        .fqdn_cache_list(FqdnCacheListRequest {})
+        .await?
+        .into_inner()
+        .entries;
+    entries.sort_by(|a, b| (&a.pod, &a.name, &a.ip).cmp(&(&b.pod, &b.name, &b.ip)));
+    if json {
+        let v: Vec<_> = entries
+            .iter()
+            .map(|e| {
+                json!({"endpoint": e.endpoint_id, "pod": e.pod, "name": e.name, "ip": e.ip,
+                       "identity": e.identity, "learned": utc(e.learned_ms), "expires": utc(e.expires_ms)})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        table(
+            &["ENDPOINT", "POD", "NAME", "IP", "IDENTITY", "EXPIRES"],
+            entries
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.endpoint_id.to_string(),
+                        e.pod.clone(),
+                        e.name.clone(),
+                        e.ip.clone(),
+                        e.identity.to_string(),
+                        utc(e.expires_ms),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn status(ch: Channel, json: bool) -> anyhow::Result<ExitCode> {
@@ -417,4 +487,14 @@ async fn bpf(ch: Channel, cmd: BpfCommand, json: bool) -> anyhow::Result<ExitCod
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_formats_epoch_milliseconds() {
+        assert_eq!(super::utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(super::utc(1_795_911_960_514), "2026-11-29T00:26:00Z");
+    }
 }

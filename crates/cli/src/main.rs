@@ -44,6 +44,9 @@ enum Command {
     /// What the kernel holds: policy maps, ipcache, conntrack.
     #[command(subcommand)]
     Bpf(inspect::BpfCommand),
+    /// What the DNS proxy learned (`weir fqdn cache list`).
+    #[command(subcommand)]
+    Fqdn(inspect::FqdnCommand),
     /// A node, pods, a world and real traffic in private network namespaces.
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
             inspect::run(inspect::Query::Identities, &cli.socket, cli.json)
         }
         Command::Bpf(b) => inspect::run(inspect::Query::Bpf(b), &cli.socket, cli.json),
+        Command::Fqdn(f) => inspect::run(inspect::Query::Fqdn(f), &cli.socket, cli.json),
         Command::Lab(cmd) => lab::run(cmd),
         Command::Observe(args) => observe::run(&args),
         Command::Connectivity(cmd) => connectivity::run(cmd, cli.json),
