@@ -121,12 +121,12 @@ impl TcpExchange {
     /// The answer (a response with this query's ID and question), the client's ID restored;
     /// `None` if the connection ended first.
     pub(crate) async fn recv(&mut self) -> Option<(Vec<u8>, DnsMessage)> {
-        let (mut data, mut answer) = (&mut self.rx).await.ok()?;
-        if let Some(id) = data.get_mut(..2) {
-            id.copy_from_slice(&self.client_id);
-        }
-        answer.id = u16::from_be_bytes(self.client_id);
-        Some((data, answer))
+        let (data, answer) = (&mut self.rx).await.ok()?;
+        Some(crate::upstream::with_client_id(
+            data,
+            answer,
+            self.client_id,
+        ))
     }
 }
 

@@ -306,13 +306,22 @@ impl Exchange {
     /// The answer (a response with this query's ID and question), with the client's ID
     /// restored; `None` if the socket failed (the query gets SERVFAIL).
     pub(crate) async fn recv(&mut self) -> Option<(Vec<u8>, DnsMessage)> {
-        let (mut data, mut answer) = (&mut self.rx).await.ok()?;
-        if let Some(id) = data.get_mut(..2) {
-            id.copy_from_slice(&self.client_id);
-        }
-        answer.id = u16::from_be_bytes(self.client_id);
-        Some((data, answer))
+        let (data, answer) = (&mut self.rx).await.ok()?;
+        Some(with_client_id(data, answer, self.client_id))
     }
+}
+
+/// An upstream answer under the ID the client chose (the proxy sent its own upstream).
+pub(crate) fn with_client_id(
+    mut data: Vec<u8>,
+    mut answer: DnsMessage,
+    client_id: [u8; 2],
+) -> (Vec<u8>, DnsMessage) {
+    if let Some(id) = data.get_mut(..2) {
+        id.copy_from_slice(&client_id);
+    }
+    answer.id = u16::from_be_bytes(client_id);
+    (data, answer)
 }
 
 impl Drop for Exchange {
