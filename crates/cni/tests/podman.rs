@@ -146,6 +146,94 @@ fn busybox_rootfs(root: &Path) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Podman confined to a test: storage, run root, configuration and a plugin directory holding
+/// `weir-cni`, all under the test's directory; it runs in the node namespace (nsenter rather
+/// than `ip netns exec`: the latter remounts /sys, hiding the cgroup mounts runc needs).
+struct Podman {
+    /// `nsenter --net=... podman <global options>`, without the command.
+    base: Vec<std::ffi::OsString>,
+    containers_conf: PathBuf,
+    rootfs: PathBuf,
+    /// Where the test writes its network lists.
+    netconf: PathBuf,
+}
+
+impl Podman {
+    fn new(dir: &Path, node: &str) -> Result<Self, Box<dyn std::error::Error>> {
+        let plugins = dir.join("plugins");
+        std::fs::create_dir_all(&plugins)?;
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_weir-cni"), plugins.join("weir-cni"))?;
+        let netconf = dir.join("net.d");
+        std::fs::create_dir_all(&netconf)?;
+        let containers_conf = dir.join("containers.conf");
+        std::fs::write(
+            &containers_conf,
+            format!(
+                "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\", \"/usr/lib/cni\"]\n",
+                plugins.display()
+            ),
+        )?;
+        let rootfs = dir.join("rootfs");
+        busybox_rootfs(&rootfs)?;
+        let mut base: Vec<std::ffi::OsString> = vec![
+            format!("--net=/var/run/netns/{node}").into(),
+            "podman".into(),
+        ];
+        for (flag, sub) in [
+            ("--root", "storage"),
+            ("--runroot", "runroot"),
+            ("--tmpdir", "tmp"),
+        ] {
+            base.push(flag.into());
+            base.push(dir.join(sub).into_os_string());
+        }
+        for a in [
+            "--runtime",
+            "runc",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--network-backend",
+            "cni",
+            "--events-backend",
+            "none",
+        ] {
+            base.push(a.into());
+        }
+        base.push("--cni-config-dir".into());
+        base.push(netconf.clone().into_os_string());
+        Ok(Podman {
+            base,
+            containers_conf,
+            rootfs,
+            netconf,
+        })
+    }
+
+    /// `podman run OPTS --rootfs ROOTFS /bin/sh -c SCRIPT`: stdout, stderr, success.
+    fn run(&self, opts: &[&str], script: &str) -> std::io::Result<(String, String, bool)> {
+        let out = Command::new("nsenter")
+            .args(&self.base)
+            .args([
+                "run",
+                "--ulimit",
+                "nofile=1024:1024",
+                "--ulimit",
+                "nproc=1024:1024",
+            ])
+            .args(opts)
+            .arg("--rootfs")
+            .arg(&self.rootfs)
+            .args(["/bin/sh", "-c", script])
+            .env("CONTAINERS_CONF", &self.containers_conf)
+            .output()?;
+        Ok((
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            out.status.success(),
+        ))
+    }
+}
+
 #[test]
 fn podman_container_gets_a_weir_endpoint() -> TestResult {
     if !nix::unistd::geteuid().is_root() {
@@ -213,14 +301,10 @@ fn podman_container_gets_a_weir_endpoint() -> TestResult {
     ready_rx.recv()??;
 
     // Plugin directory, network list, containers.conf and rootfs.
-    let plugins = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugins)?;
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_weir-cni"), plugins.join("weir-cni"))?;
-    let netconf = dir.path().join("net.d");
-    std::fs::create_dir_all(&netconf)?;
+    let podman = Podman::new(dir.path(), &node)?;
     let state = dir.path().join("state");
     std::fs::write(
-        netconf.join("weirnet.conflist"),
+        podman.netconf.join("weirnet.conflist"),
         format!(
             r#"{{"cniVersion":"1.0.0","name":"weirnet","plugins":[{{"type":"weir-cni",
                 "ipam":{{"subnet":"10.200.7.0/24"}},"stateDir":"{}","agentSocket":"{}"}}]}}"#,
@@ -228,64 +312,13 @@ fn podman_container_gets_a_weir_endpoint() -> TestResult {
             socket.display()
         ),
     )?;
-    let containers_conf = dir.path().join("containers.conf");
-    std::fs::write(
-        &containers_conf,
-        format!(
-            "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\", \"/usr/lib/cni\"]\n",
-            plugins.display()
-        ),
+    let (stdout, stderr, ok) = podman.run(
+        &["--rm", "--network", "weirnet"],
+        "ip -4 addr show eth0; ping -c 1 -W 2 10.200.7.1",
     )?;
-    let rootfs = dir.path().join("rootfs");
-    busybox_rootfs(&rootfs)?;
-
-    let root = dir.path().join("storage");
-    let runroot = dir.path().join("runroot");
-    let tmpdir = dir.path().join("tmp");
-    // nsenter rather than `ip netns exec`: the latter remounts /sys, hiding the
-    // cgroup mounts runc needs.
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/var/run/netns/{node}"))
-        .arg("podman")
-        .arg("--root")
-        .arg(&root)
-        .arg("--runroot")
-        .arg(&runroot)
-        .arg("--tmpdir")
-        .arg(&tmpdir)
-        .args([
-            "--runtime",
-            "runc",
-            "--cgroup-manager",
-            "cgroupfs",
-            "--network-backend",
-            "cni",
-        ])
-        .arg("--cni-config-dir")
-        .arg(&netconf)
-        .args(["--events-backend", "none"])
-        .args([
-            "run",
-            "--rm",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1024:1024",
-        ])
-        .args(["--network", "weirnet", "--rootfs"])
-        .arg(&rootfs)
-        .args([
-            "/bin/sh",
-            "-c",
-            "ip -4 addr show eth0; ping -c 1 -W 2 10.200.7.1",
-        ])
-        .env("CONTAINERS_CONF", &containers_conf)
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let _ = stop.send(());
     let _ = server.join();
-    assert!(out.status.success(), "podman failed:\n{stdout}\n{stderr}");
+    assert!(ok, "podman failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("10.200.7.2/32"), "{stdout}");
     assert!(stdout.contains("1 packets received"), "{stdout}");
 
@@ -416,38 +449,10 @@ fn podman_containers_traffic_follows_policy_with_the_real_agent() -> TestResult 
         ),
     )?;
     let log = dir.path().join("agent.log");
-    let podman_base: Vec<std::ffi::OsString> = {
-        let mut v: Vec<std::ffi::OsString> = vec![
-            format!("--net=/var/run/netns/{node}").into(),
-            "podman".into(),
-        ];
-        for (flag, sub) in [
-            ("--root", "storage"),
-            ("--runroot", "runroot"),
-            ("--tmpdir", "tmp"),
-        ] {
-            v.push(flag.into());
-            v.push(dir.path().join(sub).into_os_string());
-        }
-        for a in [
-            "--runtime",
-            "runc",
-            "--cgroup-manager",
-            "cgroupfs",
-            "--network-backend",
-            "cni",
-            "--events-backend",
-            "none",
-        ] {
-            v.push(a.into());
-        }
-        v.push("--cni-config-dir".into());
-        v.push(dir.path().join("net.d").into_os_string());
-        v
-    };
+    let podman = Podman::new(dir.path(), &node)?;
     let mut cleanup = Cleanup {
         agent: None,
-        podman: podman_base.clone(),
+        podman: podman.base.clone(),
         containers: Vec::new(),
         bpffs: dir.path().join("bpf"),
     };
@@ -478,18 +483,13 @@ fn podman_containers_traffic_follows_policy_with_the_real_agent() -> TestResult 
     };
 
     // Three networks: the labels of their pods come from each network's configuration.
-    let plugins = dir.path().join("plugins");
-    std::fs::create_dir_all(&plugins)?;
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_weir-cni"), plugins.join("weir-cni"))?;
-    let netconf = dir.path().join("net.d");
-    std::fs::create_dir_all(&netconf)?;
     for (name, app, subnet) in [
         ("weir-server", "server", "10.200.8.0/26"),
         ("weir-client", "client", "10.200.8.64/26"),
         ("weir-other", "other", "10.200.8.128/26"),
     ] {
         std::fs::write(
-            netconf.join(format!("{name}.conflist")),
+            podman.netconf.join(format!("{name}.conflist")),
             format!(
                 r#"{{"cniVersion":"1.0.0","name":"{name}","plugins":[{{"type":"weir-cni",
                     "ipam":{{"subnet":"{subnet}"}},"stateDir":"{}","agentSocket":"{}",
@@ -499,42 +499,10 @@ fn podman_containers_traffic_follows_policy_with_the_real_agent() -> TestResult 
             ),
         )?;
     }
-    let containers_conf = dir.path().join("containers.conf");
-    std::fs::write(
-        &containers_conf,
-        format!(
-            "[network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\", \"/usr/lib/cni\"]\n",
-            plugins.display()
-        ),
-    )?;
-    let rootfs = dir.path().join("rootfs");
-    busybox_rootfs(&rootfs)?;
-    let podman = |opts: &[&str], script: &str| -> Result<(String, String, bool), std::io::Error> {
-        let out = Command::new("nsenter")
-            .args(&podman_base)
-            .args([
-                "run",
-                "--ulimit",
-                "nofile=1024:1024",
-                "--ulimit",
-                "nproc=1024:1024",
-            ])
-            .args(opts)
-            .arg("--rootfs")
-            .arg(&rootfs)
-            .args(["/bin/sh", "-c", script])
-            .env("CONTAINERS_CONF", &containers_conf)
-            .output()?;
-        Ok((
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-            out.status.success(),
-        ))
-    };
 
     // The server: HTTP on 8080 (allowed to clients) and on 9090 (allowed to nobody).
     cleanup.containers.push("weir-srv".into());
-    let (stdout, stderr, ok) = podman(
+    let (stdout, stderr, ok) = podman.run(
         &["-d", "--name", "weir-srv", "--network", "weir-server"],
         "mkdir -p /tmp/www && echo hello > /tmp/www/index.html && httpd -p 8080 -h /tmp/www && exec httpd -f -p 9090 -h /tmp/www",
     )?;
@@ -568,7 +536,7 @@ fn podman_containers_traffic_follows_policy_with_the_real_agent() -> TestResult 
         fetch(8080),
         fetch(9090)
     );
-    let (stdout, stderr, _) = podman(&["--rm", "--network", "weir-client"], &script)?;
+    let (stdout, stderr, _) = podman.run(&["--rm", "--network", "weir-client"], &script)?;
     assert!(
         stdout.contains("hello"),
         "client to 8080:\n{stdout}\n{stderr}\n{}",
@@ -581,7 +549,7 @@ fn podman_containers_traffic_follows_policy_with_the_real_agent() -> TestResult 
 
     // Another workload: no rule lets `app=other` in, on any port.
     let script = format!("{} && echo 8080-OPEN || echo 8080-BLOCKED", fetch(8080));
-    let (stdout, stderr, _) = podman(&["--rm", "--network", "weir-other"], &script)?;
+    let (stdout, stderr, _) = podman.run(&["--rm", "--network", "weir-other"], &script)?;
     assert!(
         stdout.contains("8080-BLOCKED"),
         "other to 8080:\n{stdout}\n{stderr}"
