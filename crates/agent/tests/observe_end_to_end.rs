@@ -12,7 +12,7 @@ mod common;
 use common::*;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -326,6 +326,7 @@ fn flows_status_and_metrics_from_a_running_agent() -> TestResult {
         .into_inner();
     assert_eq!(status.max_flows, 4095);
     assert!(status.num_flows >= 2 && status.seen_flows >= status.num_flows);
+    stock_grpc_client_reads_the_same(&hubble, tmp.path())?;
 
     let text = Command::new("ip")
         .args([
@@ -496,5 +497,67 @@ fn flows_status_and_metrics_from_a_running_agent() -> TestResult {
         .count();
     assert!(dropped_new >= 1, "{summary:?}");
     drop(rt);
+    Ok(())
+}
+
+/// A stock gRPC client, not Weir's: Python's grpcio with messages protoc generated from
+/// Weir's `observer.proto`, reading server status and the dropped flows over the socket.
+fn stock_grpc_client_reads_the_same(hubble: &Path, tmp: &Path) -> TestResult {
+    // Debian's python3-grpcio lives under the system interpreter, which a pyenv or venv
+    // earlier on PATH would hide.
+    let python = if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    let probe = Command::new(python)
+        .args(["-c", "import grpc, google.protobuf"])
+        .status();
+    if !have("protoc") || !probe.is_ok_and(|s| s.success()) {
+        eprintln!(
+            "SKIP the stock gRPC client check: protoc or python3-grpcio missing (scripts/setup installs them)"
+        );
+        return Ok(());
+    }
+    let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("../observe/proto");
+    let gen_dir = tmp.join("pygen");
+    std::fs::create_dir_all(&gen_dir)?;
+    let out = Command::new("protoc")
+        .arg("-I")
+        .arg(&proto)
+        .arg("-I/usr/include")
+        .arg(format!("--python_out={}", gen_dir.display()))
+        .args(["flow/flow.proto", "observer/observer.proto"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "protoc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/hubble_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(&gen_dir)
+        .arg(hubble)
+        .arg("9090")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "python client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["max_flows"], 4095, "{v}");
+    assert!(v["num_flows"].as_u64().is_some_and(|n| n >= 2), "{v}");
+    let flows = v["flows"].as_array().ok_or("no flows array")?;
+    let drop = flows
+        .iter()
+        .find(|f| f["source_pod"] == "client")
+        .ok_or_else(|| format!("no drop from the client in {v}"))?;
+    assert_eq!(drop["verdict"], "DROPPED", "{v}");
+    assert_eq!(drop["drop_reason"], 133, "{v}");
+    assert_eq!(drop["destination_pod"], "server", "{v}");
+    assert_eq!(drop["destination_port"], 9090, "{v}");
+    assert_eq!(drop["node_name"], "obs-node", "{v}");
     Ok(())
 }
