@@ -458,10 +458,15 @@ mod proxy {
         // (UDP is never redirected into a pod: DNS rules are egress only.)
         let path = "/proc/sys/net/ipv4/tcp_early_demux";
         std::fs::write(path, "0").with_context(|| format!("writing {path}"))?;
+        // An egress proxy's upstream connection to a pod whose ingress also has HTTP rules
+        // comes back, hairpinned, to the ingress proxy from this node's own address; IPv4
+        // drops such packets as martians unless local sources are accepted.
+        let path = "/proc/sys/net/ipv4/conf/all/accept_local";
+        std::fs::write(path, "1").with_context(|| format!("writing {path}"))?;
         info!(
             mark = PROXY_MARK,
             table = PROXY_TABLE,
-            "proxy policy routing in place (TCP early demux off)"
+            "proxy policy routing in place (TCP early demux off, local sources accepted)"
         );
         Ok(())
     }

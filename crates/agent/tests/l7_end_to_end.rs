@@ -60,8 +60,36 @@ spec:
       toPorts:
         - ports: [{port: '8080', protocol: TCP}]
           rules:
+            http: [{method: GET, path: /allowed}, {method: GET, path: /ingress-denied}]
+";
+
+/// The server's own ingress HTTP rule: a connection the client's egress proxy already
+/// judged is judged again by the ingress proxy, for the client's identity.
+const INGRESS_POLICY: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: server-l7, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: client}}]
+      toPorts:
+        - ports: [{port: '8080', protocol: TCP}]
+          rules:
             http: [{method: GET, path: /allowed}]
 ";
+
+/// GETs `url` until the answer is `want` (a policy file change takes effect within a second
+/// or so), returning the last answer.
+fn get_until(ns: &str, url: &str, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let got = get(ns, url);
+        if got == want || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
 
 const DNS_POLICY: &str = "apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -205,6 +233,26 @@ fn egress_http_rule_enforced_by_the_agents_proxy() -> TestResult {
     assert_eq!(allowed, "200 hello /allowed", "agent log:\n{log_text}");
     assert_eq!(denied, "403 Access denied", "agent log:\n{log_text}");
     assert_eq!(again, "200 hello /allowed", "agent log:\n{log_text}");
+
+    // Egress and ingress L7 on one connection: two proxies in a row. Before the server has
+    // a rule of its own, the egress rule alone decides.
+    let both = format!("{base}/ingress-denied");
+    assert_eq!(get(&a, &both), "200 hello /ingress-denied");
+    std::fs::write(policies.join("ingress-l7.yaml"), INGRESS_POLICY)?;
+    let by_ingress = get_until(&a, &both, "403 Access denied");
+    let through_both = get(&a, &format!("{base}/allowed"));
+    let by_egress = get(&a, &format!("{base}/denied"));
+    let log_text = agent_log(&log);
+    assert_eq!(by_ingress, "403 Access denied", "agent log:\n{log_text}");
+    // The ingress proxy judged the client (its rule is for app=client only), not the node.
+    assert_eq!(through_both, "200 hello /allowed", "agent log:\n{log_text}");
+    assert_eq!(by_egress, "403 Access denied", "agent log:\n{log_text}");
+    // The DNS part below needs the server open to the client again.
+    std::fs::remove_file(policies.join("ingress-l7.yaml"))?;
+    assert_eq!(
+        get_until(&a, &both, "200 hello /ingress-denied"),
+        "200 hello /ingress-denied"
+    );
 
     if !have("dnsmasq") || !have("dig") {
         eprintln!("SKIP the DNS part: needs dnsmasq and dig");

@@ -18,6 +18,9 @@
 //!   and closes the connection (RFC 9112), as hyper already does for malformed heads and
 //!   conflicting `Content-Length`s.
 //! - Every request produces an [`L7Record`] for a [`FlowSink`].
+//! - Egress and ingress rules on one connection: when an egress connection's upstream is
+//!   redirected back to this proxy's ingress listener (the server's ingress has HTTP rules
+//!   too), the ingress side judges the original client's identity, not the node's address.
 //!
 //! # gRPC
 //!
@@ -33,6 +36,7 @@
 //! normalisation: a rule for `/api/products` does not admit `/api/%70roducts`, and `/api/users/[0-9]+` does not admit
 //! `/api/users/42/../../admin`.
 
+mod chain;
 mod config;
 mod context;
 mod io;

@@ -68,6 +68,7 @@ impl L7Proxy {
                 policy,
                 sink,
                 upstream_mark: None,
+                own_upstreams: Arc::default(),
             }),
             destinations,
             identities,
@@ -82,6 +83,7 @@ impl L7Proxy {
             policy: self.shared.policy.clone(),
             sink: self.shared.sink.clone(),
             upstream_mark: Some(mark),
+            own_upstreams: self.shared.own_upstreams.clone(),
         });
         self
     }
@@ -112,7 +114,15 @@ impl L7Proxy {
                     this.destinations.as_ref(),
                     this.identities.as_ref(),
                 ) {
-                    Ok(ctx) => ctx,
+                    Ok(mut ctx) => {
+                        // Our own egress side forwarding for a client: judge the client.
+                        if direction == Direction::Ingress
+                            && let Some(client) = this.shared.own_upstreams.client_of(ctx.source)
+                        {
+                            ctx.remote_identity = client;
+                        }
+                        ctx
+                    }
                     Err(e) => {
                         // Without a destination there is nothing safe to do: close.
                         tracing::debug!(error = %e, "cannot resolve connection");

@@ -30,7 +30,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Mutex;
 use weir_l7_match::{HttpRequestView, MismatchAction};
+use weir_policy_model::Direction;
 
+use crate::chain::OwnUpstreams;
 use crate::config::ProxyConfig;
 use crate::context::{ConnectionContext, UpstreamMark};
 use crate::policy::{Decision, DenyReason, HeaderAction, PolicyStore};
@@ -43,6 +45,8 @@ pub(crate) struct Shared {
     pub(crate) policy: Arc<PolicyStore>,
     pub(crate) sink: Arc<dyn FlowSink>,
     pub(crate) upstream_mark: Option<Arc<dyn UpstreamMark>>,
+    /// Egress upstream connections, so the ingress side knows them when they come back.
+    pub(crate) own_upstreams: Arc<OwnUpstreams>,
 }
 
 /// The upstream connection of one client connection: one per client connection, to its
@@ -378,10 +382,18 @@ async fn connect(state: &ConnState, h2: bool) -> Result<Upstream, UpstreamError>
         .upstream_mark
         .as_ref()
         .and_then(|m| m.mark(&state.ctx));
-    let stream = tokio::time::timeout(
-        cfg.connect_timeout,
-        connect_marked(state.ctx.original_destination, mark),
-    )
+    let to = state.ctx.original_destination;
+    let (stream, registration) = tokio::time::timeout(cfg.connect_timeout, async {
+        match state.ctx.direction {
+            // It may come back to this proxy's ingress listener (see `chain`).
+            Direction::Egress => {
+                let own = &state.shared.own_upstreams;
+                let (s, r) = own.connect(to, mark, state.ctx.local_identity).await?;
+                Ok::<_, io::Error>((s, Some(r)))
+            }
+            Direction::Ingress => Ok((connect_marked(to, mark).await?, None)),
+        }
+    })
     .await
     .map_err(|_| UpstreamError::Timeout)??;
     let _ = stream.set_nodelay(true);
@@ -392,6 +404,7 @@ async fn connect(state: &ConnState, h2: bool) -> Result<Upstream, UpstreamError>
             .handshake(io)
             .await?;
         tokio::spawn(async move {
+            let _registered = registration;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream h2 connection");
             }
@@ -400,6 +413,7 @@ async fn connect(state: &ConnState, h2: bool) -> Result<Upstream, UpstreamError>
     } else {
         let (send, conn) = http1::Builder::new().handshake(io).await?;
         tokio::spawn(async move {
+            let _registered = registration;
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream h1 connection");
             }
