@@ -74,22 +74,28 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// A lab (namespaces named `weir<tag><pid>-`) and the seed's allow-frontend-to-backend
+/// scenario as a cluster spec.
+fn seed_02_lab(tag: &str, dir: &Path) -> Result<(Lab, ClusterSpec), Box<dyn std::error::Error>> {
+    let cfg = LabConfig::new(
+        &format!("weir{tag}{}-", std::process::id()),
+        &dir.join("lab"),
+        &bin_dir(),
+    );
+    let lab = Lab::up(cfg)?;
+    let path = repo().join("examples/seed/02-allow-frontend-to-backend.yaml");
+    let s = weir_scenario::parse_scenario("02.yaml", &std::fs::read_to_string(path)?)
+        .map_err(|e| format!("{e:?}"))?;
+    Ok((lab, ClusterSpec::from_scenario(&s)))
+}
+
 #[test]
 fn policy_import_and_delete_through_the_agent() -> TestResult {
     if !can_run_a_lab() {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let cfg = LabConfig::new(
-        &format!("weirci{}-", std::process::id()),
-        &dir.path().join("lab"),
-        &bin_dir(),
-    );
-    let mut lab = Lab::up(cfg)?;
-    let path = repo().join("examples/seed/02-allow-frontend-to-backend.yaml");
-    let s = weir_scenario::parse_scenario("02.yaml", &std::fs::read_to_string(path)?)
-        .map_err(|e| format!("{e:?}"))?;
-    let mut spec = ClusterSpec::from_scenario(&s);
+    let (mut lab, mut spec) = seed_02_lab("ci", dir.path())?;
     let policy = spec.policies.pop().ok_or("no policy")?;
     lab.apply(&spec)?; // pods only
     let socket = lab.config().socket();
@@ -233,17 +239,9 @@ fn observe_follow_streams_new_flows_through_the_weir_binary() -> TestResult {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let cfg = LabConfig::new(
-        &format!("weirof{}-", std::process::id()),
-        &dir.path().join("lab"),
-        &bin_dir(),
-    );
-    let hubble = cfg.socket().with_file_name("hubble.sock");
-    let mut lab = Lab::up(cfg)?;
-    let path = repo().join("examples/seed/02-allow-frontend-to-backend.yaml");
-    let s = weir_scenario::parse_scenario("02.yaml", &std::fs::read_to_string(path)?)
-        .map_err(|e| format!("{e:?}"))?;
-    lab.apply(&ClusterSpec::from_scenario(&s))?;
+    let (mut lab, spec) = seed_02_lab("of", dir.path())?;
+    let hubble = lab.config().socket().with_file_name("hubble.sock");
+    lab.apply(&spec)?;
     let backend: SocketAddr = "10.0.1.20:8080".parse()?;
 
     // Only drops toward the backend's port: the allowed connection below must not show.
