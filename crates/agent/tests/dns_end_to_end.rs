@@ -54,7 +54,9 @@ use weir_observe::proto::observer::{GetFlowsRequest, get_flows_response};
 /// Fresh names for check 1: `n<i>.fqdn.test` answers `10.215.64.<i>`.
 const REPETITIONS: u8 = 200;
 /// The TTL dnsmasq gives every answer, in seconds.
-const TTL: u32 = 2;
+const TTL: u32 = 1;
+/// The agent's `--tofqdns-min-ttl`: access lasts this long, longer than the answers' TTL.
+const MIN_TTL: u64 = 2;
 const DNS_SERVER: &str = "10.215.2.2";
 /// Every address of the world namespace (an AnyIP route: one listener serves them all).
 const WORLD_RANGE: &str = "10.215.64.0/18";
@@ -527,6 +529,7 @@ fn start_lab(g: &mut Guard, tmp: &Path, prefix: &str) -> Result<Lab, Error> {
         .arg(&policies)
         // Room for every flow of the run: the drop checks read them all back.
         .args(["--hubble-ring-size", "65535"])
+        .args(["--tofqdns-min-ttl", &MIN_TTL.to_string()])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)
@@ -651,6 +654,17 @@ fn dns_learning_expiry_and_changed_answers_through_the_agent() -> TestResult {
         Connect::Open { retransmits: 0 },
         "{}",
         lab.log()
+    );
+    // The answer said 1 s; the agent keeps it for its minimum TTL.
+    let entry = lab
+        .fqdn_cache()?
+        .into_iter()
+        .find(|e| e.name == format!("{}.", SHORT.0))
+        .ok_or("short.fqdn.test not in the cache")?;
+    assert_eq!(
+        entry.expires_ms.saturating_sub(entry.learned_ms),
+        MIN_TTL * 1000,
+        "{entry:?}"
     );
     let moving = lab.resolve(MOVING, 2)?;
     assert_eq!(moving, [MOVING_OLD.parse::<Ipv4Addr>()?]);
