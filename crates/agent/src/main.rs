@@ -116,6 +116,47 @@ struct Args {
     /// stops at its lockless free-space check, counted as lost.
     #[arg(long)]
     no_flow_export: bool,
+    /// DNS answers open access for at least this many seconds, whatever their TTL (Cilium's
+    /// flag; 0 honours the answers' TTLs).
+    #[arg(long, default_value_t = 0)]
+    tofqdns_min_ttl: u32,
+    /// At most this many addresses per name and endpoint; the least recently answered go
+    /// beyond it (Cilium's flag).
+    #[arg(long, default_value_t = weir_dns_proxy::CacheConfig::default().max_ips_per_name)]
+    tofqdns_endpoint_max_ip_per_hostname: usize,
+    /// How long an expired address stays open after its last live connection was seen:
+    /// seconds, or a number with `s`, `m` or `h` (Cilium's flag, a Go duration there).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    tofqdns_idle_connection_grace_period: Duration,
+}
+
+/// The DNS name cache's limits from the `--tofqdns-*` flags.
+fn fqdn_cache_config(args: &Args) -> weir_dns_proxy::CacheConfig {
+    weir_dns_proxy::CacheConfig {
+        min_ttl: Duration::from_secs(u64::from(args.tofqdns_min_ttl)),
+        max_ips_per_name: args.tofqdns_endpoint_max_ip_per_hostname,
+        idle_grace: args.tofqdns_idle_connection_grace_period,
+    }
+}
+
+/// `30`, `30s`, `5m`, `1h`: a whole number of seconds, minutes or hours.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a whole number with s, m or h"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(format!("{text:?}: the unit must be s, m or h")),
+    };
+    n.checked_mul(scale)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?}: too long"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -231,6 +272,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         namespace_labels,
         state_dir: Some(args.state_dir.clone()),
         node_addresses: args.node_addresses.clone(),
+        fqdn_cache: fqdn_cache_config(&args),
         ..ManagerConfig::default()
     };
     let mut manager = Manager::new(config, datapath).context("starting the endpoint manager")?;
@@ -686,5 +728,48 @@ fn apply_events<D: Datapath>(manager: &mut Manager<D>, events: Vec<PolicyEvent>)
         if let Err(e) = result {
             warn!(error = %e, "applying a policy change");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_seconds_minutes_hours() {
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "s", "1.5s", "10ms", "-1s", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dns_cache_flags_reach_the_manager_config() {
+        let args = Args::try_parse_from([
+            "weir-agent",
+            "--tofqdns-min-ttl",
+            "30",
+            "--tofqdns-endpoint-max-ip-per-hostname",
+            "50",
+            "--tofqdns-idle-connection-grace-period",
+            "1m",
+        ])
+        .expect("flags parse");
+        assert_eq!(
+            fqdn_cache_config(&args),
+            weir_dns_proxy::CacheConfig {
+                min_ttl: Duration::from_secs(30),
+                max_ips_per_name: 50,
+                idle_grace: Duration::from_secs(60),
+            }
+        );
+        let defaults = Args::try_parse_from(["weir-agent"]).expect("defaults");
+        assert_eq!(
+            fqdn_cache_config(&defaults),
+            weir_dns_proxy::CacheConfig::default()
+        );
     }
 }
