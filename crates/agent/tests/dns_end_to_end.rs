@@ -44,11 +44,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use weir_agent_api::v1::endpoint_service_client::EndpointServiceClient;
 use weir_agent_api::v1::inspect_service_client::InspectServiceClient;
-use weir_agent_api::v1::{
-    BpfIpcacheListRequest, CreateEndpointRequest, FqdnCacheEntry, FqdnCacheListRequest,
-};
+use weir_agent_api::v1::{BpfIpcacheListRequest, FqdnCacheEntry, FqdnCacheListRequest};
 use weir_dns_proxy::wire::{AnswerData, build_query, parse_message};
 use weir_observe::proto::flow::{Flow, FlowFilter, Verdict};
 use weir_observe::proto::observer::observer_client::ObserverClient;
@@ -570,32 +567,7 @@ fn start_lab(g: &mut Guard, tmp: &Path, prefix: &str) -> Result<Lab, Error> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let channel = loop {
-        if let Ok(c) = rt.block_on(weir_agent_api::connect_unix(&socket)) {
-            break c;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("agent did not come up:\n{}", agent_log(&log)).into());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut endpoints = EndpointServiceClient::new(channel);
-    for p in &pods {
-        let req = CreateEndpointRequest {
-            container_id: format!("{prefix}-{}", p.app),
-            netns_path: format!("/run/netns/{}", p.ns),
-            ifname: "eth0".into(),
-            host_ifname: p.host_if.into(),
-            ipv4_addresses: vec![format!("{}.2", p.net)],
-            namespace: "prod".into(),
-            pod_name: p.app.into(),
-            labels: HashMap::from([("app".to_string(), p.app.to_string())]),
-            ..Default::default()
-        };
-        rt.block_on(endpoints.create_endpoint(req))
-            .map_err(|e| format!("CreateEndpoint {}: {e}\n{}", p.app, agent_log(&log)))?;
-    }
+    register_pods(&rt, &socket, &log, prefix, &pods)?;
     let lab = Lab {
         node,
         client,

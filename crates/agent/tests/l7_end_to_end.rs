@@ -10,15 +10,12 @@
 mod common;
 
 use common::*;
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weir_agent_api::v1::CreateEndpointRequest;
 use weir_agent_api::v1::FqdnCacheListRequest;
-use weir_agent_api::v1::endpoint_service_client::EndpointServiceClient;
 use weir_agent_api::v1::inspect_service_client::InspectServiceClient;
 
 /// Answers every GET with 200 and the path.
@@ -198,32 +195,7 @@ fn egress_http_rule_enforced_by_the_agents_proxy() -> TestResult {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let channel = loop {
-        if let Ok(c) = rt.block_on(weir_agent_api::connect_unix(&socket)) {
-            break c;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("agent did not come up:\n{}", agent_log(&log)).into());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut client = EndpointServiceClient::new(channel);
-    for p in &pods {
-        let req = CreateEndpointRequest {
-            container_id: format!("{prefix}-{}", p.app),
-            netns_path: format!("/run/netns/{}", p.ns),
-            ifname: "eth0".into(),
-            host_ifname: p.host_if.into(),
-            ipv4_addresses: vec![format!("{}.2", p.net)],
-            namespace: "prod".into(),
-            pod_name: p.app.into(),
-            labels: HashMap::from([("app".to_string(), p.app.to_string())]),
-            ..Default::default()
-        };
-        rt.block_on(client.create_endpoint(req))
-            .map_err(|e| format!("CreateEndpoint {}: {e}\n{}", p.app, agent_log(&log)))?;
-    }
+    register_pods(&rt, &socket, &log, &prefix, &pods)?;
 
     let base = "http://10.211.2.2:8080";
     let allowed = get(&a, &format!("{base}/allowed"));

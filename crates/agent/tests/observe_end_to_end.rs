@@ -16,8 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weir_agent_api::v1::CreateEndpointRequest;
-use weir_agent_api::v1::endpoint_service_client::EndpointServiceClient;
 use weir_observe::model::EVENT_POLICY_VERDICT;
 use weir_observe::proto::flow::{EventTypeFilter, Flow, FlowFilter, Verdict};
 use weir_observe::proto::observer::observer_client::ObserverClient;
@@ -191,32 +189,7 @@ fn flows_status_and_metrics_from_a_running_agent() -> TestResult {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let channel = loop {
-        if let Ok(c) = rt.block_on(weir_agent_api::connect_unix(&socket)) {
-            break c;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("agent did not come up:\n{}", agent_log(&log)).into());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut client = EndpointServiceClient::new(channel);
-    for p in &pods {
-        let req = CreateEndpointRequest {
-            container_id: format!("{prefix}-{}", p.app),
-            netns_path: format!("/run/netns/{}", p.ns),
-            ifname: "eth0".into(),
-            host_ifname: p.host_if.into(),
-            ipv4_addresses: vec![format!("{}.2", p.net)],
-            namespace: "prod".into(),
-            pod_name: p.app.into(),
-            labels: HashMap::from([("app".to_string(), p.app.to_string())]),
-            ..Default::default()
-        };
-        rt.block_on(client.create_endpoint(req))
-            .map_err(|e| format!("CreateEndpoint {}: {e}\n{}", p.app, agent_log(&log)))?;
-    }
+    register_pods(&rt, &socket, &log, &prefix, &pods)?;
 
     assert_eq!(connect(&a, "10.212.2.2", 8080), "ok", "{}", agent_log(&log));
     assert_eq!(

@@ -126,3 +126,45 @@ pub fn wire_pod(node: &str, pod: &Pod<'_>) -> TestResult {
     ])?;
     Ok(())
 }
+
+/// Waits (up to 30 s) for the agent's API socket, then registers each pod as an endpoint in
+/// Kubernetes namespace `prod` with the label `app=<app>` and address `<net>.2`, as the CNI
+/// plugin would. Returns the connected channel.
+pub fn register_pods(
+    rt: &tokio::runtime::Runtime,
+    socket: &Path,
+    log: &Path,
+    prefix: &str,
+    pods: &[Pod<'_>],
+) -> Result<tonic::transport::Channel, Box<dyn std::error::Error>> {
+    use weir_agent_api::v1::CreateEndpointRequest;
+    use weir_agent_api::v1::endpoint_service_client::EndpointServiceClient;
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let channel = loop {
+        if let Ok(c) = rt.block_on(weir_agent_api::connect_unix(socket)) {
+            break c;
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("agent did not come up:\n{}", agent_log(log)).into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut endpoints = EndpointServiceClient::new(channel.clone());
+    for p in pods {
+        let req = CreateEndpointRequest {
+            container_id: format!("{prefix}-{}", p.app),
+            netns_path: format!("/run/netns/{}", p.ns),
+            ifname: "eth0".into(),
+            host_ifname: p.host_if.into(),
+            ipv4_addresses: vec![format!("{}.2", p.net)],
+            namespace: "prod".into(),
+            pod_name: p.app.into(),
+            labels: std::collections::HashMap::from([("app".to_string(), p.app.to_string())]),
+            ..Default::default()
+        };
+        rt.block_on(endpoints.create_endpoint(req))
+            .map_err(|e| format!("CreateEndpoint {}: {e}\n{}", p.app, agent_log(log)))?;
+    }
+    Ok(channel)
+}
