@@ -41,6 +41,7 @@ mod proxy;
 mod record;
 mod respond;
 mod service;
+mod upstream;
 
 pub use config::ProxyConfig;
 pub use context::{

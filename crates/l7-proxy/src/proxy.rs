@@ -4,7 +4,7 @@ use std::io;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -168,16 +168,22 @@ impl L7Proxy {
         let mut conn = pin!(self.builder.serve_connection_with_upgrades(io, service));
         let idle = self.shared.config.idle_timeout;
         let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(10)));
+        // The activity count at the last tick that saw it change, and when that was.
+        let mut last = (activity.count(), Instant::now());
         loop {
             tokio::select! {
+                biased;
                 res = conn.as_mut() => {
                     if let Err(e) = res {
                         tracing::debug!(error = %e, "client connection");
                     }
                     return;
                 }
-                _ = tick.tick() => {
-                    if state.in_flight.load(Ordering::Relaxed) == 0 && activity.idle_for() >= idle {
+                now = tick.tick() => {
+                    let count = activity.count();
+                    if count != last.0 || state.in_flight.load(Ordering::Relaxed) != 0 {
+                        last = (count, now.into_std());
+                    } else if now.into_std().saturating_duration_since(last.1) >= idle {
                         break;
                     }
                 }
