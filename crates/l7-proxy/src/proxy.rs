@@ -21,6 +21,9 @@ use crate::policy::PolicyStore;
 use crate::record::FlowSink;
 use crate::service::{ConnState, Shared, handle};
 
+/// hyper's HTTP/1 header limit when none is set.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 /// The HTTP proxy. Cheap to share (`Arc`); one instance serves any number of listeners.
 pub struct L7Proxy {
     shared: Arc<Shared>,
@@ -53,9 +56,13 @@ impl L7Proxy {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(config.header_read_timeout)
-            .max_headers(config.max_headers)
             .max_buf_size(config.max_header_bytes.max(8192))
             .keep_alive(true);
+        // hyper's default limit is 100 headers; setting it, even to 100, makes hyper fill a
+        // header array for every request it parses, so it is only set when it differs.
+        if config.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            builder.http1().max_headers(config.max_headers);
+        }
         builder
             .http2()
             .timer(TokioTimer::new())

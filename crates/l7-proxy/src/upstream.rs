@@ -11,6 +11,7 @@
 //! connection, so a confused upstream can never make one response's bytes pass for the next.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
@@ -201,7 +202,7 @@ pub(crate) async fn roundtrip(
     let mut first = true;
     loop {
         let parsed = parse_head(conn.unread(), max_headers)?;
-        let Some((used, resp, framing, keep_alive)) = parsed else {
+        let Some((used, resp, framing, keep_alive, copied)) = parsed else {
             match conn.fill(max_head).await {
                 Ok(0) if reused && first && conn.start == conn.end => return Err(FastError::Stale),
                 Ok(0) => return Err(FastError::Protocol("closed before the response head")),
@@ -233,39 +234,68 @@ pub(crate) async fn roundtrip(
             framing
         };
         let keep_alive = keep_alive && framing != Framing::Close;
+        // A whole `Content-Length` body that arrived with the head came along in its copy.
+        let mut ready = None;
+        let mut framing = framing;
+        if let Framing::Length(n) = framing
+            && n > 0
+            && let Some(body) = usize::try_from(n)
+                .ok()
+                .and_then(|n| Some(used..used.checked_add(n)?))
+                .filter(|r| r.end <= copied.len())
+        {
+            conn.consume(body.len());
+            ready = Some(copied.slice(body));
+            framing = Framing::Length(0);
+        }
         return Ok((
             resp,
             BodyState {
                 framing,
                 keep_alive,
+                ready,
             },
         ));
     }
 }
 
 /// What the response head says about the body and the connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(crate) struct BodyState {
     framing: Framing,
     keep_alive: bool,
+    /// Body bytes already read, sent before anything else.
+    ready: Option<Bytes>,
 }
 
-type ParsedHead = (usize, Response<()>, Framing, bool);
+/// A parsed response head: bytes used, the response, its framing, whether the connection may
+/// be reused.
+type ParsedHead = (usize, Response<()>, Framing, bool, Bytes);
 
-/// Parses a response head from `bytes`: `None` if incomplete; (bytes used, response, framing,
-/// whether the connection may be reused).
+/// Body bytes that are copied along with the head when they are already buffered.
+const PREFETCH: usize = 4096;
+
+/// Header slots for one response head; uninitialised, so a parse costs nothing per slot.
+const HEADER_SLOTS: usize = 128;
+
+/// Parses a response head at the start of `bytes`: `None` if incomplete. Header values are
+/// slices of one copy of the head, not one allocation each.
 fn parse_head(bytes: &[u8], max_headers: usize) -> Result<Option<ParsedHead>, FastError> {
-    const STACK_HEADERS: usize = 64;
-    let mut on_stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; HEADER_SLOTS];
     let mut on_heap;
-    let headers: &mut [httparse::Header<'_>] = if max_headers <= STACK_HEADERS {
-        on_stack.get_mut(..max_headers).unwrap_or_default()
+    let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if max_headers <= HEADER_SLOTS {
+        slots.get_mut(..max_headers).unwrap_or_default()
     } else {
-        on_heap = vec![httparse::EMPTY_HEADER; max_headers];
+        on_heap = Vec::with_capacity(max_headers);
+        on_heap.resize_with(max_headers, MaybeUninit::uninit);
         &mut on_heap
     };
-    let mut parsed = httparse::Response::new(headers);
-    let used = match parsed.parse(bytes) {
+    let mut parsed = httparse::Response::new(&mut []);
+    let used = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        bytes,
+        slots,
+    ) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(FastError::Protocol("malformed response head")),
@@ -273,6 +303,9 @@ fn parse_head(bytes: &[u8], max_headers: usize) -> Result<Option<ParsedHead>, Fa
     let code = parsed.code.unwrap_or(0);
     let status =
         StatusCode::from_u16(code).map_err(|_| FastError::Protocol("invalid status code"))?;
+    // The copy takes a small body that is already buffered along (see `roundtrip`).
+    let copied = bytes.len().min(used.saturating_add(PREFETCH));
+    let head = Bytes::copy_from_slice(bytes.get(..copied).unwrap_or_default());
     let mut map = HeaderMap::with_capacity(parsed.headers.len());
     let mut length: Option<u64> = None;
     let mut chunked = false;
@@ -281,8 +314,19 @@ fn parse_head(bytes: &[u8], max_headers: usize) -> Result<Option<ParsedHead>, Fa
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| FastError::Protocol("invalid header name"))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| FastError::Protocol("invalid header"))?;
+        // `h.value` lies inside `bytes[..used]`, so at the same offset inside `head`.
+        let value = if h.value.is_empty() {
+            HeaderValue::from_static("")
+        } else {
+            let offset = (h.value.as_ptr() as usize).wrapping_sub(bytes.as_ptr() as usize);
+            let value = offset
+                .checked_add(h.value.len())
+                .filter(|end| *end <= used)
+                .map(|end| head.slice(offset..end))
+                .ok_or(FastError::Protocol("header value"))?;
+            HeaderValue::from_maybe_shared(value)
+                .map_err(|_| FastError::Protocol("invalid header"))?
+        };
         if name == http::header::CONTENT_LENGTH {
             for part in h.value.split(|b| *b == b',') {
                 let n = parse_length(part.trim_ascii())
@@ -329,7 +373,7 @@ fn parse_head(bytes: &[u8], max_headers: usize) -> Result<Option<ParsedHead>, Fa
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.headers_mut() = map;
-    Ok(Some((used, resp, framing, keep_alive)))
+    Ok(Some((used, resp, framing, keep_alive, head)))
 }
 
 fn parse_length(digits: &[u8]) -> Option<u64> {
@@ -395,6 +439,9 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
+        if let Some(data) = this.state.ready.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -474,13 +521,16 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none() || matches!(self.state.framing, Framing::Empty | Framing::Length(0))
+        self.state.ready.is_none()
+            && (self.conn.is_none()
+                || matches!(self.state.framing, Framing::Empty | Framing::Length(0)))
     }
 
     fn size_hint(&self) -> SizeHint {
+        let ready = self.state.ready.as_ref().map_or(0, |b| b.len() as u64);
         match self.state.framing {
-            Framing::Empty => SizeHint::with_exact(0),
-            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Empty => SizeHint::with_exact(ready),
+            Framing::Length(n) => SizeHint::with_exact(ready.saturating_add(n)),
             _ => SizeHint::default(),
         }
     }
@@ -589,4 +639,222 @@ fn decode_trailers(conn: &mut H1Conn) -> Decoded {
     }
     conn.consume(end + 4);
     Decoded::End(Some(map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    fn head(bytes: &[u8]) -> Result<Option<ParsedHead>, FastError> {
+        parse_head(bytes, 100)
+    }
+
+    #[test]
+    fn response_heads() {
+        let ok = |b: &[u8]| {
+            head(b)
+                .ok()
+                .flatten()
+                .map(|(n, r, f, k, _)| (n, r.status(), f, k))
+        };
+        let r = ok(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello");
+        assert_eq!(r, Some((38, StatusCode::OK, Framing::Length(5), true)));
+        assert!(matches!(head(b"HTTP/1.1 200 OK\r\nContent-Le"), Ok(None)));
+        assert!(
+            head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n").is_err()
+        );
+        assert!(head(b"HTTP/1.1 200 OK\r\nContent-Length: 5x\r\n\r\n").is_err());
+        assert!(head(b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n").is_err());
+        assert!(head(b"HTTP/1.1 2000 OK\r\n\r\n").is_err());
+        assert!(head(b"garbage\r\n\r\n").is_err());
+        let r = ok(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n");
+        assert_eq!(r.map(|r| r.2), Some(Framing::Length(5)));
+        // Transfer-Encoding wins; with a Content-Length too the connection is not reused.
+        let r = ok(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(
+            r.map(|r| (r.2, r.3)),
+            Some((Framing::Chunked(Chunk::Size { size: 0, digits: 0 }), false))
+        );
+        let r = ok(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n");
+        assert_eq!(r.map(|r| r.2), Some(Framing::Close));
+        let r =
+            ok(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(r.map(|r| r.3), Some(false));
+        let r = ok(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(r.map(|r| r.3), Some(false));
+        let r = ok(b"HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(r.map(|r| r.2), Some(Framing::Close));
+    }
+
+    /// An upstream on loopback that answers each connection's requests with `answers`, in
+    /// turn, each written in pieces of `piece` bytes; returns its address.
+    async fn upstream(answers: Vec<Vec<u8>>, piece: usize) -> Option<std::net::SocketAddr> {
+        let l = TcpListener::bind("127.0.0.1:0").await.ok()?;
+        let addr = l.local_addr().ok()?;
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let answers = answers.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    for a in answers {
+                        let mut got = Vec::new();
+                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got.extend_from_slice(buf.get(..n).unwrap_or_default()),
+                            }
+                        }
+                        for p in a.chunks(piece.max(1)) {
+                            if s.write_all(p).await.is_err() {
+                                return;
+                            }
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                });
+            }
+        });
+        Some(addr)
+    }
+
+    struct Got {
+        status: StatusCode,
+        body: Vec<u8>,
+        trailers: Option<HeaderMap>,
+        parked: bool,
+    }
+
+    async fn exchange(
+        slot: &IdleSlot,
+        addr: std::net::SocketAddr,
+        method: &str,
+    ) -> Result<Got, String> {
+        let taken = slot.lock().ok().and_then(|mut s| s.take());
+        let reused = taken.is_some();
+        let mut conn = match taken {
+            Some(c) => c,
+            None => H1Conn::new(TcpStream::connect(addr).await.map_err(|e| e.to_string())?),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri("/x?y")
+            .header("host", "h")
+            .body(())
+            .map_err(|e| e.to_string())?;
+        encode_head(&req, &mut conn.head);
+        assert_eq!(
+            conn.head,
+            format!("{method} /x?y HTTP/1.1\r\nhost: h\r\n\r\n").as_bytes()
+        );
+        let (resp, state) = roundtrip(&mut conn, method == "HEAD", reused, 65536, 100)
+            .await
+            .map_err(|e| e.to_string())?;
+        let body = UpstreamBody::new(conn, state, slot.clone(), 65536);
+        let collected = body.collect().await.map_err(|e| e.to_string())?;
+        let trailers = collected.trailers().cloned();
+        Ok(Got {
+            status: resp.status(),
+            body: collected.to_bytes().to_vec(),
+            trailers,
+            parked: slot.lock().is_ok_and(|s| s.is_some()),
+        })
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_in_any_pieces() {
+        let answer = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n\
+            HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5;ext=1\r\nhello\r\nA\r\n, chunked!\r\n0\r\nX-Sum: 1\r\n\r\n"
+            .to_vec();
+        for piece in [1, 3, 7, 4096] {
+            let Some(addr) = upstream(vec![answer.clone(), answer.clone()], piece).await else {
+                return;
+            };
+            let slot = IdleSlot::default();
+            for _ in 0..2 {
+                let got = exchange(&slot, addr, "GET").await;
+                let got = got.unwrap_or_else(|e| panic!("piece {piece}: {e}"));
+                assert_eq!(got.status, 200);
+                assert_eq!(got.body, b"hello, chunked!");
+                let sum = got.trailers.as_ref().and_then(|t| t.get("x-sum"));
+                assert_eq!(sum.map(HeaderValue::as_bytes), Some(&b"1"[..]));
+                assert!(got.parked, "the connection is reused");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_chunks_fail_and_close() {
+        let slot = IdleSlot::default();
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\n",
+        ] {
+            let Some(addr) = upstream(vec![bad.to_vec()], 4096).await else {
+                return;
+            };
+            assert!(exchange(&slot, addr, "GET").await.is_err());
+            assert!(slot.lock().is_ok_and(|s| s.is_none()));
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_without_length_and_without_body() {
+        // HEAD: the Content-Length describes a body that is not sent.
+        let answers = vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".to_vec(),
+            b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+            b"HTTP/1.1 200 OK\r\nX-Empty:\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+            b"HTTP/1.1 200 OK\r\n\r\nuntil the end".to_vec(),
+        ];
+        let Some(addr) = upstream(answers, 4096).await else {
+            return;
+        };
+        let slot = IdleSlot::default();
+        let head = exchange(&slot, addr, "HEAD").await;
+        assert!(head.as_ref().is_ok_and(|g| g.body.is_empty() && g.parked));
+        let none = exchange(&slot, addr, "GET").await;
+        assert!(none.as_ref().is_ok_and(|g| g.status == 204 && g.parked));
+        // A body that came with the head; an empty header value.
+        let sized = exchange(&slot, addr, "GET").await;
+        assert!(sized.as_ref().is_ok_and(|g| g.body == b"hello" && g.parked));
+        // Close-delimited: the upstream closes after its last answer, which ends the body;
+        // the connection is not kept.
+        let close = exchange(&slot, addr, "GET").await;
+        assert!(
+            close
+                .as_ref()
+                .is_ok_and(|g| g.body == b"until the end" && !g.parked)
+        );
+    }
+
+    #[tokio::test]
+    async fn closed_idle_connections_are_noticed() {
+        let Some(addr) = upstream(
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec()],
+            4096,
+        )
+        .await
+        else {
+            return;
+        };
+        let slot = IdleSlot::default();
+        assert!(exchange(&slot, addr, "GET").await.is_ok_and(|g| g.parked));
+        // The upstream answered its one request and dropped the connection.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let conn = slot.lock().ok().and_then(|mut s| s.take());
+        let Some(mut conn) = conn else {
+            panic!("the connection was parked");
+        };
+        assert!(!conn.idle_ok());
+        // Had the close not been seen yet, the request fails as `Stale` (retried by the
+        // caller), not as an upstream error.
+        let sent = roundtrip(&mut conn, false, true, 65536, 100).await;
+        assert!(matches!(sent, Err(FastError::Stale)), "{sent:?}");
+    }
 }
