@@ -358,7 +358,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        // Options, not header names (and `keep-alive` goes below anyway): the usual
+        // `Connection: keep-alive` then costs no list.
+        .filter(|n| !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .filter(|n| !(upgrade && n == header::UPGRADE))
         .collect();
     for n in named {
