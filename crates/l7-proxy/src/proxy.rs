@@ -4,6 +4,7 @@ use std::io;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
@@ -174,27 +175,44 @@ impl L7Proxy {
         let io = TokioIo::new(Tracked::new(stream, activity.clone()));
         let mut conn = pin!(self.builder.serve_connection_with_upgrades(io, service));
         let idle = self.shared.config.idle_timeout;
-        let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(10)));
+        let period = (idle / 4).max(Duration::from_millis(10));
+        let mut tick = pin!(tokio::time::sleep(period));
+        let mut armed = false;
         // The activity count at the last tick that saw it change, and when that was.
         let mut last = (activity.count(), Instant::now());
-        loop {
-            tokio::select! {
-                biased;
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        tracing::debug!(error = %e, "client connection");
-                    }
-                    return;
+        // The connection is polled on every wake; the idle timer only when it has fired
+        // (`is_elapsed` is one atomic load, where polling it re-registers the waker each time).
+        let served = std::future::poll_fn(|cx| {
+            if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Some(res));
+            }
+            loop {
+                if armed && !tick.is_elapsed() {
+                    return Poll::Pending;
                 }
-                now = tick.tick() => {
+                if armed {
+                    let now = Instant::now();
                     let count = activity.count();
                     if count != last.0 || state.in_flight.load(Ordering::Relaxed) != 0 {
-                        last = (count, now.into_std());
-                    } else if now.into_std().saturating_duration_since(last.1) >= idle {
-                        break;
+                        last = (count, now);
+                    } else if now.saturating_duration_since(last.1) >= idle {
+                        return Poll::Ready(None);
                     }
+                    tick.as_mut().reset((now + period).into());
+                }
+                armed = true;
+                // Registers this task's waker with the timer; an already due deadline loops.
+                if tick.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
                 }
             }
+        })
+        .await;
+        if let Some(res) = served {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "client connection");
+            }
+            return;
         }
         conn.as_mut().graceful_shutdown();
         let _ = tokio::time::timeout(idle, conn).await;
