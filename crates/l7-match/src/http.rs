@@ -7,10 +7,10 @@
 
 use std::collections::HashMap;
 
-use regex_automata::{PatternID, PatternSet};
+use regex_automata::PatternID;
 
 use crate::check::PatternError;
-use crate::engine::FullMatchSet;
+use crate::engine::{FieldMatch, FullMatchSet};
 use crate::rules::{HeaderMatch, HttpRule, MismatchAction};
 
 /// The parts of a request that rules look at. `path` is the `:path` as sent, query included.
@@ -184,23 +184,23 @@ impl HttpMatcher {
 
     fn field_matches(&self, req: &HttpRequestView<'_>) -> FieldMatches {
         FieldMatches {
-            method: self.method.matching(req.method),
-            path: self.path.matching(req.path),
-            host: req.host.map(|h| self.host.matching(h)),
+            method: self.method.field_match(req.method),
+            path: self.path.field_match(req.path),
+            host: req.host.map(|h| self.host.field_match(h)),
         }
     }
 }
 
 struct FieldMatches {
-    method: PatternSet,
-    path: PatternSet,
-    host: Option<PatternSet>,
+    method: FieldMatch,
+    path: FieldMatch,
+    host: Option<FieldMatch>,
 }
 
 impl FieldMatches {
     /// Whether a rule allows the request: its regexes match and its `Fail` headers hold.
     fn allow(&self, r: &CompiledRule, req: &HttpRequestView<'_>) -> bool {
-        let field_ok = |pid: Option<PatternID>, set: Option<&PatternSet>| match pid {
+        let field_ok = |pid: Option<PatternID>, set: Option<&FieldMatch>| match pid {
             None => true,
             Some(p) => set.is_some_and(|s| s.contains(p)),
         };

@@ -4,9 +4,12 @@
 //! - Serves HTTP/1.1 (keep-alive, pipelining, chunked bodies, `Expect: 100-continue`, upgrades
 //!   when the upgrade request is allowed) and HTTP/2 including h2c prior knowledge, so gRPC
 //!   works. Bodies stream through; nothing is buffered whole.
-//! - Each client connection gets one upstream connection to its original destination, with the
-//!   client's HTTP version, so the request reaches the server as sent (minus hop-by-hop
-//!   headers).
+//! - Each client connection gets its own upstream connection to its original destination,
+//!   kept alive across its requests, so the request reaches the server as sent (minus
+//!   hop-by-hop headers). A body-less HTTP/1.1 request (the common `GET`) is written and its
+//!   response read in the client connection's own task, with no task or channel in between;
+//!   requests with a body, upgrades and HTTP/1.0 go through hyper's client on a second
+//!   upstream connection, opened when first needed, and HTTP/2 through an HTTP/2 one.
 //! - Every request is decided against the current [`PolicySnapshot`] in the [`PolicyStore`];
 //!   a published snapshot applies from the next request, on existing connections too.
 //! - Fails closed: a connection to or from an address that is not a local endpoint, or a
@@ -45,6 +48,7 @@ mod proxy;
 mod record;
 mod respond;
 mod service;
+mod upstream;
 
 pub use config::ProxyConfig;
 pub use context::{

@@ -4,7 +4,8 @@ use std::io;
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -20,6 +21,9 @@ use crate::io::{Activity, Tracked};
 use crate::policy::PolicyStore;
 use crate::record::FlowSink;
 use crate::service::{ConnState, Shared, handle};
+
+/// hyper's HTTP/1 header limit when none is set.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
 /// The HTTP proxy. Cheap to share (`Arc`); one instance serves any number of listeners.
 pub struct L7Proxy {
@@ -53,9 +57,13 @@ impl L7Proxy {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(config.header_read_timeout)
-            .max_headers(config.max_headers)
             .max_buf_size(config.max_header_bytes.max(8192))
             .keep_alive(true);
+        // hyper's default limit is 100 headers; setting it, even to 100, makes hyper fill a
+        // header array for every request it parses, so it is only set when it differs.
+        if config.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            builder.http1().max_headers(config.max_headers);
+        }
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -177,21 +185,44 @@ impl L7Proxy {
         let io = TokioIo::new(Tracked::new(stream, activity.clone()));
         let mut conn = pin!(self.builder.serve_connection_with_upgrades(io, service));
         let idle = self.shared.config.idle_timeout;
-        let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(10)));
-        loop {
-            tokio::select! {
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        tracing::debug!(error = %e, "client connection");
-                    }
-                    return;
+        let period = (idle / 4).max(Duration::from_millis(10));
+        let mut tick = pin!(tokio::time::sleep(period));
+        let mut armed = false;
+        // The activity count at the last tick that saw it change, and when that was.
+        let mut last = (activity.count(), Instant::now());
+        // The connection is polled on every wake; the idle timer only when it has fired
+        // (`is_elapsed` is one atomic load, where polling it re-registers the waker each time).
+        let served = std::future::poll_fn(|cx| {
+            if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Some(res));
+            }
+            loop {
+                if armed && !tick.is_elapsed() {
+                    return Poll::Pending;
                 }
-                _ = tick.tick() => {
-                    if state.in_flight.load(Ordering::Relaxed) == 0 && activity.idle_for() >= idle {
-                        break;
+                if armed {
+                    let now = Instant::now();
+                    let count = activity.count();
+                    if count != last.0 || state.in_flight.load(Ordering::Relaxed) != 0 {
+                        last = (count, now);
+                    } else if now.saturating_duration_since(last.1) >= idle {
+                        return Poll::Ready(None);
                     }
+                    tick.as_mut().reset((now + period).into());
+                }
+                armed = true;
+                // Registers this task's waker with the timer; an already due deadline loops.
+                if tick.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
                 }
             }
+        })
+        .await;
+        if let Some(res) = served {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "client connection");
+            }
+            return;
         }
         conn.as_mut().graceful_shutdown();
         let _ = tokio::time::timeout(idle, conn).await;

@@ -11,14 +11,86 @@
 //! denial, `503` → `14 UNAVAILABLE` when the upstream cannot be reached. A real client then
 //! reports `PermissionDenied: Access denied`.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
-use http_body_util::{Either, Full};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 use hyper::body::Incoming;
 
+use crate::upstream::UpstreamBody;
+
 /// The body of every response the proxy sends: the upstream's, streamed, or its own.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+#[derive(Debug)]
+pub struct ProxyBody(Inner);
+
+enum Inner {
+    /// Through hyper's client (HTTP/2, requests with bodies, upgrades).
+    Client(Incoming),
+    /// Read from the upstream connection in the client connection's task (HTTP/1 fast path).
+    Direct(UpstreamBody),
+    /// The proxy's own answer.
+    Local(Full<Bytes>),
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Inner::Client(_) => "Client",
+            Inner::Direct(_) => "Direct",
+            Inner::Local(_) => "Local",
+        })
+    }
+}
+
+impl ProxyBody {
+    pub(crate) fn client(body: Incoming) -> Self {
+        ProxyBody(Inner::Client(body))
+    }
+
+    pub(crate) fn direct(body: UpstreamBody) -> Self {
+        ProxyBody(Inner::Direct(body))
+    }
+
+    fn local(bytes: Bytes) -> Self {
+        ProxyBody(Inner::Local(Full::new(bytes)))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match &mut self.get_mut().0 {
+            Inner::Client(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::Direct(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::Local(b) => Pin::new(b).poll_frame(cx).map_err(|e| match e {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Inner::Client(b) => b.is_end_stream(),
+            Inner::Direct(b) => b.is_end_stream(),
+            Inner::Local(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Inner::Client(b) => b.size_hint(),
+            Inner::Direct(b) => b.size_hint(),
+            Inner::Local(b) => b.size_hint(),
+        }
+    }
+}
 
 /// The body of a denial, as Cilium's Envoy sends it.
 pub const ACCESS_DENIED_BODY: &str = "Access denied\r\n";
@@ -40,7 +112,7 @@ pub(crate) fn local_reply(
     body: &'static str,
     grpc: Option<(u32, &'static str)>,
 ) -> Response<ProxyBody> {
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    let mut resp = Response::new(ProxyBody::local(Bytes::new()));
     match grpc {
         Some((code, message)) => {
             let h = resp.headers_mut();
@@ -50,7 +122,7 @@ pub(crate) fn local_reply(
         }
         None => {
             *resp.status_mut() = status;
-            *resp.body_mut() = Either::Right(Full::new(Bytes::from_static(body.as_bytes())));
+            *resp.body_mut() = ProxyBody::local(Bytes::from_static(body.as_bytes()));
             let h = resp.headers_mut();
             h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             h.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -95,10 +167,7 @@ mod tests {
         let r = access_denied(false);
         assert_eq!(r.status(), 403);
         assert_eq!(r.headers()[CONTENT_LENGTH], "15");
-        let body = match r.into_body() {
-            Either::Right(b) => b,
-            Either::Left(_) => panic!("local reply"),
-        };
+        let body = r.into_body();
         let rt = tokio::runtime::Builder::new_current_thread().build();
         let bytes = rt
             .ok()
@@ -110,7 +179,7 @@ mod tests {
         assert_eq!(g.status(), 200);
         assert_eq!(g.headers()["grpc-status"], "7");
         assert_eq!(g.headers()["grpc-message"], "Access denied");
-        assert!(http_body::Body::is_end_stream(g.body()), "trailers-only");
+        assert!(g.body().is_end_stream(), "trailers-only");
     }
 
     #[test]

@@ -15,14 +15,14 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Instant, SystemTime};
 
 use bytes::Buf;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Either};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -30,14 +30,15 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Mutex;
 use weir_l7_match::{HttpRequestView, MismatchAction};
-use weir_policy_model::Direction;
+use weir_policy_model::{Direction, RuleRef};
 
-use crate::chain::OwnUpstreams;
+use crate::chain::{OwnUpstreams, Registration};
 use crate::config::ProxyConfig;
 use crate::context::{ConnectionContext, UpstreamMark};
 use crate::policy::{Decision, DenyReason, HeaderAction, PolicyStore};
 use crate::record::{FlowSink, L7Record, RecordVerdict};
 use crate::respond::{self, GRPC_PERMISSION_DENIED, GRPC_UNAVAILABLE, ProxyBody};
+use crate::upstream::{self, FastError, H1Conn, IdleSlot, UpstreamBody};
 
 /// What every connection shares.
 pub(crate) struct Shared {
@@ -62,6 +63,10 @@ pub(crate) struct ConnState {
     pub(crate) ctx: ConnectionContext,
     pub(crate) shared: Arc<Shared>,
     upstream: Mutex<Upstream>,
+    /// The kept-alive HTTP/1.1 connection of the fast path, while no request uses it.
+    idle: IdleSlot,
+    /// The deciding rule's text for flow records, formatted once per connection and rule.
+    rule_text: StdMutex<Option<(Arc<RuleRef>, String)>>,
     /// Requests whose response head has not been sent yet (the idle timer ignores a connection
     /// with requests in flight).
     pub(crate) in_flight: AtomicUsize,
@@ -81,8 +86,67 @@ impl ConnState {
             ctx,
             shared,
             upstream: Mutex::new(Upstream::None),
+            idle: IdleSlot::default(),
+            rule_text: StdMutex::new(None),
             in_flight: AtomicUsize::new(0),
         }
+    }
+
+    /// `rule` as `namespace/name section[index]`; most requests of a connection are decided
+    /// by the same rule, so its text is kept.
+    fn rule_text(&self, rule: &Arc<RuleRef>) -> String {
+        let Ok(mut cached) = self.rule_text.lock() else {
+            return rule.to_string();
+        };
+        match &*cached {
+            Some((r, text)) if Arc::ptr_eq(r, rule) => text.clone(),
+            _ => {
+                let text = rule.to_string();
+                *cached = Some((rule.clone(), text.clone()));
+                text
+            }
+        }
+    }
+}
+
+/// What the flow record of a request needs, gathered as the request is handled and moved
+/// into the record once (no per-request copies beyond the URL and host).
+struct Pending {
+    time: SystemTime,
+    start: Instant,
+    method: Method,
+    url: String,
+    host: Option<String>,
+    version: Version,
+    rule: Option<String>,
+}
+
+impl Pending {
+    fn record(
+        self,
+        state: &ConnState,
+        status: StatusCode,
+        grpc_status: Option<u32>,
+        verdict: RecordVerdict,
+    ) {
+        let ctx = &state.ctx;
+        state.shared.sink.record(L7Record {
+            time: self.time,
+            endpoint: ctx.endpoint,
+            direction: ctx.direction,
+            remote_identity: ctx.remote_identity,
+            source: ctx.source,
+            destination: ctx.original_destination,
+            method: self.method,
+            url: self.url,
+            host: self.host,
+            version: self.version,
+            status: status.as_u16(),
+            grpc_status,
+            latency: self.start.elapsed(),
+            verdict,
+            rule: self.rule,
+        });
     }
 }
 
@@ -93,48 +157,41 @@ pub(crate) async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     state.in_flight.fetch_add(1, Ordering::Relaxed);
     let _guard = InFlight(&state.in_flight);
-    let start = Instant::now();
-    let time = SystemTime::now();
     let ctx = &state.ctx;
     let version = req.version();
-    let method = req.method().clone();
     let grpc = respond::is_grpc(req.headers());
-    let url = req
-        .uri()
-        .path_and_query()
-        .map(|pq| pq.as_str().to_owned())
-        .unwrap_or_else(|| req.uri().path().to_owned());
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-                .map(str::to_owned)
-        });
+    let mut pending = Pending {
+        time: SystemTime::now(),
+        start: Instant::now(),
+        method: req.method().clone(),
+        url: req
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.as_str().to_owned())
+            .unwrap_or_else(|| req.uri().path().to_owned()),
+        host: req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+                    .map(str::to_owned)
+            }),
+        version,
+        rule: None,
+    };
 
     // Two `Host`s: the policy would check one and the backend might use the other.
     if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
         let resp = respond::bad_request();
-        state.shared.sink.record(L7Record {
-            time,
-            endpoint: ctx.endpoint,
-            direction: ctx.direction,
-            remote_identity: ctx.remote_identity,
-            source: ctx.source,
-            destination: ctx.original_destination,
-            method,
-            url,
-            host,
-            version,
-            status: resp.status().as_u16(),
-            grpc_status: None,
-            latency: start.elapsed(),
-            verdict: RecordVerdict::Denied(DenyReason::MalformedRequest),
-            rule: None,
-        });
+        pending.record(
+            &state,
+            resp.status(),
+            None,
+            RecordVerdict::Denied(DenyReason::MalformedRequest),
+        );
         return Ok(resp);
     }
 
@@ -147,9 +204,9 @@ pub(crate) async fn handle(
         Some(ep) => {
             let headers = header_view(req.headers());
             let view = HttpRequestView {
-                method: method.as_str(),
-                path: &url,
-                host: host.as_deref(),
+                method: pending.method.as_str(),
+                path: &pending.url,
+                host: pending.host.as_deref(),
                 headers: &headers,
             };
             state.shared.policy.decide(
@@ -161,26 +218,7 @@ pub(crate) async fn handle(
             )
         }
     };
-
-    let record = |status: StatusCode, grpc_status: Option<u32>, verdict: RecordVerdict| {
-        state.shared.sink.record(L7Record {
-            time,
-            endpoint: ctx.endpoint,
-            direction: ctx.direction,
-            remote_identity: ctx.remote_identity,
-            source: ctx.source,
-            destination: ctx.original_destination,
-            method: method.clone(),
-            url: url.clone(),
-            host: host.clone(),
-            version,
-            status: status.as_u16(),
-            grpc_status,
-            latency: start.elapsed(),
-            verdict,
-            rule: decision.rule.as_ref().map(|r| r.to_string()),
-        })
-    };
+    pending.rule = decision.rule.as_ref().map(|r| state.rule_text(r));
 
     if let Some(reason) = decision.denied {
         let mut resp = respond::access_denied(grpc);
@@ -188,7 +226,8 @@ pub(crate) async fn handle(
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        record(
+        pending.record(
+            &state,
             resp.status(),
             grpc.then_some(GRPC_PERMISSION_DENIED),
             RecordVerdict::Denied(reason),
@@ -203,7 +242,19 @@ pub(crate) async fn handle(
     // The client side answers `Expect: 100-continue` itself, when the body is first read.
     req.headers_mut().remove(header::EXPECT);
 
-    match forward(&state, req, upgrade.is_some()).await {
+    // A body-less HTTP/1.1 request takes the fast path (see `upstream`).
+    let fast = version == Version::HTTP_11
+        && upgrade.is_none()
+        && req.method() != Method::CONNECT
+        && req.body().is_end_stream();
+    let forwarded = if fast {
+        forward_fast(&state, &req).await
+    } else {
+        forward(&state, req, upgrade.is_some())
+            .await
+            .map(|resp| resp.map(ProxyBody::client))
+    };
+    match forwarded {
         Ok(mut resp) => {
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             if let (Some(client_up), true) = (upgrade, switching) {
@@ -218,13 +269,14 @@ pub(crate) async fn handle(
                 strip_hop_by_hop(resp.headers_mut(), false);
             }
             *resp.version_mut() = version;
-            record(resp.status(), None, RecordVerdict::Forwarded);
-            Ok(resp.map(Either::Left))
+            pending.record(&state, resp.status(), None, RecordVerdict::Forwarded);
+            Ok(resp)
         }
         Err(e) => {
             tracing::debug!(error = %e, dst = %ctx.original_destination, "upstream failed");
             let resp = respond::upstream_unavailable(grpc);
-            record(
+            pending.record(
+                &state,
                 resp.status(),
                 grpc.then_some(GRPC_UNAVAILABLE),
                 RecordVerdict::Error,
@@ -300,12 +352,20 @@ fn apply_header_actions(headers: &mut HeaderMap, actions: &[HeaderAction]) {
 /// Removes the headers that describe one hop, not the message: each side of the proxy has its
 /// own connection and framing. For an upgrade, `Connection: upgrade` and `Upgrade` stay.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of them: one pass over the names instead of a lookup each.
+    if !upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        // Options, not header names (and `keep-alive` goes below anyway): the usual
+        // `Connection: keep-alive` then costs no list.
+        .filter(|n| !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .filter(|n| !(upgrade && n == header::UPGRADE))
         .collect();
     for n in named {
@@ -328,6 +388,20 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// The headers `strip_hop_by_hop` removes whatever `Connection` lists.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::UPGRADE,
+    ]
+    .contains(name)
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 /// Errors on the way to the upstream.
 #[derive(Debug, thiserror::Error)]
 enum UpstreamError {
@@ -337,6 +411,43 @@ enum UpstreamError {
     Timeout,
     #[error("http: {0}")]
     Http(#[from] hyper::Error),
+    #[error("{0}")]
+    Fast(#[from] FastError),
+}
+
+/// Forwards a body-less HTTP/1.1 request on the connection's own kept-alive upstream
+/// connection, reading the response in this task (see `upstream`).
+async fn forward_fast(
+    state: &Arc<ConnState>,
+    req: &Request<Incoming>,
+) -> Result<Response<ProxyBody>, UpstreamError> {
+    let cfg = &state.shared.config;
+    let max_head = cfg.max_header_bytes.max(8192);
+    let idle = state.idle.lock().ok().and_then(|mut slot| slot.take());
+    let (mut conn, mut reused) = match idle.filter(|c| c.idle_ok()) {
+        Some(c) => (c, true),
+        None => (H1Conn::connected(connect_stream(state).await?), false),
+    };
+    upstream::encode_head(req, &mut conn.head);
+    let head_request = req.method() == Method::HEAD;
+    loop {
+        match upstream::roundtrip(&mut conn, head_request, reused, max_head, cfg.max_headers).await
+        {
+            Ok((resp, body)) => {
+                let body = UpstreamBody::new(conn, body, state.idle.clone(), max_head);
+                return Ok(resp.map(|()| ProxyBody::direct(body)));
+            }
+            // The upstream had timed the idle connection out; the request never reached it.
+            // Retried once on a new connection when repeating it is harmless.
+            Err(FastError::Stale) if reused && req.method().is_idempotent() => {
+                let head = std::mem::take(&mut conn.head);
+                conn = H1Conn::connected(connect_stream(state).await?);
+                conn.head = head;
+                reused = false;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 async fn forward(
@@ -375,15 +486,18 @@ async fn forward(
     }
 }
 
-async fn connect(state: &ConnState, h2: bool) -> Result<Upstream, UpstreamError> {
-    let cfg = &state.shared.config;
+/// A new connection to the original destination (marked, `TCP_NODELAY`), with its
+/// registration when it is an egress client's (dropped with the connection).
+async fn connect_stream(
+    state: &ConnState,
+) -> Result<(TcpStream, Option<Registration>), UpstreamError> {
     let mark = state
         .shared
         .upstream_mark
         .as_ref()
         .and_then(|m| m.mark(&state.ctx));
     let to = state.ctx.original_destination;
-    let (stream, registration) = tokio::time::timeout(cfg.connect_timeout, async {
+    let (stream, registration) = tokio::time::timeout(state.shared.config.connect_timeout, async {
         match state.ctx.direction {
             // It may come back to this proxy's ingress listener (see `chain`).
             Direction::Egress => {
@@ -397,6 +511,11 @@ async fn connect(state: &ConnState, h2: bool) -> Result<Upstream, UpstreamError>
     .await
     .map_err(|_| UpstreamError::Timeout)??;
     let _ = stream.set_nodelay(true);
+    Ok((stream, registration))
+}
+
+async fn connect(state: &ConnState, h2: bool) -> Result<Upstream, UpstreamError> {
+    let (stream, registration) = connect_stream(state).await?;
     let io = TokioIo::new(stream);
     if h2 {
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
