@@ -12,7 +12,7 @@
 //! is [`PolicyKey`] or [`IpcacheKey`]; aya's `lpm_trie::Key<K>` has exactly that layout.
 #![no_std]
 
-use core::mem::{offset_of, size_of};
+use core::mem::{align_of, offset_of, size_of};
 
 /// Map names, as the loader finds them in the object file and pins them.
 pub mod map_name {
@@ -253,7 +253,12 @@ pub struct PolicyKey {
     pub dport_be: u16,
 }
 
-/// Policy LPM trie value.
+/// Policy map value (both policy maps).
+///
+/// `packets` and `bytes` count the packets whose policy decision this entry made (allowed or
+/// redirected new connections, denied packets): the programs add to them atomically on the
+/// policy path only, so packets of established connections (conntrack hits) are not counted.
+/// Userspace writes them as zero; rewriting an entry restarts its counts.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct PolicyValue {
@@ -269,6 +274,12 @@ pub struct PolicyValue {
     pub pad: [u8; 3],
     /// Opaque rule cookie for policy logs.
     pub cookie: u32,
+    /// Zero.
+    pub pad2: u32,
+    /// Packets this entry decided (see the type's documentation).
+    pub packets: u64,
+    /// Bytes (`skb->len`) of those packets.
+    pub bytes: u64,
 }
 
 /// Data part of an ipcache LPM trie key. The prefix covers `family` and `pad` (32 bits) and then
@@ -454,10 +465,14 @@ const _: () = {
     assert!(offset_of!(PolicyKey, direction) == 8);
     assert!(offset_of!(PolicyKey, protocol) == 9);
     assert!(offset_of!(PolicyKey, dport_be) == 10);
-    assert!(size_of::<PolicyValue>() == 12);
+    assert!(size_of::<PolicyValue>() == 32);
+    assert!(align_of::<PolicyValue>() == 8);
     assert!(offset_of!(PolicyValue, proxy_port_be) == 2);
     assert!(offset_of!(PolicyValue, prefix_len) == 4);
     assert!(offset_of!(PolicyValue, cookie) == 8);
+    assert!(offset_of!(PolicyValue, pad2) == 12);
+    assert!(offset_of!(PolicyValue, packets) == 16);
+    assert!(offset_of!(PolicyValue, bytes) == 24);
     assert!(size_of::<IpcacheKey>() == 20);
     assert!(offset_of!(IpcacheKey, addr) == 4);
     assert!(size_of::<IpcacheValue>() == 24);

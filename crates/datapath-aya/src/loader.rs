@@ -18,6 +18,7 @@ use weir_datapath::encode::{self, PolicySlot};
 use weir_datapath::policy_flags::PolicyFlags;
 use weir_datapath::{
     Counters, CtRecord, Datapath, DatapathError, DatapathEvent, EndpointAttachment, EndpointId,
+    InstalledPolicyEntry,
 };
 use weir_datapath_abi as abi;
 use weir_identity::Identity;
@@ -170,13 +171,15 @@ impl AyaDatapath {
     /// endpoint's flags from it: a previous process's flags are not trusted.
     fn resync_flags(&mut self) -> Result<(), DatapathError> {
         let mut flags = PolicyFlags::new();
-        for k in self.policy.keys() {
-            let k = k.map_err(|e| be("policy map iterate", e))?;
-            flags.insert(PolicySlot::Trie(k.prefix_len(), k.data()));
+        // With the values: an upsert of an entry the kernel already holds as it is keeps its
+        // counters.
+        for item in self.policy.iter() {
+            let (k, v) = item.map_err(|e| be("policy map iterate", e))?;
+            flags.insert_value(PolicySlot::Trie(k.prefix_len(), k.data()), &v);
         }
-        for k in self.policy_exact.keys() {
-            let k = k.map_err(|e| be("exact policy map iterate", e))?;
-            flags.insert(PolicySlot::Exact(k));
+        for item in self.policy_exact.iter() {
+            let (k, v) = item.map_err(|e| be("exact policy map iterate", e))?;
+            flags.insert_value(PolicySlot::Exact(k), &v);
         }
         self.flags = flags;
         let stale: Vec<(u32, abi::EndpointInfo)> = self
@@ -198,6 +201,40 @@ impl AyaDatapath {
     }
 
     /// Writes `flags` into every endpoint map entry of `endpoint_id`.
+    /// Writes policy upserts: exact entries (most of a policy) in one batched system call,
+    /// trie entries one by one (the trie has no batch operations).
+    fn write_policy_upserts(
+        &mut self,
+        ups: &[(PolicySlot, abi::PolicyValue)],
+    ) -> Result<(), DatapathError> {
+        let mut exact_keys = Vec::with_capacity(ups.len());
+        let mut exact_values = Vec::with_capacity(ups.len());
+        for (slot, v) in ups {
+            if let PolicySlot::Exact(k) = slot {
+                exact_keys.push(*k);
+                exact_values.push(*v);
+            }
+        }
+        // SAFETY: the exact policy map's key and value types are these ABI structs.
+        unsafe {
+            batch::update_batch(
+                self.policy_exact.map().fd().as_fd(),
+                &exact_keys,
+                &exact_values,
+            )
+        }
+        .map_err(|e| be("exact policy map insert", e))?;
+        for (slot, v) in ups {
+            let PolicySlot::Trie(p, k) = slot else {
+                continue;
+            };
+            self.policy
+                .insert(&Key::new(*p, *k), *v, 0)
+                .map_err(|e| be("policy map insert", e))?;
+        }
+        Ok(())
+    }
+
     fn write_endpoint_flags(&mut self, endpoint_id: u32, flags: u32) -> Result<(), DatapathError> {
         let targets: Vec<(u32, abi::EndpointInfo)> = self
             .endpoints
@@ -422,40 +459,20 @@ impl Datapath for AyaDatapath {
         }
         // Flags first rise to cover the upserts, and fall only after the removals (see
         // weir_datapath::policy_flags): at no point does a packet skip a lookup it needs.
+        // Upserts of entries the kernel holds as they are are dropped: rewriting them would
+        // restart their counters.
         let before = self.flags.flags(endpoint.0);
-        for (slot, _) in &ups {
-            self.flags.insert(*slot);
-        }
+        ups.retain(|(slot, v)| !self.flags.insert_value(*slot, v));
         let during = self.flags.flags(endpoint.0);
         if during != before {
             self.write_endpoint_flags(endpoint.0, during)?;
         }
-        // Exact entries (most of a policy) are written in one batched system call and removed
-        // in another; the trie has no batch operations.
-        let mut exact_keys = Vec::with_capacity(ups.len());
-        let mut exact_values = Vec::with_capacity(ups.len());
-        for (slot, v) in &ups {
-            if let PolicySlot::Exact(k) = slot {
-                exact_keys.push(*k);
-                exact_values.push(*v);
+        if let Err(e) = self.write_policy_upserts(&ups) {
+            // The kernel may not hold what was recorded: the next upsert must write.
+            for (slot, _) in &ups {
+                self.flags.forget_value(slot);
             }
-        }
-        // SAFETY: the exact policy map's key and value types are these ABI structs.
-        unsafe {
-            batch::update_batch(
-                self.policy_exact.map().fd().as_fd(),
-                &exact_keys,
-                &exact_values,
-            )
-        }
-        .map_err(|e| be("exact policy map insert", e))?;
-        for (slot, v) in &ups {
-            let PolicySlot::Trie(p, k) = slot else {
-                continue;
-            };
-            self.policy
-                .insert(&Key::new(*p, *k), *v, 0)
-                .map_err(|e| be("policy map insert", e))?;
+            return Err(e);
         }
         let exact_removals: Vec<abi::PolicyKey> = rems
             .iter()
@@ -521,19 +538,30 @@ impl Datapath for AyaDatapath {
         &self,
         endpoint: EndpointId,
     ) -> Result<BTreeMap<PolicyKey, EntryAction>, DatapathError> {
+        Ok(self
+            .dump_policy_entries(endpoint)?
+            .into_iter()
+            .map(|(k, e)| (k, e.action))
+            .collect())
+    }
+
+    fn dump_policy_entries(
+        &self,
+        endpoint: EndpointId,
+    ) -> Result<BTreeMap<PolicyKey, InstalledPolicyEntry>, DatapathError> {
         let mut out = BTreeMap::new();
         for item in self.policy.iter() {
             let (k, v) = item.map_err(|e| be("policy map iterate", e))?;
             let (ep, key) = encode::policy_key_from_abi(k.prefix_len(), &k.data());
             if ep == endpoint {
-                out.insert(key, encode::policy_action_from_abi(&v));
+                out.insert(key, encode::policy_entry_from_abi(&v));
             }
         }
         for item in self.policy_exact.iter() {
             let (k, v) = item.map_err(|e| be("exact policy map iterate", e))?;
             let (ep, key) = encode::policy_exact_key_from_abi(&k);
             if ep == endpoint {
-                out.insert(key, encode::policy_action_from_abi(&v));
+                out.insert(key, encode::policy_entry_from_abi(&v));
             }
         }
         Ok(out)

@@ -361,11 +361,12 @@ static __always_inline __u32 remote_identity(struct __sk_buff *skb, const struct
  * The longest entry of `identity` covering the packet: an exact (24-bit) entry from the hash,
  * else the longest partial prefix from the trie, else the L3-only entry from the hash. `kinds`
  * (ID_EXACT, ID_PARTIAL, ID_L3_ONLY bits) says which of the three the endpoint has at all for
- * this class of identity; the others are skipped. Non-zero when found (copied to `out`).
+ * this class of identity; the others are skipped. Returns the map value (NULL: none), not a
+ * copy: the entry that decides also counts the packet.
  */
-static __always_inline int lookup_entry(__u32 endpoint_id, __u32 identity, __u8 dir,
-					__u8 protocol, __u16 port, __u32 kinds,
-					struct weir_policy_value *out)
+static __always_inline struct weir_policy_value *lookup_entry(__u32 endpoint_id, __u32 identity,
+							       __u8 dir, __u8 protocol, __u16 port,
+							       __u32 kinds)
 {
 	struct weir_policy_lpm_key k = {
 		.prefixlen = WEIR_POLICY_FIXED_PREFIX_BITS + 24,
@@ -388,10 +389,7 @@ static __always_inline int lookup_entry(__u32 endpoint_id, __u32 identity, __u8 
 		k.data.dport_be = 0;
 		v = bpf_map_lookup_elem(&WEIR_POLICY_EXACT, &k.data);
 	}
-	if (!v)
-		return 0;
-	*out = *v;
-	return 1;
+	return v;
 }
 
 /* The identity-specific kinds of entries, ANY's shifted down onto them (lookup_entry's `kinds`). */
@@ -401,46 +399,57 @@ static __always_inline int lookup_entry(__u32 endpoint_id, __u32 identity, __u8 
 /*
  * The two-lookup rule: identity-specific and ANY, deny first, then redirect (higher priority),
  * then the longer protocol/port prefix, ties to the identity-specific entry. `ep_flags` (the
- * endpoint's endpoint_flag bits) skips lookups of kinds the endpoint has none of. Returns 0
- * and the proxy port (0 = plain allow) in `proxy_port`, or a drop reason.
+ * endpoint's endpoint_flag bits) skips lookups of kinds the endpoint has none of. The entry
+ * that decides counts the packet (`len` bytes). Returns 0 and the proxy port (0 = plain allow)
+ * in `proxy_port`, or a drop reason.
  */
 static __always_inline int decide(__u32 endpoint_id, __u32 ep_flags, __u32 remote, __u8 dir,
-				  __u8 protocol, __u16 port, __u16 *proxy_port)
+				  __u8 protocol, __u16 port, __u64 len, __u16 *proxy_port)
 {
-	struct weir_policy_value a, b, chosen;
+	struct weir_policy_value *a = NULL, *b = NULL, *chosen;
 	__u32 f = ep_flags >> (dir ? WEIR_EP_DIRECTION_SHIFT : 0);
 	__u32 id_kinds = f & EP_KINDS;
 	__u32 any_kinds = (f >> EP_ANY_SHIFT) & EP_KINDS;
-	int has_a = id_kinds && lookup_entry(endpoint_id, remote, dir, protocol, port, id_kinds, &a);
-	int has_b = any_kinds && lookup_entry(endpoint_id, 0, dir, protocol, port, any_kinds, &b);
-	if (!has_a && !has_b)
-		return WEIR_DROP_POLICY_DENIED;
-	if (has_a && !has_b) {
+	if (id_kinds)
+		a = lookup_entry(endpoint_id, remote, dir, protocol, port, id_kinds);
+	if (any_kinds)
+		b = lookup_entry(endpoint_id, 0, dir, protocol, port, any_kinds);
+	/* Tested one by one: clang would otherwise test `a | b`, pointer arithmetic the verifier
+	 * rejects. */
+	if (!a) {
+		if (!b)
+			return WEIR_DROP_POLICY_DENIED;
+		chosen = b;
+	} else if (!b) {
 		chosen = a;
-	} else if (!has_a) {
+	} else if (a->action == WEIR_ACTION_DENY) {
+		chosen = a;
+	} else if (b->action == WEIR_ACTION_DENY) {
 		chosen = b;
 	} else {
-		if (a.action == WEIR_ACTION_DENY || b.action == WEIR_ACTION_DENY)
-			return WEIR_DROP_POLICY_DENY;
-		int ar = a.action == WEIR_ACTION_REDIRECT;
-		int br = b.action == WEIR_ACTION_REDIRECT;
+		int ar = a->action == WEIR_ACTION_REDIRECT;
+		int br = b->action == WEIR_ACTION_REDIRECT;
 		if (ar && !br)
 			chosen = a;
 		else if (br && !ar)
 			chosen = b;
-		else if (ar && br && a.priority != b.priority)
-			chosen = a.priority > b.priority ? a : b;
-		else if (b.prefix_len > a.prefix_len)
+		else if (ar && br && a->priority != b->priority)
+			chosen = a->priority > b->priority ? a : b;
+		else if (b->prefix_len > a->prefix_len)
 			chosen = b;
 		else
 			chosen = a;
 	}
-	if (chosen.action == WEIR_ACTION_ALLOW) {
+	/* One atomic add pair, on the policy path only (new connections and denies). */
+	__sync_fetch_and_add(&chosen->packets, 1);
+	__sync_fetch_and_add(&chosen->bytes, len);
+	__u8 act = chosen->action;
+	if (act == WEIR_ACTION_ALLOW) {
 		*proxy_port = 0;
 		return 0;
 	}
-	if (chosen.action == WEIR_ACTION_REDIRECT) {
-		*proxy_port = bpf_ntohs(chosen.proxy_port_be);
+	if (act == WEIR_ACTION_REDIRECT) {
+		*proxy_port = bpf_ntohs(chosen->proxy_port_be);
 		return 0;
 	}
 	return WEIR_DROP_POLICY_DENY;
@@ -790,7 +799,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	__u16 proxy_port = 0;
 	int reason = from_ingress_proxy ? 0
 					: decide(ep.endpoint_id, ep.flags, remote, dir,
-						 pkt.protocol, pkt.policy_port, &proxy_port);
+						 pkt.protocol, pkt.policy_port, len, &proxy_port);
 	if (reason) {
 		if (pkt.frag == 1)
 			bpf_map_delete_elem(&WEIR_FRAGS, &fk);

@@ -17,6 +17,7 @@ use weir_datapath::encode::{self, PolicySlot};
 use weir_datapath::policy_flags::PolicyFlags;
 use weir_datapath::{
     Counters, CtRecord, Datapath, DatapathError, DatapathEvent, EndpointAttachment, EndpointId,
+    InstalledPolicyEntry,
 };
 use weir_datapath_abi as abi;
 use weir_identity::Identity;
@@ -185,14 +186,19 @@ impl LibbpfDatapath {
     /// endpoint's flags from it: a previous process's flags are not trusted.
     fn resync_flags(&mut self) -> Result<(), DatapathError> {
         let mut flags = PolicyFlags::new();
-        for k in self.policy.keys() {
-            if let Some((p, d)) = split_lpm_key::<abi::PolicyKey>(&k) {
-                flags.insert(PolicySlot::Trie(p, d));
+        // With the values: an upsert of an entry the kernel already holds as it is keeps its
+        // counters.
+        for (k, v) in entries(&self.policy)? {
+            if let (Some((p, d)), Some(v)) = (
+                split_lpm_key::<abi::PolicyKey>(&k),
+                read::<abi::PolicyValue>(&v),
+            ) {
+                flags.insert_value(PolicySlot::Trie(p, d), &v);
             }
         }
-        for k in self.policy_exact.keys() {
-            if let Some(d) = read::<abi::PolicyKey>(&k) {
-                flags.insert(PolicySlot::Exact(d));
+        for (k, v) in entries(&self.policy_exact)? {
+            if let (Some(d), Some(v)) = (read::<abi::PolicyKey>(&k), read::<abi::PolicyValue>(&v)) {
+                flags.insert_value(PolicySlot::Exact(d), &v);
             }
         }
         self.flags = flags;
@@ -225,6 +231,34 @@ impl LibbpfDatapath {
                     .update(&k, bytes(&info), MapFlags::ANY)
                     .map_err(|e| be("endpoint map update", e))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Writes policy upserts: exact entries (most of a policy) in one batched system call,
+    /// trie entries one by one (the trie has no batch operations).
+    fn write_policy_upserts(
+        &self,
+        ups: &[(PolicySlot, abi::PolicyValue)],
+    ) -> Result<(), DatapathError> {
+        let mut exact_keys = Vec::with_capacity(ups.len());
+        let mut exact_values = Vec::with_capacity(ups.len());
+        for (slot, v) in ups {
+            if let PolicySlot::Exact(k) = slot {
+                exact_keys.push(*k);
+                exact_values.push(*v);
+            }
+        }
+        // SAFETY: the exact policy map's key and value types are these ABI structs.
+        unsafe { batch::update_batch(self.policy_exact.as_fd(), &exact_keys, &exact_values) }
+            .map_err(|e| be("exact policy map insert", e))?;
+        for (slot, v) in ups {
+            let PolicySlot::Trie(p, k) = slot else {
+                continue;
+            };
+            self.policy
+                .update(&lpm_key(*p, k), bytes(v), MapFlags::ANY)
+                .map_err(|e| be("policy map insert", e))?;
         }
         Ok(())
     }
@@ -430,34 +464,20 @@ impl Datapath for LibbpfDatapath {
         }
         // Flags first rise to cover the upserts, and fall only after the removals (see
         // weir_datapath::policy_flags): at no point does a packet skip a lookup it needs.
+        // Upserts of entries the kernel holds as they are are dropped: rewriting them would
+        // restart their counters.
         let before = self.flags.flags(endpoint.0);
-        for (slot, _) in &ups {
-            self.flags.insert(*slot);
-        }
+        ups.retain(|(slot, v)| !self.flags.insert_value(*slot, v));
         let during = self.flags.flags(endpoint.0);
         if during != before {
             self.write_endpoint_flags(endpoint.0, during)?;
         }
-        // Exact entries (most of a policy) are written in one batched system call and removed
-        // in another; the trie has no batch operations.
-        let mut exact_keys = Vec::with_capacity(ups.len());
-        let mut exact_values = Vec::with_capacity(ups.len());
-        for (slot, v) in &ups {
-            if let PolicySlot::Exact(k) = slot {
-                exact_keys.push(*k);
-                exact_values.push(*v);
+        if let Err(e) = self.write_policy_upserts(&ups) {
+            // The kernel may not hold what was recorded: the next upsert must write.
+            for (slot, _) in &ups {
+                self.flags.forget_value(slot);
             }
-        }
-        // SAFETY: the exact policy map's key and value types are these ABI structs.
-        unsafe { batch::update_batch(self.policy_exact.as_fd(), &exact_keys, &exact_values) }
-            .map_err(|e| be("exact policy map insert", e))?;
-        for (slot, v) in &ups {
-            let PolicySlot::Trie(p, k) = slot else {
-                continue;
-            };
-            self.policy
-                .update(&lpm_key(*p, k), bytes(v), MapFlags::ANY)
-                .map_err(|e| be("policy map insert", e))?;
+            return Err(e);
         }
         let exact_removals: Vec<abi::PolicyKey> = rems
             .iter()
@@ -516,6 +536,17 @@ impl Datapath for LibbpfDatapath {
         &self,
         endpoint: EndpointId,
     ) -> Result<BTreeMap<PolicyKey, EntryAction>, DatapathError> {
+        Ok(self
+            .dump_policy_entries(endpoint)?
+            .into_iter()
+            .map(|(k, e)| (k, e.action))
+            .collect())
+    }
+
+    fn dump_policy_entries(
+        &self,
+        endpoint: EndpointId,
+    ) -> Result<BTreeMap<PolicyKey, InstalledPolicyEntry>, DatapathError> {
         let mut out = BTreeMap::new();
         for (k, v) in entries(&self.policy)? {
             let (Some((p, data)), Some(v)) = (
@@ -526,7 +557,7 @@ impl Datapath for LibbpfDatapath {
             };
             let (ep, key) = encode::policy_key_from_abi(p, &data);
             if ep == endpoint {
-                out.insert(key, encode::policy_action_from_abi(&v));
+                out.insert(key, encode::policy_entry_from_abi(&v));
             }
         }
         for (k, v) in entries(&self.policy_exact)? {
@@ -536,7 +567,7 @@ impl Datapath for LibbpfDatapath {
             };
             let (ep, key) = encode::policy_exact_key_from_abi(&k);
             if ep == endpoint {
-                out.insert(key, encode::policy_action_from_abi(&v));
+                out.insert(key, encode::policy_entry_from_abi(&v));
             }
         }
         Ok(out)

@@ -7,12 +7,14 @@
 //! Result for tests: `cb[0]` = drop reason | verdict << 8 | ct state << 16, `cb[1]` = remote
 //! identity. BPF_PROG_TEST_RUN returns both in `ctx_out`.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple},
     cty::c_void,
     helpers::{
-        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect, bpf_sk_assign, bpf_sk_lookup_tcp,
-        bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_redirect,
+        bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
     },
     macros::{classifier, map},
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -295,7 +297,7 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
     let decision = if from_ingress_proxy {
         Ok(0)
     } else {
-        decide(&ep, remote, dir, pkt.protocol, pkt.policy_port)
+        decide(&ep, remote, dir, pkt.protocol, pkt.policy_port, len)
     };
     match decision {
         Err(reason) => {
@@ -772,7 +774,8 @@ fn lookup_identity(fam: u8, addr: &[u8; 16]) -> u32 {
 /// all for this class of identity; the others are skipped.
 ///
 /// Returns the map value's pointer, not a copy: an `Option<PolicyValue>` lets LLVM read an
-/// undefined payload register on the `None` path, which the verifier rejects.
+/// undefined payload register on the `None` path, which the verifier rejects; and the entry
+/// that decides counts the packet in place.
 #[inline(always)]
 fn lookup_entry(
     endpoint_id: u32,
@@ -781,7 +784,7 @@ fn lookup_entry(
     protocol: u8,
     port: u16,
     kinds: u32,
-) -> Option<*const PolicyValue> {
+) -> Option<*mut PolicyValue> {
     let mut k = PolicyKey {
         endpoint_id,
         identity,
@@ -790,14 +793,25 @@ fn lookup_entry(
         dport_be: port.to_be(),
     };
     if kinds & endpoint_flag::ID_EXACT != 0
-        && let Some(v) = WEIR_POLICY_EXACT.get_ptr(&k)
+        && let Some(v) = WEIR_POLICY_EXACT.get_ptr_mut(&k)
     {
         return Some(v);
     }
-    if kinds & endpoint_flag::ID_PARTIAL != 0
-        && let Some(v) = WEIR_POLICY.get(&Key::new(POLICY_FIXED_PREFIX_BITS + 24, k))
-    {
-        return Some(v as *const PolicyValue);
+    if kinds & endpoint_flag::ID_PARTIAL != 0 {
+        let key = Key::new(POLICY_FIXED_PREFIX_BITS + 24, k);
+        // aya-ebpf's trie lookup hands out a shared reference only; the helper gives the
+        // writable map value the counters need. `LpmTrie` is a transparent wrapper of its map
+        // definition, so the static's address is the map's.
+        // SAFETY: a valid map pointer and a key of the map's key type.
+        let v = unsafe {
+            bpf_map_lookup_elem(
+                (&raw const WEIR_POLICY).cast_mut().cast::<c_void>(),
+                (&raw const key).cast::<c_void>(),
+            )
+        };
+        if !v.is_null() {
+            return Some(v.cast::<PolicyValue>());
+        }
     }
     if kinds & endpoint_flag::ID_L3_ONLY == 0 {
         return None;
@@ -805,7 +819,19 @@ fn lookup_entry(
     k.direction = dir | POLICY_L3_ONLY;
     k.protocol = 0;
     k.dport_be = 0;
-    WEIR_POLICY_EXACT.get_ptr(&k)
+    WEIR_POLICY_EXACT.get_ptr_mut(&k)
+}
+
+/// Adds one packet of `len` bytes to a policy entry's counters: one atomic add pair, on the
+/// policy path only.
+#[inline(always)]
+fn count_entry(v: *mut PolicyValue, len: u64) {
+    // SAFETY: `v` is a live, aligned map value (RCU keeps it for the whole run); other CPUs
+    // add to the same counters, hence the atomics; userspace never writes them in place.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*v).packets, 1);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*v).bytes, len);
+    }
 }
 
 /// The identity-specific kinds of [`endpoint_flag`]; the ANY kinds are these shifted up by
@@ -819,7 +845,14 @@ const EP_ANY_SHIFT: u32 = 3;
 /// flags skip the lookups of kinds it has no entries of.
 /// Returns the proxy port (0 = plain allow) or the drop reason.
 #[inline(always)]
-fn decide(ep: &EndpointInfo, remote: u32, dir: u8, protocol: u8, port: u16) -> Result<u16, u8> {
+fn decide(
+    ep: &EndpointInfo,
+    remote: u32,
+    dir: u8,
+    protocol: u8,
+    port: u16,
+    len: u64,
+) -> Result<u16, u8> {
     let f = if dir != 0 {
         ep.flags >> endpoint_flag::DIRECTION_SHIFT
     } else {
@@ -837,35 +870,41 @@ fn decide(ep: &EndpointInfo, remote: u32, dir: u8, protocol: u8, port: u16) -> R
     } else {
         None
     };
-    // SAFETY (the derefs below): map value pointers from lookups stay valid for the whole
-    // program run (RCU), and the values are copied out at once; userspace writes whole entries.
-    let chosen: PolicyValue = match (a, b) {
+    // SAFETY (the reads below): map value pointers from lookups stay valid for the whole
+    // program run (RCU); userspace replaces entries whole, never in place.
+    let chosen: *mut PolicyValue = match (a, b) {
         (None, None) => return Err(drop_reason::POLICY_DENIED),
-        (Some(a), None) => unsafe { *a },
-        (None, Some(b)) => unsafe { *b },
-        (Some(a), Some(b)) => {
-            let (a, b) = unsafe { (*a, *b) };
-            if a.action == action::DENY || b.action == action::DENY {
-                return Err(drop_reason::POLICY_DENY);
-            }
-            let ar = a.action == action::REDIRECT;
-            let br = b.action == action::REDIRECT;
-            if ar && !br {
-                a
-            } else if br && !ar {
-                b
-            } else if ar && br && a.priority != b.priority {
-                if a.priority > b.priority { a } else { b }
-            } else if b.prefix_len > a.prefix_len {
-                b
+        (Some(a), None) => a,
+        (None, Some(b)) => b,
+        (Some(pa), Some(pb)) => {
+            let (a, b) = unsafe { (&*pa, &*pb) };
+            if a.action == action::DENY {
+                pa
+            } else if b.action == action::DENY {
+                pb
             } else {
-                a
+                let ar = a.action == action::REDIRECT;
+                let br = b.action == action::REDIRECT;
+                if ar && !br {
+                    pa
+                } else if br && !ar {
+                    pb
+                } else if ar && br && a.priority != b.priority {
+                    if a.priority > b.priority { pa } else { pb }
+                } else if b.prefix_len > a.prefix_len {
+                    pb
+                } else {
+                    pa
+                }
             }
         }
     };
-    match chosen.action {
+    count_entry(chosen, len);
+    // SAFETY: as above.
+    let (act, proxy_port_be) = unsafe { ((*chosen).action, (*chosen).proxy_port_be) };
+    match act {
         action::ALLOW => Ok(0),
-        action::REDIRECT => Ok(u16::from_be(chosen.proxy_port_be)),
+        action::REDIRECT => Ok(u16::from_be(proxy_port_be)),
         _ => Err(drop_reason::POLICY_DENY),
     }
 }
