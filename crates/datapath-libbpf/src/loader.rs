@@ -23,8 +23,8 @@ use weir_datapath_abi as abi;
 use weir_identity::Identity;
 use weir_policy_compiler::{EntryAction, MapStateDiff, PolicyKey};
 
-use crate::EBPF_OBJECT;
 use crate::bytes::{bytes, lpm_key, read, split_lpm_key};
+use crate::{EBPF_OBJECT, EBPF_OBJECT_NO_ENTRY_COUNTERS};
 
 /// tc filter priority and handle of our filters (fixed, so a later process finds them).
 const FILTER_PRIORITY: u32 = 1;
@@ -112,12 +112,23 @@ impl LibbpfDatapath {
     /// reopening the ones a previous process pinned there, and pins the programs there too.
     /// Enforcement already attached by a previous process keeps running throughout.
     pub fn load(pin_dir: &Path) -> Result<Self, LoadError> {
+        Self::load_object(pin_dir, &EBPF_OBJECT.0)
+    }
+
+    /// As [`LibbpfDatapath::load`], with programs built without the per-entry policy
+    /// counters: for benchmarks that measure what counting costs, never for enforcement.
+    #[doc(hidden)]
+    pub fn load_without_entry_counters(pin_dir: &Path) -> Result<Self, LoadError> {
+        Self::load_object(pin_dir, &EBPF_OBJECT_NO_ENTRY_COUNTERS.0)
+    }
+
+    fn load_object(pin_dir: &Path, object: &[u8]) -> Result<Self, LoadError> {
         std::fs::create_dir_all(pin_dir).map_err(|source| LoadError::PinDir {
             path: pin_dir.to_path_buf(),
             source,
         })?;
         let mut open = ObjectBuilder::default()
-            .open_memory(&EBPF_OBJECT.0)
+            .open_memory(object)
             .map_err(|e| load_err("eBPF object", e))?;
         // libbpf reuses a map already pinned at its pin path (after checking that its type,
         // sizes and flags match) and pins the ones it creates.
