@@ -102,19 +102,21 @@ fn entry_counters_cost(p: &Packets, repeat: u32, rounds: u32) {
     }
     with.grow(10_000);
     without.grow(10_000);
+    // [deny entry, default deny] samples, with and without the counters.
     let (mut w, mut wo) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     for r in 0..rounds {
-        let mut one = |first: bool| {
-            let (rig_ns, out): (&dyn Fn(&[u8]) -> f64, &mut [Vec<f64>; 2]) = if first {
-                (&|pkt| with.ns(Hook::ToPod, pkt, repeat), &mut w)
-            } else {
-                (&|pkt| without.ns(Hook::ToPod, pkt, repeat), &mut wo)
-            };
-            out[0].push(rig_ns(&by_entry));
-            out[1].push(rig_ns(&p.denied));
-        };
-        one(r % 2 == 0);
-        one(r % 2 != 0);
+        for counting in [r % 2 == 0, r % 2 != 0] {
+            for (i, pkt) in [&by_entry, &p.denied].into_iter().enumerate() {
+                let (ns, out) = if counting {
+                    (with.ns(Hook::ToPod, pkt, repeat), &mut w)
+                } else {
+                    (without.ns(Hook::ToPod, pkt, repeat), &mut wo)
+                };
+                if let Some(v) = out.get_mut(i) {
+                    v.push(ns);
+                }
+            }
+        }
     }
     let counted = with
         .dp
