@@ -641,12 +641,35 @@ static __always_inline void ct_create(const struct packet *p, __u8 dir,
 	bpf_map_update_elem(&WEIR_CT, &k, entry, BPF_ANY);
 }
 
-static __always_inline void remember_fragment(const struct packet *p,
-					      const struct weir_frag_key *fk)
+/* The fragment-tracking key of `p`; built only for fragments (most packets are not). */
+static __always_inline void set_frag_key(struct weir_frag_key *fk, const struct packet *p)
+{
+	__builtin_memcpy(fk->saddr, p->saddr, 16);
+	__builtin_memcpy(fk->daddr, p->daddr, 16);
+	fk->id = p->frag_id;
+	fk->protocol = p->protocol;
+	fk->family = p->family;
+	fk->pad[0] = 0;
+	fk->pad[1] = 0;
+}
+
+static __always_inline void remember_fragment(const struct packet *p)
 {
 	if (p->frag == 1) {
+		struct weir_frag_key fk;
 		struct weir_frag_value v = {.sport_be = p->sport_be, .dport_be = p->dport_be};
-		bpf_map_update_elem(&WEIR_FRAGS, fk, &v, BPF_ANY);
+		set_frag_key(&fk, p);
+		bpf_map_update_elem(&WEIR_FRAGS, &fk, &v, BPF_ANY);
+	}
+}
+
+/* Forgets the first fragment of a datagram that was dropped. */
+static __always_inline void forget_fragment(const struct packet *p)
+{
+	if (p->frag == 1) {
+		struct weir_frag_key fk;
+		set_frag_key(&fk, p);
+		bpf_map_delete_elem(&WEIR_FRAGS, &fk);
 	}
 }
 
@@ -747,16 +770,10 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	if (pkt.bypass)
 		return pass(skb, 0, CT_UNTRACKED_PASS);
 
-	struct weir_frag_key fk;
-	__builtin_memcpy(fk.saddr, pkt.saddr, 16);
-	__builtin_memcpy(fk.daddr, pkt.daddr, 16);
-	fk.id = pkt.frag_id;
-	fk.protocol = pkt.protocol;
-	fk.family = pkt.family;
-	fk.pad[0] = 0;
-	fk.pad[1] = 0;
 	if (pkt.frag == 2) {
 		/* A later fragment passes only if its first fragment passed. */
+		struct weir_frag_key fk;
+		set_frag_key(&fk, &pkt);
 		if (bpf_map_lookup_elem(&WEIR_FRAGS, &fk))
 			return pass(skb, 0, CT_FRAGMENT);
 		__u32 remote = remote_identity(skb, &pkt, dir, mark);
@@ -777,7 +794,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 			if (e->expires_ns > now && !(syn_only && closing)) {
 				ct_update(e, 0, pkt.protocol, pkt.tcp_flags, len, now);
 				__u16 proxy = e->proxy_port;
-				remember_fragment(&pkt, &fk);
+				remember_fragment(&pkt);
 				int reason = steer_to_proxy(skb, &pkt, dir, proxy);
 				if (reason == STEER_HAIRPIN)
 					return hairpin(skb, &ep, ifindex, proxy, CT_ESTABLISHED);
@@ -791,7 +808,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 			e = ct_lookup(&pkt, dir, 1);
 			if (e && e->expires_ns > now) {
 				ct_update(e, 1, pkt.protocol, pkt.tcp_flags, len, now);
-				remember_fragment(&pkt, &fk);
+				remember_fragment(&pkt);
 				return pass(skb, 0, CT_REPLY);
 			}
 		}
@@ -804,8 +821,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 					: decide(ep.endpoint_id, ep.flags, remote, dir,
 						 pkt.protocol, pkt.policy_port, len, &proxy_port);
 	if (reason) {
-		if (pkt.frag == 1)
-			bpf_map_delete_elem(&WEIR_FRAGS, &fk);
+		forget_fragment(&pkt);
 		return drop_packet(skb, &ep, ifindex, dir, &pkt, remote, reason);
 	}
 	/* Steer first: a connection the proxy cannot take is dropped and leaves neither a
@@ -813,8 +829,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	int steer = steer_to_proxy(skb, &pkt, dir, proxy_port);
 	reason = steer == STEER_HAIRPIN ? 0 : steer;
 	if (reason) {
-		if (pkt.frag == 1)
-			bpf_map_delete_elem(&WEIR_FRAGS, &fk);
+		forget_fragment(&pkt);
 		return drop_packet(skb, &ep, ifindex, dir, &pkt, remote, reason);
 	}
 	if (pkt.trackable) {
@@ -824,7 +839,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		ct_update(&entry, 0, pkt.protocol, pkt.tcp_flags, len, now);
 		ct_create(&pkt, dir, &entry);
 	}
-	remember_fragment(&pkt, &fk);
+	remember_fragment(&pkt);
 	emit(&ep, ifindex, dir, &pkt, remote,
 	     proxy_port ? WEIR_EVENT_REDIRECT_NEW : WEIR_EVENT_ALLOW_NEW, 0, proxy_port);
 	if (steer == STEER_HAIRPIN)

@@ -224,12 +224,16 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
     if pkt.bypass {
         return pass(ctx, 0, ct_state::UNTRACKED_PASS);
     }
-    copy16(&mut s.frag.saddr, &pkt.saddr);
-    copy16(&mut s.frag.daddr, &pkt.daddr);
-    s.frag.id = pkt.frag_id;
-    s.frag.protocol = pkt.protocol;
-    s.frag.family = pkt.family;
-    s.frag.pad = [0; 2];
+    // The fragment-tracking key is used only for fragments (most packets are not), and every
+    // use below is under `pkt.frag != 0`.
+    if pkt.frag != 0 {
+        copy16(&mut s.frag.saddr, &pkt.saddr);
+        copy16(&mut s.frag.daddr, &pkt.daddr);
+        s.frag.id = pkt.frag_id;
+        s.frag.protocol = pkt.protocol;
+        s.frag.family = pkt.family;
+        s.frag.pad = [0; 2];
+    }
     if pkt.frag == 2 {
         // A later fragment passes only if its first fragment passed.
         // SAFETY: only tested for presence.
