@@ -76,6 +76,7 @@ pub struct AyaDatapath {
     policy_exact: HashMap<MapData, abi::PolicyKey, abi::PolicyValue>,
     ipcache: LpmTrie<MapData, abi::IpcacheKey, abi::IpcacheValue>,
     ipcache_hosts: HashMap<MapData, abi::IpcacheKey, abi::IpcacheValue>,
+    ipcache_hosts4: HashMap<MapData, u32, abi::IpcacheValue>,
     endpoints: HashMap<MapData, u32, abi::EndpointInfo>,
     conntrack: HashMap<MapData, abi::CtKey, abi::CtEntry>,
     conntrack4: HashMap<MapData, abi::CtKey4, abi::CtEntry>,
@@ -138,6 +139,8 @@ impl AyaDatapath {
             .map_err(|e| load_err("ipcache map", e))?;
         let ipcache_hosts = HashMap::try_from(take(abi::map_name::IPCACHE_HOSTS)?)
             .map_err(|e| load_err("ipcache host map", e))?;
+        let ipcache_hosts4 = HashMap::try_from(take(abi::map_name::IPCACHE_HOSTS4)?)
+            .map_err(|e| load_err("ipcache IPv4 host map", e))?;
         let endpoints = HashMap::try_from(take(abi::map_name::ENDPOINTS)?)
             .map_err(|e| load_err("endpoint map", e))?;
         let conntrack = HashMap::try_from(take(abi::map_name::CONNTRACK)?)
@@ -155,6 +158,7 @@ impl AyaDatapath {
             policy_exact,
             ipcache,
             ipcache_hosts,
+            ipcache_hosts4,
             endpoints,
             conntrack,
             conntrack4,
@@ -344,6 +348,12 @@ impl AyaDatapath {
     }
 }
 
+/// The key of an IPv4 host address in the compact host map, if `prefix` is one (the map's key
+/// is the address's bytes read as a native-order `u32`).
+fn host4(prefix: &IpNet) -> Option<u32> {
+    encode::ipcache_host4_key(prefix).map(u32::from_ne_bytes)
+}
+
 fn ifindex(ifname: &str) -> Result<u32, DatapathError> {
     let c = CString::new(ifname).map_err(|_| DatapathError::UnknownInterface(ifname.into()))?;
     // SAFETY: `c` is a valid NUL-terminated string.
@@ -509,7 +519,11 @@ impl Datapath for AyaDatapath {
         };
         // Host addresses go to the hash (a /32 or /128 is always the longest match); the rest
         // to the trie.
-        if prefix.prefix_len() == prefix.max_prefix_len() {
+        if let Some(a) = host4(&prefix) {
+            self.ipcache_hosts4
+                .insert(a, v, 0)
+                .map_err(|e| be("ipcache host insert", e))
+        } else if prefix.prefix_len() == prefix.max_prefix_len() {
             self.ipcache_hosts
                 .insert(data, v, 0)
                 .map_err(|e| be("ipcache host insert", e))
@@ -523,7 +537,9 @@ impl Datapath for AyaDatapath {
     fn remove_ipcache(&mut self, prefix: IpNet) -> Result<(), DatapathError> {
         let prefix = prefix.trunc();
         let (p, data) = encode::ipcache_key(&prefix);
-        let r = if prefix.prefix_len() == prefix.max_prefix_len() {
+        let r = if let Some(a) = host4(&prefix) {
+            self.ipcache_hosts4.remove(&a)
+        } else if prefix.prefix_len() == prefix.max_prefix_len() {
             self.ipcache_hosts.remove(&data)
         } else {
             self.ipcache.remove(&Key::new(p, data))
@@ -574,6 +590,11 @@ impl Datapath for AyaDatapath {
             if let Some(net) = encode::ipcache_key_from_abi(k.prefix_len(), &k.data()) {
                 out.push((net, Identity(v.identity)));
             }
+        }
+        for item in self.ipcache_hosts4.iter() {
+            let (k, v) = item.map_err(|e| be("ipcache IPv4 host iterate", e))?;
+            let a = std::net::Ipv4Addr::from(k.to_ne_bytes());
+            out.push((IpNet::from(std::net::IpAddr::V4(a)), Identity(v.identity)));
         }
         for item in self.ipcache_hosts.iter() {
             let (k, v) = item.map_err(|e| be("ipcache host iterate", e))?;

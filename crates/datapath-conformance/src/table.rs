@@ -532,6 +532,13 @@ pub fn policy_dump_round_trips<B: Backend>() {
         ipc.contains(&("10.0.1.0/24".parse().unwrap(), Identity(300))),
         "{ipc:?}"
     );
+    // IPv4 host addresses live in their own compact map: listed and removed like the rest.
+    let host: ipnet::IpNet = "10.0.0.1/32".parse().unwrap();
+    assert!(ipc.contains(&(host, Identity(1000))), "{ipc:?}");
+    dp.remove_ipcache(host).unwrap();
+    let ipc = dp.list_ipcache().unwrap();
+    assert!(!ipc.iter().any(|(n, _)| *n == host), "{ipc:?}");
+    dp.upsert_ipcache(host, Identity(1000)).unwrap();
     // Removals of entries that are not there are no error (exact entries are deleted in one
     // batch, which stops at a missing key), and the ones around them still go.
     install(&mut dp, 1, &m);

@@ -45,7 +45,17 @@ struct {
 	__type(value, struct weir_ipcache_value);
 } WEIR_IPCACHE SEC(".maps");
 
-/* Host addresses (/32, /128), consulted before the trie. */
+/* IPv4 host addresses (/32), consulted before the trie; the key is the address as in the
+ * packet. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEIR_CAP_IPCACHE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct weir_ipcache_value);
+} WEIR_HOSTS4 SEC(".maps");
+
+/* IPv6 host addresses (/128), consulted before the trie. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, WEIR_CAP_IPCACHE);
@@ -329,14 +339,24 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 
 static __always_inline __u32 lookup_identity(__u8 fam, const __u8 *addr)
 {
+	struct weir_ipcache_value *v;
+	/* A host entry is the longest possible match: no need for the trie. */
+	if (fam == WEIR_FAMILY_V4) {
+		__u32 a;
+		__builtin_memcpy(&a, addr, 4);
+		v = bpf_map_lookup_elem(&WEIR_HOSTS4, &a);
+		if (v)
+			return v->identity;
+	}
 	struct weir_ipcache_lpm_key k;
 	__builtin_memset(&k, 0, sizeof(k));
 	k.data.family = fam;
 	__builtin_memcpy(k.data.addr, addr, 16);
-	/* A host entry is the longest possible match: no need for the trie. */
-	struct weir_ipcache_value *v = bpf_map_lookup_elem(&WEIR_IPCACHE_HOSTS, &k.data);
-	if (v)
-		return v->identity;
+	if (fam != WEIR_FAMILY_V4) {
+		v = bpf_map_lookup_elem(&WEIR_IPCACHE_HOSTS, &k.data);
+		if (v)
+			return v->identity;
+	}
 	k.prefixlen = WEIR_IPCACHE_FIXED_PREFIX_BITS + (fam == WEIR_FAMILY_V4 ? 32 : 128);
 	v = bpf_map_lookup_elem(&WEIR_IPCACHE, &k);
 	return v ? v->identity : WEIR_IDENTITY_WORLD;

@@ -73,6 +73,7 @@ pub struct LibbpfDatapath {
     policy_exact: MapHandle,
     ipcache: MapHandle,
     ipcache_hosts: MapHandle,
+    ipcache_hosts4: MapHandle,
     endpoints: MapHandle,
     conntrack: MapHandle,
     conntrack4: MapHandle,
@@ -178,6 +179,7 @@ impl LibbpfDatapath {
             policy_exact: map_handle(&obj, abi::map_name::POLICY_EXACT)?,
             ipcache: map_handle(&obj, abi::map_name::IPCACHE)?,
             ipcache_hosts: map_handle(&obj, abi::map_name::IPCACHE_HOSTS)?,
+            ipcache_hosts4: map_handle(&obj, abi::map_name::IPCACHE_HOSTS4)?,
             endpoints: map_handle(&obj, abi::map_name::ENDPOINTS)?,
             conntrack: map_handle(&obj, abi::map_name::CONNTRACK)?,
             conntrack4: map_handle(&obj, abi::map_name::CONNTRACK4)?,
@@ -522,7 +524,11 @@ impl Datapath for LibbpfDatapath {
         };
         // Host addresses go to the hash (a /32 or /128 is always the longest match); the rest
         // to the trie.
-        if prefix.prefix_len() == prefix.max_prefix_len() {
+        if let Some(a) = encode::ipcache_host4_key(&prefix) {
+            self.ipcache_hosts4
+                .update(&a, bytes(&v), MapFlags::ANY)
+                .map_err(|e| be("ipcache host insert", e))
+        } else if prefix.prefix_len() == prefix.max_prefix_len() {
             self.ipcache_hosts
                 .update(bytes(&data), bytes(&v), MapFlags::ANY)
                 .map_err(|e| be("ipcache host insert", e))
@@ -536,7 +542,9 @@ impl Datapath for LibbpfDatapath {
     fn remove_ipcache(&mut self, prefix: IpNet) -> Result<(), DatapathError> {
         let prefix = prefix.trunc();
         let (p, data) = encode::ipcache_key(&prefix);
-        if prefix.prefix_len() == prefix.max_prefix_len() {
+        if let Some(a) = encode::ipcache_host4_key(&prefix) {
+            delete(&self.ipcache_hosts4, &a, "ipcache remove")
+        } else if prefix.prefix_len() == prefix.max_prefix_len() {
             delete(&self.ipcache_hosts, bytes(&data), "ipcache remove")
         } else {
             delete(&self.ipcache, &lpm_key(p, &data), "ipcache remove")
@@ -593,6 +601,15 @@ impl Datapath for LibbpfDatapath {
             ) && let Some(net) = encode::ipcache_key_from_abi(p, &data)
             {
                 out.push((net, Identity(v.identity)));
+            }
+        }
+        for (k, v) in entries(&self.ipcache_hosts4)? {
+            if let (Ok(a), Some(v)) = (
+                <[u8; 4]>::try_from(k.as_slice()),
+                read::<abi::IpcacheValue>(&v),
+            ) {
+                let a = std::net::Ipv4Addr::from(a);
+                out.push((IpNet::from(std::net::IpAddr::V4(a)), Identity(v.identity)));
             }
         }
         for (k, v) in entries(&self.ipcache_hosts)? {

@@ -177,6 +177,15 @@ pub fn ipcache_key(prefix: &IpNet) -> (u32, abi::IpcacheKey) {
     )
 }
 
+/// The key of `prefix` in the IPv4 host map (`IPCACHE_HOSTS4`): the address's bytes as in
+/// the packet, when `prefix` is an IPv4 host address (/32); None for anything else.
+pub fn ipcache_host4_key(prefix: &IpNet) -> Option<[u8; 4]> {
+    match prefix {
+        IpNet::V4(n) if n.prefix_len() == 32 => Some(n.addr().octets()),
+        _ => None,
+    }
+}
+
 /// Decodes an ipcache trie key.
 pub fn ipcache_key_from_abi(prefix: u32, key: &abi::IpcacheKey) -> Option<IpNet> {
     let bits = prefix.checked_sub(abi::IPCACHE_FIXED_PREFIX_BITS)?;

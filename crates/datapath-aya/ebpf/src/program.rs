@@ -37,7 +37,12 @@ static WEIR_POLICY_EXACT: HashMap<PolicyKey, PolicyValue> =
     HashMap::pinned(capacity::POLICY_EXACT, BPF_F_NO_PREALLOC);
 #[map]
 static WEIR_IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(capacity::IPCACHE, 0);
-/// Host addresses (/32, /128), consulted before the trie.
+/// IPv4 host addresses (/32), consulted before the trie; the key is the address as in the
+/// packet, read as a native-order `u32` (hashing 4 bytes instead of 20).
+#[map]
+static WEIR_HOSTS4: HashMap<u32, IpcacheValue> =
+    HashMap::pinned(capacity::IPCACHE, BPF_F_NO_PREALLOC);
+/// IPv6 host addresses (/128), consulted before the trie.
 #[map]
 static WEIR_IPCACHE_HOSTS: HashMap<IpcacheKey, IpcacheValue> =
     HashMap::pinned(capacity::IPCACHE, BPF_F_NO_PREALLOC);
@@ -756,13 +761,21 @@ fn lookup_identity(fam: u8, addr: &[u8; 16]) -> u32 {
             addr.get(i + 3).copied().unwrap_or(0),
         ])
     };
+    // A host entry is the longest possible match: no need for the trie.
+    if fam == family::V4 {
+        // SAFETY: the value is copied out at once; userspace writes whole entries.
+        if let Some(v) = unsafe { WEIR_HOSTS4.get(&w(0)) } {
+            return v.identity;
+        }
+    }
     let words: [u32; 5] = [u32::from(fam), w(0), w(4), w(8), w(12)];
     // SAFETY: `IpcacheKey` is repr(C), 20 bytes, alignment 4, plain bytes: family at byte 0
     // (the low byte of the first word on this little-endian target), zero padding, address.
     let data: IpcacheKey = unsafe { core::mem::transmute(words) };
-    // A host entry is the longest possible match: no need for the trie.
-    // SAFETY: the value is copied out at once; userspace writes whole entries.
-    if let Some(v) = unsafe { WEIR_IPCACHE_HOSTS.get(&data) } {
+    // SAFETY: as above.
+    if fam != family::V4
+        && let Some(v) = unsafe { WEIR_IPCACHE_HOSTS.get(&data) }
+    {
         return v.identity;
     }
     let bits = if fam == family::V4 { 32 } else { 128 };
