@@ -474,10 +474,13 @@ impl Datapath for AyaDatapath {
         let before = self.flags.flags(endpoint.0);
         ups.retain(|(slot, v)| !self.flags.insert_value(*slot, v));
         let during = self.flags.flags(endpoint.0);
-        if during != before {
-            self.write_endpoint_flags(endpoint.0, during)?;
+        let written = if during != before {
+            self.write_endpoint_flags(endpoint.0, during)
+        } else {
+            Ok(())
         }
-        if let Err(e) = self.write_policy_upserts(&ups) {
+        .and_then(|()| self.write_policy_upserts(&ups));
+        if let Err(e) = written {
             // The kernel may not hold what was recorded: the next upsert must write.
             for (slot, _) in &ups {
                 self.flags.forget_value(slot);
