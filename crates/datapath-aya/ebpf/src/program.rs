@@ -801,7 +801,7 @@ fn lookup_entry(
     protocol: u8,
     port: u16,
     kinds: u32,
-) -> Option<*mut PolicyValue> {
+) -> Option<(*mut PolicyValue, bool)> {
     let mut k = PolicyKey {
         endpoint_id,
         identity,
@@ -812,7 +812,7 @@ fn lookup_entry(
     if kinds & endpoint_flag::ID_EXACT != 0
         && let Some(v) = WEIR_POLICY_EXACT.get_ptr_mut(&k)
     {
-        return Some(v);
+        return Some((v, false));
     }
     if kinds & endpoint_flag::ID_PARTIAL != 0 {
         let key = Key::new(POLICY_FIXED_PREFIX_BITS + 24, k);
@@ -827,7 +827,7 @@ fn lookup_entry(
             )
         };
         if !v.is_null() {
-            return Some(v.cast::<PolicyValue>());
+            return Some((v.cast::<PolicyValue>(), true));
         }
     }
     if kinds & endpoint_flag::ID_L3_ONLY == 0 {
@@ -836,18 +836,53 @@ fn lookup_entry(
     k.direction = dir | POLICY_L3_ONLY;
     k.protocol = 0;
     k.dport_be = 0;
-    WEIR_POLICY_EXACT.get_ptr_mut(&k)
+    WEIR_POLICY_EXACT.get_ptr_mut(&k).map(|v| (v, false))
 }
 
 /// Adds one packet of `len` bytes to a policy entry's counters: one atomic add pair, on the
-/// policy path only.
+/// policy path only. Values of the LPM trie (`from_trie`) sit 4 bytes off 8-byte alignment
+/// (after the 12-byte key in the trie's node), where an atomic can straddle a cache line (a
+/// bus lock): those entries count with plain adds, exact under one CPU, approximate when
+/// several CPUs decide by the same entry at once.
 #[inline(always)]
-fn count_entry(v: *mut PolicyValue, len: u64) {
-    // SAFETY: `v` is a live, aligned map value (RCU keeps it for the whole run); other CPUs
-    // add to the same counters, hence the atomics; userspace never writes them in place.
+fn count_entry(v: *mut PolicyValue, from_trie: bool, len: u64) {
+    // SAFETY: `v` is a live map value (RCU keeps it for the whole run); other CPUs add to the
+    // same counters, hence the atomics where the value is aligned; userspace never writes
+    // them in place.
     unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*v).packets, 1);
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*v).bytes, len);
+        let packets = &raw mut (*v).packets;
+        let bytes = &raw mut (*v).bytes;
+        if from_trie {
+            packets.write_unaligned(packets.read_unaligned().wrapping_add(1));
+            bytes.write_unaligned(bytes.read_unaligned().wrapping_add(len));
+        } else {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(packets, 1);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(bytes, len);
+        }
+    }
+}
+
+/// The fields of a policy value that choose between two entries, read in place: a trie value
+/// is only 4-byte aligned (it follows the 12-byte key in the trie's node), so no reference to
+/// the whole 8-aligned `PolicyValue` may be made.
+#[derive(Clone, Copy)]
+struct Choice {
+    action: u8,
+    priority: u8,
+    prefix_len: u8,
+}
+
+impl Choice {
+    #[inline(always)]
+    fn of(v: *mut PolicyValue) -> Choice {
+        // SAFETY: a live map value (RCU); byte fields need no alignment.
+        unsafe {
+            Choice {
+                action: (&raw const (*v).action).read(),
+                priority: (&raw const (*v).priority).read(),
+                prefix_len: (&raw const (*v).prefix_len).read(),
+            }
+        }
     }
 }
 
@@ -889,12 +924,12 @@ fn decide(
     };
     // SAFETY (the reads below): map value pointers from lookups stay valid for the whole
     // program run (RCU); userspace replaces entries whole, never in place.
-    let chosen: *mut PolicyValue = match (a, b) {
+    let (chosen, from_trie): (*mut PolicyValue, bool) = match (a, b) {
         (None, None) => return Err(drop_reason::POLICY_DENIED),
         (Some(a), None) => a,
         (None, Some(b)) => b,
         (Some(pa), Some(pb)) => {
-            let (a, b) = unsafe { (&*pa, &*pb) };
+            let (a, b) = (Choice::of(pa.0), Choice::of(pb.0));
             if a.action == action::DENY {
                 pa
             } else if b.action == action::DENY {
@@ -916,9 +951,14 @@ fn decide(
             }
         }
     };
-    count_entry(chosen, len);
-    // SAFETY: as above.
-    let (act, proxy_port_be) = unsafe { ((*chosen).action, (*chosen).proxy_port_be) };
+    count_entry(chosen, from_trie, len);
+    // SAFETY: as above; fields read in place (see `Choice`).
+    let (act, proxy_port_be) = unsafe {
+        (
+            (&raw const (*chosen).action).read(),
+            (&raw const (*chosen).proxy_port_be).read_unaligned(),
+        )
+    };
     match act {
         action::ALLOW => Ok(0),
         action::REDIRECT => Ok(u16::from_be(proxy_port_be)),
