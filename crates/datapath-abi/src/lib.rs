@@ -261,9 +261,13 @@ pub struct PolicyKey {
 /// Policy map value (both policy maps).
 ///
 /// `packets` and `bytes` count the packets whose policy decision this entry made (allowed or
-/// redirected new connections, denied packets): the programs add to them atomically on the
-/// policy path only, so packets of established connections (conntrack hits) are not counted.
-/// Userspace writes them as zero; rewriting an entry restarts its counts.
+/// redirected new connections, denied packets), on the policy path only, so packets of
+/// established connections (conntrack hits) are not counted. Entries of the exact hash are
+/// counted with atomic adds; entries of the LPM trie with plain adds (a trie value follows the
+/// 12-byte key in the kernel's node, 4 bytes off 8-byte alignment, where an atomic could
+/// straddle a cache line), so their counts can miss increments when several CPUs decide by
+/// the same entry at once. Userspace writes them as zero; rewriting an entry restarts its
+/// counts.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct PolicyValue {

@@ -120,7 +120,9 @@ pub struct CtRecord {
 /// each connection it allowed or redirected, and every packet it denied. Packets of
 /// established connections pass through conntrack without a policy lookup and are not
 /// counted. The counts restart when the entry is rewritten with a different action (or
-/// removed and added again); upserts that leave the entry as it is keep them.
+/// removed and added again); upserts that leave the entry as it is keep them. Entries with a
+/// partial port range (the kernel's LPM trie) are counted without atomics and may miss
+/// increments under concurrent decisions on several CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InstalledPolicyEntry {
     /// What the entry does.
