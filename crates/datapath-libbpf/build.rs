@@ -22,24 +22,36 @@ fn main() {
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into());
     let multiarch = format!("-I/usr/include/{arch}-linux-gnu");
     let src = manifest.join("bpf/weir.bpf.c");
-    if let Err(e) = SkeletonBuilder::new()
-        .source(&src)
-        .obj(out.join("weir.bpf.o"))
-        .clang(&clang)
-        .clang_args([
+    // The object, and a variant without the per-entry policy counters: the verdict bench's
+    // same-run baseline of what counting costs.
+    for (obj, define) in [
+        ("weir.bpf.o", None),
+        (
+            "weir-no-entry-counters.bpf.o",
+            Some("-DWEIR_NO_ENTRY_COUNTERS"),
+        ),
+    ] {
+        let mut args = vec![
             multiarch.as_str(),
             "-Wall",
             "-Werror",
             "-Wno-compare-distinct-pointer-types",
-        ])
-        .build()
-    {
-        panic!(
-            "compiling {} with {clang} failed: {e:#}\n\
-             It needs clang-19 and the kernel UAPI headers (Debian: clang-19, linux-libc-dev, \
-             libelf-dev, zlib1g-dev, pkg-config); set CLANG to use another clang.",
-            src.display()
-        );
+        ];
+        args.extend(define);
+        if let Err(e) = SkeletonBuilder::new()
+            .source(&src)
+            .obj(out.join(obj))
+            .clang(&clang)
+            .clang_args(args)
+            .build()
+        {
+            panic!(
+                "compiling {} with {clang} failed: {e:#}\n\
+                 It needs clang-19 and the kernel UAPI headers (Debian: clang-19, linux-libc-dev, \
+                 libelf-dev, zlib1g-dev, pkg-config); set CLANG to use another clang.",
+                src.display()
+            );
+        }
     }
     cc::Build::new()
         .file(manifest.join("bpf/abi_layout.c"))

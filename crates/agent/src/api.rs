@@ -306,10 +306,10 @@ impl<D: Datapath + Send + 'static> InspectService for AgentApi<D> {
             // What the kernel holds, annotated with the rules the compiler says produced it.
             let dumped = m
                 .datapath()
-                .dump_policy(ep.id)
+                .dump_policy_entries(ep.id)
                 .map_err(|e| Status::internal(e.to_string()))?;
-            for (key, action) in dumped {
-                let (name, proxy_port) = match action {
+            for (key, installed) in dumped {
+                let (name, proxy_port) = match installed.action {
                     EntryAction::Allow => ("allow", 0),
                     EntryAction::Deny => ("deny", 0),
                     EntryAction::Redirect { proxy_port, .. } => ("redirect", proxy_port),
@@ -331,6 +331,8 @@ impl<D: Datapath + Send + 'static> InspectService for AgentApi<D> {
                     action: name.into(),
                     proxy_port: u32::from(proxy_port),
                     derived_from,
+                    packets: installed.packets,
+                    bytes: installed.bytes,
                 });
             }
         }

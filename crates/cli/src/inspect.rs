@@ -40,7 +40,15 @@ pub enum FqdnCommand {
 /// `weir bpf policy ...`
 #[derive(Subcommand)]
 pub enum BpfPolicyCommand {
-    /// Entries of one endpoint, or of all with `--all`.
+    /// Entries of one endpoint, or of all with `--all`: direction, remote identity and its
+    /// labels, port/protocol, action, proxy port, the rules behind each entry, and its packet
+    /// and byte counters.
+    ///
+    /// The counters count the packets decided by the entry: the first packet of each
+    /// connection it allowed or redirected, and every packet it denied. Packets of established
+    /// connections pass through conntrack without a policy lookup and are not counted. The
+    /// counts restart when the entry is written with a different action (policy updates that
+    /// leave an entry as it is keep them).
     Get {
         /// The endpoint id.
         endpoint: Option<u32>,
@@ -377,6 +385,7 @@ async fn bpf(ch: Channel, cmd: BpfCommand, json: bool) -> anyhow::Result<ExitCod
                     "endpoint": e.endpoint_id, "direction": e.direction, "identity": e.identity, "labels": e.identity_labels,
                     "protocol": e.protocol, "port": e.port, "prefix_len": e.prefix_len, "action": e.action,
                     "proxy_port": e.proxy_port, "derived_from": e.derived_from,
+                    "packets": e.packets, "bytes": e.bytes,
                 })).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(ExitCode::SUCCESS);
@@ -406,6 +415,8 @@ async fn bpf(ch: Channel, cmd: BpfCommand, json: bool) -> anyhow::Result<ExitCod
                         } else {
                             e.proxy_port.to_string()
                         },
+                        e.packets.to_string(),
+                        e.bytes.to_string(),
                         e.derived_from.join("\n"),
                     ]
                 })
@@ -418,6 +429,8 @@ async fn bpf(ch: Channel, cmd: BpfCommand, json: bool) -> anyhow::Result<ExitCod
                     "IDENTITY / LABELS",
                     "PORT/PROTO",
                     "PROXY PORT",
+                    "PACKETS",
+                    "BYTES",
                     "FROM RULES",
                 ],
                 rows,

@@ -12,7 +12,7 @@
 //! is [`PolicyKey`] or [`IpcacheKey`]; aya's `lpm_trie::Key<K>` has exactly that layout.
 #![no_std]
 
-use core::mem::{offset_of, size_of};
+use core::mem::{align_of, offset_of, size_of};
 
 /// Map names, as the loader finds them in the object file and pins them.
 pub mod map_name {
@@ -25,9 +25,14 @@ pub mod map_name {
     /// ipcache LPM trie for prefixes shorter than a host address:
     /// [`IpcacheKey`](crate::IpcacheKey) → [`IpcacheValue`](crate::IpcacheValue).
     pub const IPCACHE: &str = "WEIR_IPCACHE";
-    /// ipcache hash for host addresses (/32, /128: pods, nodes, learned DNS answers), consulted
+    /// ipcache hash for IPv6 host addresses (/128: pods, nodes, learned DNS answers), consulted
     /// first: [`IpcacheKey`](crate::IpcacheKey) → [`IpcacheValue`](crate::IpcacheValue).
     pub const IPCACHE_HOSTS: &str = "WEIR_IPCACHE_HOSTS";
+    /// ipcache hash for IPv4 host addresses (/32), consulted first, with the compact key
+    /// (hashing 4 bytes instead of 20 is a measurable part of a new connection's cost): the
+    /// address's 4 bytes as in the packet, read as a native-order `u32` →
+    /// [`IpcacheValue`](crate::IpcacheValue).
+    pub const IPCACHE_HOSTS4: &str = "WEIR_HOSTS4";
     /// Endpoint hash: ifindex (`u32`) → [`EndpointInfo`](crate::EndpointInfo).
     pub const ENDPOINTS: &str = "WEIR_ENDPOINTS";
     /// Conntrack LRU hash for IPv6: [`CtKey`](crate::CtKey) → [`CtEntry`](crate::CtEntry).
@@ -253,7 +258,16 @@ pub struct PolicyKey {
     pub dport_be: u16,
 }
 
-/// Policy LPM trie value.
+/// Policy map value (both policy maps).
+///
+/// `packets` and `bytes` count the packets whose policy decision this entry made (allowed or
+/// redirected new connections, denied packets), on the policy path only, so packets of
+/// established connections (conntrack hits) are not counted. Entries of the exact hash are
+/// counted with atomic adds; entries of the LPM trie with plain adds (a trie value follows the
+/// 12-byte key in the kernel's node, 4 bytes off 8-byte alignment, where an atomic could
+/// straddle a cache line), so their counts can miss increments when several CPUs decide by
+/// the same entry at once. Userspace writes them as zero; rewriting an entry restarts its
+/// counts.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct PolicyValue {
@@ -269,6 +283,12 @@ pub struct PolicyValue {
     pub pad: [u8; 3],
     /// Opaque rule cookie for policy logs.
     pub cookie: u32,
+    /// Zero.
+    pub pad2: u32,
+    /// Packets this entry decided (see the type's documentation).
+    pub packets: u64,
+    /// Bytes (`skb->len`) of those packets.
+    pub bytes: u64,
 }
 
 /// Data part of an ipcache LPM trie key. The prefix covers `family` and `pad` (32 bits) and then
@@ -454,10 +474,14 @@ const _: () = {
     assert!(offset_of!(PolicyKey, direction) == 8);
     assert!(offset_of!(PolicyKey, protocol) == 9);
     assert!(offset_of!(PolicyKey, dport_be) == 10);
-    assert!(size_of::<PolicyValue>() == 12);
+    assert!(size_of::<PolicyValue>() == 32);
+    assert!(align_of::<PolicyValue>() == 8);
     assert!(offset_of!(PolicyValue, proxy_port_be) == 2);
     assert!(offset_of!(PolicyValue, prefix_len) == 4);
     assert!(offset_of!(PolicyValue, cookie) == 8);
+    assert!(offset_of!(PolicyValue, pad2) == 12);
+    assert!(offset_of!(PolicyValue, packets) == 16);
+    assert!(offset_of!(PolicyValue, bytes) == 24);
     assert!(size_of::<IpcacheKey>() == 20);
     assert!(offset_of!(IpcacheKey, addr) == 4);
     assert!(size_of::<IpcacheValue>() == 24);

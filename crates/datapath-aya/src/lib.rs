@@ -12,8 +12,8 @@
 //! Choices worth knowing:
 //! * Lookups cost the same at any map size: exact (protocol+port) and L3-only policy entries
 //!   live in a hash (`WEIR_POLICY_EXACT`), only partial port prefixes in the LPM trie; host
-//!   addresses of the ipcache live in a hash (`WEIR_IPCACHE_HOSTS`), shorter prefixes in the
-//!   trie. Each lookup takes the hash first (its answer is the longest possible match).
+//!   addresses of the ipcache live in hashes (`WEIR_HOSTS4` with a 4-byte key for IPv4,
+//!   `WEIR_IPCACHE_HOSTS` for IPv6), shorter prefixes in the trie. Each lookup takes the hash first (its answer is the longest possible match).
 //! * Headers are read straight from the linear packet data when they are there, through
 //!   `bpf_skb_load_bytes` otherwise; a pure TCP SYN skips the reply conntrack lookup; a full
 //!   event ring is detected before reserving (the lost event is counted).

@@ -18,6 +18,7 @@ use weir_datapath::encode::{self, PolicySlot};
 use weir_datapath::policy_flags::PolicyFlags;
 use weir_datapath::{
     Counters, CtRecord, Datapath, DatapathError, DatapathEvent, EndpointAttachment, EndpointId,
+    InstalledPolicyEntry,
 };
 use weir_datapath_abi as abi;
 use weir_identity::Identity;
@@ -75,6 +76,7 @@ pub struct AyaDatapath {
     policy_exact: HashMap<MapData, abi::PolicyKey, abi::PolicyValue>,
     ipcache: LpmTrie<MapData, abi::IpcacheKey, abi::IpcacheValue>,
     ipcache_hosts: HashMap<MapData, abi::IpcacheKey, abi::IpcacheValue>,
+    ipcache_hosts4: HashMap<MapData, u32, abi::IpcacheValue>,
     endpoints: HashMap<MapData, u32, abi::EndpointInfo>,
     conntrack: HashMap<MapData, abi::CtKey, abi::CtEntry>,
     conntrack4: HashMap<MapData, abi::CtKey4, abi::CtEntry>,
@@ -137,6 +139,8 @@ impl AyaDatapath {
             .map_err(|e| load_err("ipcache map", e))?;
         let ipcache_hosts = HashMap::try_from(take(abi::map_name::IPCACHE_HOSTS)?)
             .map_err(|e| load_err("ipcache host map", e))?;
+        let ipcache_hosts4 = HashMap::try_from(take(abi::map_name::IPCACHE_HOSTS4)?)
+            .map_err(|e| load_err("ipcache IPv4 host map", e))?;
         let endpoints = HashMap::try_from(take(abi::map_name::ENDPOINTS)?)
             .map_err(|e| load_err("endpoint map", e))?;
         let conntrack = HashMap::try_from(take(abi::map_name::CONNTRACK)?)
@@ -154,6 +158,7 @@ impl AyaDatapath {
             policy_exact,
             ipcache,
             ipcache_hosts,
+            ipcache_hosts4,
             endpoints,
             conntrack,
             conntrack4,
@@ -170,13 +175,15 @@ impl AyaDatapath {
     /// endpoint's flags from it: a previous process's flags are not trusted.
     fn resync_flags(&mut self) -> Result<(), DatapathError> {
         let mut flags = PolicyFlags::new();
-        for k in self.policy.keys() {
-            let k = k.map_err(|e| be("policy map iterate", e))?;
-            flags.insert(PolicySlot::Trie(k.prefix_len(), k.data()));
+        // With the values: an upsert of an entry the kernel already holds as it is keeps its
+        // counters.
+        for item in self.policy.iter() {
+            let (k, v) = item.map_err(|e| be("policy map iterate", e))?;
+            flags.insert_value(PolicySlot::Trie(k.prefix_len(), k.data()), &v);
         }
-        for k in self.policy_exact.keys() {
-            let k = k.map_err(|e| be("exact policy map iterate", e))?;
-            flags.insert(PolicySlot::Exact(k));
+        for item in self.policy_exact.iter() {
+            let (k, v) = item.map_err(|e| be("exact policy map iterate", e))?;
+            flags.insert_value(PolicySlot::Exact(k), &v);
         }
         self.flags = flags;
         let stale: Vec<(u32, abi::EndpointInfo)> = self
@@ -198,6 +205,40 @@ impl AyaDatapath {
     }
 
     /// Writes `flags` into every endpoint map entry of `endpoint_id`.
+    /// Writes policy upserts: exact entries (most of a policy) in one batched system call,
+    /// trie entries one by one (the trie has no batch operations).
+    fn write_policy_upserts(
+        &mut self,
+        ups: &[(PolicySlot, abi::PolicyValue)],
+    ) -> Result<(), DatapathError> {
+        let mut exact_keys = Vec::with_capacity(ups.len());
+        let mut exact_values = Vec::with_capacity(ups.len());
+        for (slot, v) in ups {
+            if let PolicySlot::Exact(k) = slot {
+                exact_keys.push(*k);
+                exact_values.push(*v);
+            }
+        }
+        // SAFETY: the exact policy map's key and value types are these ABI structs.
+        unsafe {
+            batch::update_batch(
+                self.policy_exact.map().fd().as_fd(),
+                &exact_keys,
+                &exact_values,
+            )
+        }
+        .map_err(|e| be("exact policy map insert", e))?;
+        for (slot, v) in ups {
+            let PolicySlot::Trie(p, k) = slot else {
+                continue;
+            };
+            self.policy
+                .insert(&Key::new(*p, *k), *v, 0)
+                .map_err(|e| be("policy map insert", e))?;
+        }
+        Ok(())
+    }
+
     fn write_endpoint_flags(&mut self, endpoint_id: u32, flags: u32) -> Result<(), DatapathError> {
         let targets: Vec<(u32, abi::EndpointInfo)> = self
             .endpoints
@@ -305,6 +346,12 @@ impl AyaDatapath {
         self.flags.purge(endpoint.0);
         Ok(())
     }
+}
+
+/// The key of an IPv4 host address in the compact host map, if `prefix` is one (the map's key
+/// is the address's bytes read as a native-order `u32`).
+fn host4(prefix: &IpNet) -> Option<u32> {
+    encode::ipcache_host4_key(prefix).map(u32::from_ne_bytes)
 }
 
 fn ifindex(ifname: &str) -> Result<u32, DatapathError> {
@@ -422,40 +469,23 @@ impl Datapath for AyaDatapath {
         }
         // Flags first rise to cover the upserts, and fall only after the removals (see
         // weir_datapath::policy_flags): at no point does a packet skip a lookup it needs.
+        // Upserts of entries the kernel holds as they are are dropped: rewriting them would
+        // restart their counters.
         let before = self.flags.flags(endpoint.0);
-        for (slot, _) in &ups {
-            self.flags.insert(*slot);
-        }
+        ups.retain(|(slot, v)| !self.flags.insert_value(*slot, v));
         let during = self.flags.flags(endpoint.0);
-        if during != before {
-            self.write_endpoint_flags(endpoint.0, during)?;
+        let written = if during != before {
+            self.write_endpoint_flags(endpoint.0, during)
+        } else {
+            Ok(())
         }
-        // Exact entries (most of a policy) are written in one batched system call and removed
-        // in another; the trie has no batch operations.
-        let mut exact_keys = Vec::with_capacity(ups.len());
-        let mut exact_values = Vec::with_capacity(ups.len());
-        for (slot, v) in &ups {
-            if let PolicySlot::Exact(k) = slot {
-                exact_keys.push(*k);
-                exact_values.push(*v);
+        .and_then(|()| self.write_policy_upserts(&ups));
+        if let Err(e) = written {
+            // The kernel may not hold what was recorded: the next upsert must write.
+            for (slot, _) in &ups {
+                self.flags.forget_value(slot);
             }
-        }
-        // SAFETY: the exact policy map's key and value types are these ABI structs.
-        unsafe {
-            batch::update_batch(
-                self.policy_exact.map().fd().as_fd(),
-                &exact_keys,
-                &exact_values,
-            )
-        }
-        .map_err(|e| be("exact policy map insert", e))?;
-        for (slot, v) in &ups {
-            let PolicySlot::Trie(p, k) = slot else {
-                continue;
-            };
-            self.policy
-                .insert(&Key::new(*p, *k), *v, 0)
-                .map_err(|e| be("policy map insert", e))?;
+            return Err(e);
         }
         let exact_removals: Vec<abi::PolicyKey> = rems
             .iter()
@@ -492,7 +522,11 @@ impl Datapath for AyaDatapath {
         };
         // Host addresses go to the hash (a /32 or /128 is always the longest match); the rest
         // to the trie.
-        if prefix.prefix_len() == prefix.max_prefix_len() {
+        if let Some(a) = host4(&prefix) {
+            self.ipcache_hosts4
+                .insert(a, v, 0)
+                .map_err(|e| be("ipcache host insert", e))
+        } else if prefix.prefix_len() == prefix.max_prefix_len() {
             self.ipcache_hosts
                 .insert(data, v, 0)
                 .map_err(|e| be("ipcache host insert", e))
@@ -506,7 +540,9 @@ impl Datapath for AyaDatapath {
     fn remove_ipcache(&mut self, prefix: IpNet) -> Result<(), DatapathError> {
         let prefix = prefix.trunc();
         let (p, data) = encode::ipcache_key(&prefix);
-        let r = if prefix.prefix_len() == prefix.max_prefix_len() {
+        let r = if let Some(a) = host4(&prefix) {
+            self.ipcache_hosts4.remove(&a)
+        } else if prefix.prefix_len() == prefix.max_prefix_len() {
             self.ipcache_hosts.remove(&data)
         } else {
             self.ipcache.remove(&Key::new(p, data))
@@ -521,19 +557,30 @@ impl Datapath for AyaDatapath {
         &self,
         endpoint: EndpointId,
     ) -> Result<BTreeMap<PolicyKey, EntryAction>, DatapathError> {
+        Ok(self
+            .dump_policy_entries(endpoint)?
+            .into_iter()
+            .map(|(k, e)| (k, e.action))
+            .collect())
+    }
+
+    fn dump_policy_entries(
+        &self,
+        endpoint: EndpointId,
+    ) -> Result<BTreeMap<PolicyKey, InstalledPolicyEntry>, DatapathError> {
         let mut out = BTreeMap::new();
         for item in self.policy.iter() {
             let (k, v) = item.map_err(|e| be("policy map iterate", e))?;
             let (ep, key) = encode::policy_key_from_abi(k.prefix_len(), &k.data());
             if ep == endpoint {
-                out.insert(key, encode::policy_action_from_abi(&v));
+                out.insert(key, encode::policy_entry_from_abi(&v));
             }
         }
         for item in self.policy_exact.iter() {
             let (k, v) = item.map_err(|e| be("exact policy map iterate", e))?;
             let (ep, key) = encode::policy_exact_key_from_abi(&k);
             if ep == endpoint {
-                out.insert(key, encode::policy_action_from_abi(&v));
+                out.insert(key, encode::policy_entry_from_abi(&v));
             }
         }
         Ok(out)
@@ -546,6 +593,11 @@ impl Datapath for AyaDatapath {
             if let Some(net) = encode::ipcache_key_from_abi(k.prefix_len(), &k.data()) {
                 out.push((net, Identity(v.identity)));
             }
+        }
+        for item in self.ipcache_hosts4.iter() {
+            let (k, v) = item.map_err(|e| be("ipcache IPv4 host iterate", e))?;
+            let a = std::net::Ipv4Addr::from(k.to_ne_bytes());
+            out.push((IpNet::from(std::net::IpAddr::V4(a)), Identity(v.identity)));
         }
         for item in self.ipcache_hosts.iter() {
             let (k, v) = item.map_err(|e| be("ipcache host iterate", e))?;

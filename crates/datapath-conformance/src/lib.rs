@@ -88,6 +88,10 @@ macro_rules! suite {
             $crate::table::policy_dump_round_trips::<$b>()
         }
         #[test]
+        fn policy_entry_counters() {
+            $crate::table::policy_entry_counters::<$b>()
+        }
+        #[test]
         fn failed_redirect_leaves_no_fragment_record() {
             $crate::table::failed_redirect_leaves_no_fragment_record::<$b>()
         }

@@ -532,6 +532,13 @@ pub fn policy_dump_round_trips<B: Backend>() {
         ipc.contains(&("10.0.1.0/24".parse().unwrap(), Identity(300))),
         "{ipc:?}"
     );
+    // IPv4 host addresses live in their own compact map: listed and removed like the rest.
+    let host: ipnet::IpNet = "10.0.0.1/32".parse().unwrap();
+    assert!(ipc.contains(&(host, Identity(1000))), "{ipc:?}");
+    dp.remove_ipcache(host).unwrap();
+    let ipc = dp.list_ipcache().unwrap();
+    assert!(!ipc.iter().any(|(n, _)| *n == host), "{ipc:?}");
+    dp.upsert_ipcache(host, Identity(1000)).unwrap();
     // Removals of entries that are not there are no error (exact entries are deleted in one
     // batch, which stops at a missing key), and the ones around them still go.
     install(&mut dp, 1, &m);
@@ -581,4 +588,127 @@ pub fn failed_redirect_leaves_no_fragment_record<B: Backend>() {
         id: 77,
     });
     check::<B>(&dp, &m, from, &later, Verdict::Drop { reason: 175 }, None);
+}
+
+/// The packet and byte counters of policy entries: the entry whose decision a packet got
+/// counts it (the one the compiler's `decide` names), no other entry does, established
+/// packets are not counted, and upserts that leave an entry as it is keep its counts while a
+/// changed entry starts again from zero.
+/// Conformance test `policy_entry_counters`.
+pub fn policy_entry_counters<B: Backend>() {
+    if skip("policy_entry_counters") {
+        return;
+    }
+    let m = map(&[
+        (key(300, Ingress, 6, 80, 24), EntryAction::Allow),
+        (key(0, Ingress, 6, 80, 24), EntryAction::Allow), // ties go to the entry of 300
+        (key(300, Ingress, 6, 22, 24), EntryAction::Deny),
+        (key(0, Ingress, 6, 23, 24), EntryAction::Deny), // deny on ANY wins over 300's allow
+        (key(300, Ingress, 6, 23, 24), EntryAction::Allow),
+        (key(0, Ingress, 6, 0x2000, 21), EntryAction::Allow), // 8192..=8199 (the trie)
+        (key(300, Ingress, 17, 0, 8), EntryAction::Allow),    // all UDP from 300 (the trie)
+        (key(300, Ingress, 6, 443, 24), EntryAction::Allow),  // never used
+        (key(300, Egress, 0, 0, 0), EntryAction::Allow),      // L3 only
+    ]);
+    let (fs, mut dp) = setup::<B>(&m);
+    let ep = weir_datapath::EndpointId(1);
+    let tcp = |src: &str, sport: u16, dport: u16, flags: u8| {
+        PacketSpec::tcp(ip(src), ip(POD), sport, dport, flags)
+    };
+    let flow = |remote: u32, direction, protocol: u8, port: u16| Flow {
+        remote: Identity(remote),
+        direction,
+        protocol,
+        port,
+    };
+    // (packet, hook, flow it opens or None for a conntrack hit, payload of the tcp packet).
+    let sends: Vec<(PacketSpec, Hook, Option<Flow>)> = vec![
+        (
+            tcp(PEER, 1000, 80, 0x02),
+            Hook::ToPod,
+            Some(flow(300, Ingress, 6, 80)),
+        ),
+        // Established: conntrack, no policy decision, not counted.
+        (tcp(PEER, 1000, 80, 0x10), Hook::ToPod, None),
+        (
+            tcp(PEER, 1001, 80, 0x02),
+            Hook::ToPod,
+            Some(flow(300, Ingress, 6, 80)),
+        ),
+        (
+            tcp(PEER, 1002, 22, 0x02),
+            Hook::ToPod,
+            Some(flow(300, Ingress, 6, 22)),
+        ),
+        (
+            tcp(PEER, 1002, 22, 0x02),
+            Hook::ToPod,
+            Some(flow(300, Ingress, 6, 22)),
+        ),
+        (
+            tcp(PEER, 1003, 23, 0x02),
+            Hook::ToPod,
+            Some(flow(300, Ingress, 6, 23)),
+        ),
+        (
+            tcp(WORLD_ADDR, 1004, 8195, 0x02),
+            Hook::ToPod,
+            Some(flow(2, Ingress, 6, 8195)),
+        ),
+        (
+            PacketSpec::udp(ip(PEER), ip(POD), 1005, 5353),
+            Hook::ToPod,
+            Some(flow(300, Ingress, 17, 5353)),
+        ),
+        // Default deny: no entry to count.
+        (
+            tcp(PEER, 1006, 81, 0x02),
+            Hook::ToPod,
+            Some(flow(300, Ingress, 6, 81)),
+        ),
+        (
+            PacketSpec::tcp(ip(POD), ip(PEER), 1007, 9999, 0x02),
+            Hook::FromPod,
+            Some(flow(300, Egress, 6, 9999)),
+        ),
+    ];
+    let mut want: std::collections::BTreeMap<weir_policy_compiler::PolicyKey, (u64, u64)> =
+        m.entries.keys().map(|k| (*k, (0, 0))).collect();
+    for (spec, hook, f) in &sends {
+        let frame = spec.build();
+        B::test_run(&dp, *hook, &frame, 1).unwrap();
+        if let Some(k) = f.and_then(|f| weir_policy_compiler::decide(&m, &f).key) {
+            let c = want.get_mut(&k).expect("decide names an entry of the map");
+            c.0 += 1;
+            c.1 += frame.len() as u64;
+        }
+    }
+    let got = |dp: &B::Dp| -> std::collections::BTreeMap<_, _> {
+        dp.dump_policy_entries(ep)
+            .unwrap()
+            .into_iter()
+            .map(|(k, e)| (k, (e.packets, e.bytes)))
+            .collect()
+    };
+    assert_eq!(got(&dp), want, "{}", B::NAME);
+    // Both ports-80 entries matched the first packet; only the deciding one counted it.
+    assert_eq!(want[&key(300, Ingress, 6, 80, 24)].0, 2);
+    assert_eq!(want[&key(0, Ingress, 6, 80, 24)].0, 0);
+    assert_eq!(want[&key(0, Ingress, 6, 23, 24)].0, 1);
+
+    // Upserting every entry again as it is keeps the counts.
+    install(&mut dp, 1, &m);
+    assert_eq!(got(&dp), want, "{}: after an unchanged upsert", B::NAME);
+    // So does a reload over the same pins (the new process learns what the maps hold).
+    drop(dp);
+    let mut dp = B::load(&fs.pins()).unwrap_or_else(|e| panic!("reload {}: {e}", B::NAME));
+    install(&mut dp, 1, &m);
+    assert_eq!(got(&dp), want, "{}: after a reload", B::NAME);
+    // A changed entry starts from zero; the others keep theirs.
+    let mut changed = m.clone();
+    let deny22 = key(300, Ingress, 6, 22, 24);
+    changed.entries.insert(deny22, entry(EntryAction::Allow));
+    install(&mut dp, 1, &changed);
+    want.insert(deny22, (0, 0));
+    assert_eq!(got(&dp), want, "{}: after a change", B::NAME);
 }

@@ -30,6 +30,113 @@ use weir_policy_model::Direction;
 
 use aya_backend::Aya;
 use backend::Libbpf;
+use weir_datapath_libbpf::LibbpfDatapath;
+
+/// The libbpf programs built without the per-entry policy counters: the same-run baseline of
+/// what counting costs.
+struct LibbpfNoCounters;
+
+impl Backend for LibbpfNoCounters {
+    const NAME: &'static str = "libbpf without entry counters";
+    type Dp = LibbpfDatapath;
+
+    fn load(pin_dir: &std::path::Path) -> Result<LibbpfDatapath, String> {
+        LibbpfDatapath::load_without_entry_counters(pin_dir).map_err(|e| e.to_string())
+    }
+
+    fn register_ifindex(
+        dp: &mut LibbpfDatapath,
+        ifindex: u32,
+        info: weir_datapath_abi::EndpointInfo,
+    ) -> Result<(), weir_datapath::DatapathError> {
+        Libbpf::register_ifindex(dp, ifindex, info)
+    }
+
+    fn unregister_ifindex(
+        dp: &mut LibbpfDatapath,
+        ifindex: u32,
+    ) -> Result<(), weir_datapath::DatapathError> {
+        Libbpf::unregister_ifindex(dp, ifindex)
+    }
+
+    fn test_run(
+        dp: &LibbpfDatapath,
+        hook: Hook,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<weir_datapath_conformance::Outcome, weir_datapath::DatapathError> {
+        Libbpf::test_run(dp, hook, packet, repeat)
+    }
+}
+
+/// The port of the SYN a deny entry drops (every run is a policy decision that counts).
+const DENIED_BY_ENTRY_PORT: u16 = 82;
+
+/// What the per-entry counters cost: the libbpf programs with and without them, same maps
+/// (10k entries), interleaved rounds; a SYN dropped by a deny entry (counted on every run) and
+/// the default-deny SYN (no entry, nothing counted). Minimum ns per run.
+fn entry_counters_cost(p: &Packets, repeat: u32, rounds: u32) {
+    let mut with = Rig::<Libbpf>::new();
+    let mut without = Rig::<LibbpfNoCounters>::new();
+    let deny = PolicyEntry {
+        action: EntryAction::Deny,
+        derived_from: Default::default(),
+    };
+    let by_entry = PacketSpec::tcp(
+        IpAddr::V4(PEER),
+        IpAddr::V4(POD),
+        40_000,
+        DENIED_BY_ENTRY_PORT,
+        0x02,
+    )
+    .build();
+    for dp in [&mut with.dp, &mut without.dp] {
+        dp.apply_policy_diff(
+            EndpointId(1),
+            &MapStateDiff {
+                upserts: vec![(key(300, DENIED_BY_ENTRY_PORT), deny.clone())],
+                removals: vec![],
+            },
+        )
+        .unwrap_or_else(|e| fail("deny entry", e));
+    }
+    with.grow(10_000);
+    without.grow(10_000);
+    // [deny entry, default deny] samples, with and without the counters.
+    let (mut w, mut wo) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for r in 0..rounds {
+        for counting in [r % 2 == 0, r % 2 != 0] {
+            for (i, pkt) in [&by_entry, &p.denied].into_iter().enumerate() {
+                let (ns, out) = if counting {
+                    (with.ns(Hook::ToPod, pkt, repeat), &mut w)
+                } else {
+                    (without.ns(Hook::ToPod, pkt, repeat), &mut wo)
+                };
+                if let Some(v) = out.get_mut(i) {
+                    v.push(ns);
+                }
+            }
+        }
+    }
+    let counted = with
+        .dp
+        .dump_policy_entries(EndpointId(1))
+        .ok()
+        .and_then(|m| m.get(&key(300, DENIED_BY_ENTRY_PORT)).map(|e| e.packets))
+        .unwrap_or_default();
+    println!(
+        "# per-entry counters, libbpf, 10k entries, ns/packet, minimum of {rounds} interleaved \
+         rounds (the deny entry counted {counted} packets)"
+    );
+    println!("packet | with counters | without | with / without");
+    for (i, name) in ["SYN dropped by a deny entry", "SYN dropped by default deny"]
+        .iter()
+        .enumerate()
+    {
+        let (a, b) = (min(&w[i]), min(&wo[i]));
+        println!("{name} | {a:.0} | {b:.0} | {:.3}x", a / b);
+    }
+}
 
 const IPCACHE_PREFIXES: u32 = 100_000;
 const SIZES: [u32; 4] = [1, 1_000, 10_000, 65_536];
@@ -312,6 +419,8 @@ fn main() {
             c.map(|c| c.events_lost).unwrap_or_default()
         );
     }
+
+    entry_counters_cost(&p, repeat, rounds);
 
     // 16k-entry diff to a fresh endpoint and back, interleaved like the verdict rounds.
     let (mut da, mut dl) = (Vec::new(), Vec::new());

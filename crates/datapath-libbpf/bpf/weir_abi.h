@@ -107,6 +107,10 @@ struct weir_policy_value {
 	__u8 prefix_len;
 	__u8 pad[3];
 	__u32 cookie;
+	__u32 pad2;
+	/* Packets and bytes this entry decided; the programs add atomically. */
+	__u64 packets;
+	__u64 bytes;
 };
 
 struct weir_ipcache_key {
@@ -207,7 +211,7 @@ struct weir_ipcache_lpm_key {
 };
 
 _Static_assert(sizeof(struct weir_policy_key) == 12, "policy key");
-_Static_assert(sizeof(struct weir_policy_value) == 12, "policy value");
+_Static_assert(sizeof(struct weir_policy_value) == 32, "policy value");
 _Static_assert(sizeof(struct weir_ipcache_key) == 20, "ipcache key");
 _Static_assert(sizeof(struct weir_ipcache_value) == 24, "ipcache value");
 _Static_assert(sizeof(struct weir_endpoint_info) == 12, "endpoint info");

@@ -65,7 +65,7 @@ fn field_size<S, F>(_: impl Fn(&S) -> &F) -> usize {
 fn rust_side() -> BTreeMap<String, u64> {
     let structs = [
         layout!(PolicyKey; endpoint_id, identity, direction, protocol, dport_be),
-        layout!(PolicyValue; action, priority, proxy_port_be, prefix_len, pad, cookie),
+        layout!(PolicyValue; action, priority, proxy_port_be, prefix_len, pad, cookie, pad2, packets, bytes),
         layout!(IpcacheKey; family, pad, addr),
         layout!(IpcacheValue; identity, tunnel_endpoint, encrypt_key, flags, pad),
         layout!(EndpointInfo; endpoint_id, identity, flags),

@@ -30,3 +30,8 @@ pub(crate) struct Aligned<T: ?Sized>(pub T);
 /// The compiled eBPF object, built by `build.rs`.
 pub(crate) static EBPF_OBJECT: &Aligned<[u8]> =
     &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/weir.bpf.o")));
+
+/// The same programs without the per-entry policy counters (benchmark baseline only).
+pub(crate) static EBPF_OBJECT_NO_ENTRY_COUNTERS: &Aligned<[u8]> = &Aligned(*include_bytes!(
+    concat!(env!("OUT_DIR"), "/weir-no-entry-counters.bpf.o")
+));

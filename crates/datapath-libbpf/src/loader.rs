@@ -17,13 +17,14 @@ use weir_datapath::encode::{self, PolicySlot};
 use weir_datapath::policy_flags::PolicyFlags;
 use weir_datapath::{
     Counters, CtRecord, Datapath, DatapathError, DatapathEvent, EndpointAttachment, EndpointId,
+    InstalledPolicyEntry,
 };
 use weir_datapath_abi as abi;
 use weir_identity::Identity;
 use weir_policy_compiler::{EntryAction, MapStateDiff, PolicyKey};
 
-use crate::EBPF_OBJECT;
 use crate::bytes::{bytes, lpm_key, read, split_lpm_key};
+use crate::{EBPF_OBJECT, EBPF_OBJECT_NO_ENTRY_COUNTERS};
 
 /// tc filter priority and handle of our filters (fixed, so a later process finds them).
 const FILTER_PRIORITY: u32 = 1;
@@ -72,6 +73,7 @@ pub struct LibbpfDatapath {
     policy_exact: MapHandle,
     ipcache: MapHandle,
     ipcache_hosts: MapHandle,
+    ipcache_hosts4: MapHandle,
     endpoints: MapHandle,
     conntrack: MapHandle,
     conntrack4: MapHandle,
@@ -111,12 +113,23 @@ impl LibbpfDatapath {
     /// reopening the ones a previous process pinned there, and pins the programs there too.
     /// Enforcement already attached by a previous process keeps running throughout.
     pub fn load(pin_dir: &Path) -> Result<Self, LoadError> {
+        Self::load_object(pin_dir, &EBPF_OBJECT.0)
+    }
+
+    /// As [`LibbpfDatapath::load`], with programs built without the per-entry policy
+    /// counters: for benchmarks that measure what counting costs, never for enforcement.
+    #[doc(hidden)]
+    pub fn load_without_entry_counters(pin_dir: &Path) -> Result<Self, LoadError> {
+        Self::load_object(pin_dir, &EBPF_OBJECT_NO_ENTRY_COUNTERS.0)
+    }
+
+    fn load_object(pin_dir: &Path, object: &[u8]) -> Result<Self, LoadError> {
         std::fs::create_dir_all(pin_dir).map_err(|source| LoadError::PinDir {
             path: pin_dir.to_path_buf(),
             source,
         })?;
         let mut open = ObjectBuilder::default()
-            .open_memory(&EBPF_OBJECT.0)
+            .open_memory(object)
             .map_err(|e| load_err("eBPF object", e))?;
         // libbpf reuses a map already pinned at its pin path (after checking that its type,
         // sizes and flags match) and pins the ones it creates.
@@ -166,6 +179,7 @@ impl LibbpfDatapath {
             policy_exact: map_handle(&obj, abi::map_name::POLICY_EXACT)?,
             ipcache: map_handle(&obj, abi::map_name::IPCACHE)?,
             ipcache_hosts: map_handle(&obj, abi::map_name::IPCACHE_HOSTS)?,
+            ipcache_hosts4: map_handle(&obj, abi::map_name::IPCACHE_HOSTS4)?,
             endpoints: map_handle(&obj, abi::map_name::ENDPOINTS)?,
             conntrack: map_handle(&obj, abi::map_name::CONNTRACK)?,
             conntrack4: map_handle(&obj, abi::map_name::CONNTRACK4)?,
@@ -185,14 +199,19 @@ impl LibbpfDatapath {
     /// endpoint's flags from it: a previous process's flags are not trusted.
     fn resync_flags(&mut self) -> Result<(), DatapathError> {
         let mut flags = PolicyFlags::new();
-        for k in self.policy.keys() {
-            if let Some((p, d)) = split_lpm_key::<abi::PolicyKey>(&k) {
-                flags.insert(PolicySlot::Trie(p, d));
+        // With the values: an upsert of an entry the kernel already holds as it is keeps its
+        // counters.
+        for (k, v) in entries(&self.policy)? {
+            if let (Some((p, d)), Some(v)) = (
+                split_lpm_key::<abi::PolicyKey>(&k),
+                read::<abi::PolicyValue>(&v),
+            ) {
+                flags.insert_value(PolicySlot::Trie(p, d), &v);
             }
         }
-        for k in self.policy_exact.keys() {
-            if let Some(d) = read::<abi::PolicyKey>(&k) {
-                flags.insert(PolicySlot::Exact(d));
+        for (k, v) in entries(&self.policy_exact)? {
+            if let (Some(d), Some(v)) = (read::<abi::PolicyKey>(&k), read::<abi::PolicyValue>(&v)) {
+                flags.insert_value(PolicySlot::Exact(d), &v);
             }
         }
         self.flags = flags;
@@ -225,6 +244,34 @@ impl LibbpfDatapath {
                     .update(&k, bytes(&info), MapFlags::ANY)
                     .map_err(|e| be("endpoint map update", e))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Writes policy upserts: exact entries (most of a policy) in one batched system call,
+    /// trie entries one by one (the trie has no batch operations).
+    fn write_policy_upserts(
+        &self,
+        ups: &[(PolicySlot, abi::PolicyValue)],
+    ) -> Result<(), DatapathError> {
+        let mut exact_keys = Vec::with_capacity(ups.len());
+        let mut exact_values = Vec::with_capacity(ups.len());
+        for (slot, v) in ups {
+            if let PolicySlot::Exact(k) = slot {
+                exact_keys.push(*k);
+                exact_values.push(*v);
+            }
+        }
+        // SAFETY: the exact policy map's key and value types are these ABI structs.
+        unsafe { batch::update_batch(self.policy_exact.as_fd(), &exact_keys, &exact_values) }
+            .map_err(|e| be("exact policy map insert", e))?;
+        for (slot, v) in ups {
+            let PolicySlot::Trie(p, k) = slot else {
+                continue;
+            };
+            self.policy
+                .update(&lpm_key(*p, k), bytes(v), MapFlags::ANY)
+                .map_err(|e| be("policy map insert", e))?;
         }
         Ok(())
     }
@@ -430,34 +477,23 @@ impl Datapath for LibbpfDatapath {
         }
         // Flags first rise to cover the upserts, and fall only after the removals (see
         // weir_datapath::policy_flags): at no point does a packet skip a lookup it needs.
+        // Upserts of entries the kernel holds as they are are dropped: rewriting them would
+        // restart their counters.
         let before = self.flags.flags(endpoint.0);
-        for (slot, _) in &ups {
-            self.flags.insert(*slot);
-        }
+        ups.retain(|(slot, v)| !self.flags.insert_value(*slot, v));
         let during = self.flags.flags(endpoint.0);
-        if during != before {
-            self.write_endpoint_flags(endpoint.0, during)?;
+        let written = if during != before {
+            self.write_endpoint_flags(endpoint.0, during)
+        } else {
+            Ok(())
         }
-        // Exact entries (most of a policy) are written in one batched system call and removed
-        // in another; the trie has no batch operations.
-        let mut exact_keys = Vec::with_capacity(ups.len());
-        let mut exact_values = Vec::with_capacity(ups.len());
-        for (slot, v) in &ups {
-            if let PolicySlot::Exact(k) = slot {
-                exact_keys.push(*k);
-                exact_values.push(*v);
+        .and_then(|()| self.write_policy_upserts(&ups));
+        if let Err(e) = written {
+            // The kernel may not hold what was recorded: the next upsert must write.
+            for (slot, _) in &ups {
+                self.flags.forget_value(slot);
             }
-        }
-        // SAFETY: the exact policy map's key and value types are these ABI structs.
-        unsafe { batch::update_batch(self.policy_exact.as_fd(), &exact_keys, &exact_values) }
-            .map_err(|e| be("exact policy map insert", e))?;
-        for (slot, v) in &ups {
-            let PolicySlot::Trie(p, k) = slot else {
-                continue;
-            };
-            self.policy
-                .update(&lpm_key(*p, k), bytes(v), MapFlags::ANY)
-                .map_err(|e| be("policy map insert", e))?;
+            return Err(e);
         }
         let exact_removals: Vec<abi::PolicyKey> = rems
             .iter()
@@ -491,7 +527,11 @@ impl Datapath for LibbpfDatapath {
         };
         // Host addresses go to the hash (a /32 or /128 is always the longest match); the rest
         // to the trie.
-        if prefix.prefix_len() == prefix.max_prefix_len() {
+        if let Some(a) = encode::ipcache_host4_key(&prefix) {
+            self.ipcache_hosts4
+                .update(&a, bytes(&v), MapFlags::ANY)
+                .map_err(|e| be("ipcache host insert", e))
+        } else if prefix.prefix_len() == prefix.max_prefix_len() {
             self.ipcache_hosts
                 .update(bytes(&data), bytes(&v), MapFlags::ANY)
                 .map_err(|e| be("ipcache host insert", e))
@@ -505,7 +545,9 @@ impl Datapath for LibbpfDatapath {
     fn remove_ipcache(&mut self, prefix: IpNet) -> Result<(), DatapathError> {
         let prefix = prefix.trunc();
         let (p, data) = encode::ipcache_key(&prefix);
-        if prefix.prefix_len() == prefix.max_prefix_len() {
+        if let Some(a) = encode::ipcache_host4_key(&prefix) {
+            delete(&self.ipcache_hosts4, &a, "ipcache remove")
+        } else if prefix.prefix_len() == prefix.max_prefix_len() {
             delete(&self.ipcache_hosts, bytes(&data), "ipcache remove")
         } else {
             delete(&self.ipcache, &lpm_key(p, &data), "ipcache remove")
@@ -516,6 +558,17 @@ impl Datapath for LibbpfDatapath {
         &self,
         endpoint: EndpointId,
     ) -> Result<BTreeMap<PolicyKey, EntryAction>, DatapathError> {
+        Ok(self
+            .dump_policy_entries(endpoint)?
+            .into_iter()
+            .map(|(k, e)| (k, e.action))
+            .collect())
+    }
+
+    fn dump_policy_entries(
+        &self,
+        endpoint: EndpointId,
+    ) -> Result<BTreeMap<PolicyKey, InstalledPolicyEntry>, DatapathError> {
         let mut out = BTreeMap::new();
         for (k, v) in entries(&self.policy)? {
             let (Some((p, data)), Some(v)) = (
@@ -526,7 +579,7 @@ impl Datapath for LibbpfDatapath {
             };
             let (ep, key) = encode::policy_key_from_abi(p, &data);
             if ep == endpoint {
-                out.insert(key, encode::policy_action_from_abi(&v));
+                out.insert(key, encode::policy_entry_from_abi(&v));
             }
         }
         for (k, v) in entries(&self.policy_exact)? {
@@ -536,7 +589,7 @@ impl Datapath for LibbpfDatapath {
             };
             let (ep, key) = encode::policy_exact_key_from_abi(&k);
             if ep == endpoint {
-                out.insert(key, encode::policy_action_from_abi(&v));
+                out.insert(key, encode::policy_entry_from_abi(&v));
             }
         }
         Ok(out)
@@ -551,6 +604,15 @@ impl Datapath for LibbpfDatapath {
             ) && let Some(net) = encode::ipcache_key_from_abi(p, &data)
             {
                 out.push((net, Identity(v.identity)));
+            }
+        }
+        for (k, v) in entries(&self.ipcache_hosts4)? {
+            if let (Ok(a), Some(v)) = (
+                <[u8; 4]>::try_from(k.as_slice()),
+                read::<abi::IpcacheValue>(&v),
+            ) {
+                let a = std::net::Ipv4Addr::from(a);
+                out.push((IpNet::from(std::net::IpAddr::V4(a)), Identity(v.identity)));
             }
         }
         for (k, v) in entries(&self.ipcache_hosts)? {

@@ -9,7 +9,7 @@ use weir_identity::Identity;
 use weir_policy_compiler::{EntryAction, PolicyKey};
 use weir_policy_model::Direction;
 
-use crate::{CtRecord, DatapathError, DatapathEvent, EndpointId, EventKind};
+use crate::{CtRecord, DatapathError, DatapathEvent, EndpointId, EventKind, InstalledPolicyEntry};
 
 /// ABI direction byte.
 pub fn direction_to_abi(d: Direction) -> u8 {
@@ -127,6 +127,9 @@ pub fn policy_value(action: &EntryAction, prefix_len: u8, cookie: u32) -> abi::P
         prefix_len,
         pad: [0; 3],
         cookie,
+        pad2: 0,
+        packets: 0,
+        bytes: 0,
     }
 }
 
@@ -139,6 +142,15 @@ pub fn policy_action_from_abi(v: &abi::PolicyValue) -> EntryAction {
             priority: v.priority,
         },
         _ => EntryAction::Deny,
+    }
+}
+
+/// Decodes an ABI value with its counters.
+pub fn policy_entry_from_abi(v: &abi::PolicyValue) -> InstalledPolicyEntry {
+    InstalledPolicyEntry {
+        action: policy_action_from_abi(v),
+        packets: v.packets,
+        bytes: v.bytes,
     }
 }
 
@@ -163,6 +175,15 @@ pub fn ipcache_key(prefix: &IpNet) -> (u32, abi::IpcacheKey) {
             addr,
         },
     )
+}
+
+/// The key of `prefix` in the IPv4 host map (`IPCACHE_HOSTS4`): the address's bytes as in
+/// the packet, when `prefix` is an IPv4 host address (/32); None for anything else.
+pub fn ipcache_host4_key(prefix: &IpNet) -> Option<[u8; 4]> {
+    match prefix {
+        IpNet::V4(n) if n.prefix_len() == 32 => Some(n.addr().octets()),
+        _ => None,
+    }
 }
 
 /// Decodes an ipcache trie key.

@@ -6,12 +6,14 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use weir_identity::{Identity, ReservedIdentity};
-use weir_policy_compiler::{EntryAction, Flow, MapState, MapStateDiff, PolicyEntry, PolicyKey};
+use weir_policy_compiler::{
+    EntryAction, Flow, MapState, MapStateDiff, PolicyEntry, PolicyKey, decide,
+};
 
 use crate::expected_verdict;
 use crate::{
     Counters, CtRecord, Datapath, DatapathError, DatapathEvent, EndpointAttachment, EndpointId,
-    Verdict,
+    InstalledPolicyEntry, Verdict,
 };
 
 /// In-memory [`Datapath`].
@@ -20,6 +22,8 @@ pub struct FakeDatapath {
     endpoints: BTreeMap<String, EndpointAttachment>,
     policy: BTreeMap<EndpointId, MapState>,
     ipcache: BTreeMap<IpNet, Identity>,
+    /// Packets and bytes decided by each entry (see [`FakeDatapath::count_packet`]).
+    entry_counts: BTreeMap<(EndpointId, PolicyKey), (u64, u64)>,
     /// Events the test wants `drain_events` to return.
     pub pending_events: Vec<DatapathEvent>,
 }
@@ -45,6 +49,19 @@ impl FakeDatapath {
             .unwrap_or(Identity::from(ReservedIdentity::World))
     }
 
+    /// Plays the kernel's part for the first packet of a new flow of `endpoint`, `bytes` long:
+    /// the entry that decides it counts the packet, as the kernel's counters do.
+    pub fn count_packet(&mut self, endpoint: EndpointId, flow: &Flow, bytes: u64) -> Verdict {
+        let empty = MapState::default();
+        let d = decide(self.policy.get(&endpoint).unwrap_or(&empty), flow);
+        if let Some(key) = d.key {
+            let c = self.entry_counts.entry((endpoint, key)).or_default();
+            c.0 = c.0.saturating_add(1);
+            c.1 = c.1.saturating_add(bytes);
+        }
+        d.verdict.into()
+    }
+
     /// The verdict the kernel would give a new flow of `endpoint`.
     pub fn verdict(&self, endpoint: EndpointId, flow: &Flow) -> Verdict {
         match self.policy.get(&endpoint) {
@@ -64,6 +81,8 @@ impl Datapath for FakeDatapath {
     fn detach_endpoint(&mut self, endpoint: &EndpointAttachment) -> Result<(), DatapathError> {
         self.endpoints.remove(&endpoint.ifname);
         self.policy.remove(&endpoint.endpoint_id);
+        let id = endpoint.endpoint_id;
+        self.entry_counts.retain(|(ep, _), _| *ep != id);
         Ok(())
     }
 
@@ -80,10 +99,17 @@ impl Datapath for FakeDatapath {
                     k.prefix_len
                 )));
             }
-            m.entries.insert(*k, e.clone());
+            // As the kernel backends: a changed action restarts the entry's counts.
+            if let Some(old) = m.entries.insert(*k, e.clone())
+                && old.action == e.action
+            {
+                continue;
+            }
+            self.entry_counts.remove(&(endpoint, *k));
         }
         for k in &diff.removals {
             m.entries.remove(k);
+            self.entry_counts.remove(&(endpoint, *k));
         }
         Ok(())
     }
@@ -112,6 +138,31 @@ impl Datapath for FakeDatapath {
             })
             .into_iter()
             .flatten()
+            .collect())
+    }
+
+    fn dump_policy_entries(
+        &self,
+        endpoint: EndpointId,
+    ) -> Result<BTreeMap<PolicyKey, InstalledPolicyEntry>, DatapathError> {
+        Ok(self
+            .dump_policy(endpoint)?
+            .into_iter()
+            .map(|(k, action)| {
+                let (packets, bytes) = self
+                    .entry_counts
+                    .get(&(endpoint, k))
+                    .copied()
+                    .unwrap_or_default();
+                (
+                    k,
+                    InstalledPolicyEntry {
+                        action,
+                        packets,
+                        bytes,
+                    },
+                )
+            })
             .collect())
     }
 
@@ -183,6 +234,24 @@ mod tests {
         };
         assert_eq!(dp.verdict(EndpointId(1), &flow), Verdict::Allow);
         assert_eq!(dp.dump_policy(EndpointId(1)).unwrap().len(), 1);
+        // The deciding entry counts; an unchanged upsert keeps the counts, a change resets.
+        assert_eq!(dp.count_packet(EndpointId(1), &flow, 60), Verdict::Allow);
+        let other = Flow { port: 81, ..flow };
+        assert_eq!(
+            dp.count_packet(EndpointId(1), &other, 60),
+            Verdict::Drop { reason: 133 }
+        );
+        let counts = |dp: &FakeDatapath| {
+            let e = dp.dump_policy_entries(EndpointId(1)).unwrap()[&key];
+            (e.packets, e.bytes)
+        };
+        assert_eq!(counts(&dp), (1, 60));
+        dp.apply_policy_diff(EndpointId(1), &diff).unwrap();
+        assert_eq!(counts(&dp), (1, 60));
+        let mut deny = diff.clone();
+        deny.upserts[0].1.action = EntryAction::Deny;
+        dp.apply_policy_diff(EndpointId(1), &deny).unwrap();
+        assert_eq!(counts(&dp), (0, 0));
         dp.detach_endpoint(&ep).unwrap();
         assert_eq!(
             dp.verdict(EndpointId(1), &flow),

@@ -57,6 +57,29 @@ pub trait Datapath {
         endpoint: EndpointId,
     ) -> Result<BTreeMap<PolicyKey, EntryAction>, DatapathError>;
 
+    /// The policy entries installed for an endpoint, with the packet and byte counters of the
+    /// packets each one decided (see [`InstalledPolicyEntry`]). Backends that keep no
+    /// counters report zero.
+    fn dump_policy_entries(
+        &self,
+        endpoint: EndpointId,
+    ) -> Result<BTreeMap<PolicyKey, InstalledPolicyEntry>, DatapathError> {
+        Ok(self
+            .dump_policy(endpoint)?
+            .into_iter()
+            .map(|(k, action)| {
+                (
+                    k,
+                    InstalledPolicyEntry {
+                        action,
+                        packets: 0,
+                        bytes: 0,
+                    },
+                )
+            })
+            .collect())
+    }
+
     /// All ipcache entries.
     fn list_ipcache(&self) -> Result<Vec<(IpNet, Identity)>, DatapathError>;
 

@@ -8,8 +8,12 @@
 //! (1) raise the bits the upserts need, (2) write the upserts, (3) remove the removals,
 //! (4) lower the bits nothing needs any more. Between the steps the bits are a superset of
 //! what the maps hold, which costs at most a lookup and never changes a verdict.
+//!
+//! It also remembers the value last written to each slot, so that an upsert writing the very
+//! same value is skipped: a rewrite would restart the entry's packet and byte counters
+//! (the compiler re-sends entries whose rule provenance changed but whose action did not).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use weir_datapath_abi as abi;
@@ -89,10 +93,20 @@ impl Hasher for SlotHasher {
 /// Number of distinct flag bits (6 kinds × 2 directions), indexed by bit position.
 const BITS: usize = 16;
 
-/// The policy entries present in the kernel maps, by endpoint and kind.
+/// The part of a [`abi::PolicyValue`] userspace writes (action, priority, proxy port, cookie;
+/// the prefix length follows from the slot), packed into one integer.
+fn written(v: &abi::PolicyValue) -> u64 {
+    u64::from(v.action)
+        | (u64::from(v.priority) << 8)
+        | (u64::from(v.proxy_port_be) << 16)
+        | (u64::from(v.cookie) << 32)
+}
+
+/// The policy entries present in the kernel maps, by endpoint and kind, with the value last
+/// written to each (None: not known, the next upsert writes).
 #[derive(Debug, Default, Clone)]
 pub struct PolicyFlags {
-    present: HashSet<u128, BuildHasherDefault<SlotHasher>>,
+    present: HashMap<u128, Option<u64>, BuildHasherDefault<SlotHasher>>,
     counts: HashMap<u32, [u32; BITS]>,
 }
 
@@ -102,20 +116,42 @@ impl PolicyFlags {
         Self::default()
     }
 
-    /// Records an entry written to the maps (again: no change).
+    /// Records an entry written to the maps with a value not known here (again: no change
+    /// to the flags).
     pub fn insert(&mut self, slot: PolicySlot) {
-        let bit = slot_flag(&slot).trailing_zeros() as usize;
-        let ep = endpoint_of(&slot);
-        if self.present.insert(packed(&slot))
-            && let Some(c) = self.counts.entry(ep).or_default().get_mut(bit)
-        {
-            *c = c.saturating_add(1);
+        self.record(slot, None);
+    }
+
+    /// Records an entry about to be written with `value`. Returns true when the slot already
+    /// holds exactly this value: the write can be skipped, keeping the entry's counters.
+    pub fn insert_value(&mut self, slot: PolicySlot, value: &abi::PolicyValue) -> bool {
+        self.record(slot, Some(written(value)))
+    }
+
+    /// Forgets the value of a slot (after a failed write: the kernel may not hold it).
+    pub fn forget_value(&mut self, slot: &PolicySlot) {
+        if let Some(v) = self.present.get_mut(&packed(slot)) {
+            *v = None;
+        }
+    }
+
+    fn record(&mut self, slot: PolicySlot, value: Option<u64>) -> bool {
+        match self.present.insert(packed(&slot), value) {
+            Some(old) => old.is_some() && old == value,
+            None => {
+                let bit = slot_flag(&slot).trailing_zeros() as usize;
+                let ep = endpoint_of(&slot);
+                if let Some(c) = self.counts.entry(ep).or_default().get_mut(bit) {
+                    *c = c.saturating_add(1);
+                }
+                false
+            }
         }
     }
 
     /// Records an entry removed from the maps (absent: no change).
     pub fn remove(&mut self, slot: &PolicySlot) {
-        if !self.present.remove(&packed(slot)) {
+        if self.present.remove(&packed(slot)).is_none() {
             return;
         }
         let bit = slot_flag(slot).trailing_zeros() as usize;
@@ -132,7 +168,7 @@ impl PolicyFlags {
 
     /// Forgets every entry of `endpoint_id`.
     pub fn purge(&mut self, endpoint_id: u32) {
-        self.present.retain(|s| (s >> 64) as u32 != endpoint_id);
+        self.present.retain(|s, _| (s >> 64) as u32 != endpoint_id);
         self.counts.remove(&endpoint_id);
     }
 
@@ -151,6 +187,8 @@ impl PolicyFlags {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
     use abi::endpoint_flag as f;
 
@@ -229,5 +267,28 @@ mod tests {
         assert_eq!(p.flags(7), 0);
         p.remove(&any);
         assert_eq!(p.flags(7), 0);
+    }
+
+    #[test]
+    fn same_value_upserts_are_recognised() {
+        let mut p = PolicyFlags::new();
+        let a = PolicySlot::Exact(key(300, 0));
+        let allow = abi::PolicyValue::default();
+        let deny = abi::PolicyValue {
+            action: abi::action::DENY,
+            ..allow
+        };
+        // Unknown value (as after a restart without values): written.
+        p.insert(a);
+        assert!(!p.insert_value(a, &allow));
+        assert!(p.insert_value(a, &allow));
+        assert!(!p.insert_value(a, &deny));
+        assert!(p.insert_value(a, &deny));
+        p.forget_value(&a);
+        assert!(!p.insert_value(a, &deny));
+        assert_eq!(p.flags(7), f::ID_EXACT);
+        p.remove(&a);
+        assert_eq!(p.flags(7), 0);
+        assert!(!p.insert_value(a, &deny));
     }
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use weir_identity::Identity;
+use weir_policy_compiler::EntryAction;
 use weir_policy_model::Direction;
 
 /// The numeric id of an endpoint on this node (key part of its policy entries).
@@ -111,6 +112,25 @@ pub struct CtRecord {
     pub flags: u16,
     /// Proxy port of a redirected connection, 0 = none.
     pub proxy_port: u16,
+}
+
+/// A policy entry as the datapath holds it, with the counters of the packets it decided.
+///
+/// The counters cover the packets whose policy decision this entry made: the first packet of
+/// each connection it allowed or redirected, and every packet it denied. Packets of
+/// established connections pass through conntrack without a policy lookup and are not
+/// counted. The counts restart when the entry is rewritten with a different action (or
+/// removed and added again); upserts that leave the entry as it is keep them. Entries with a
+/// partial port range (the kernel's LPM trie) are counted without atomics and may miss
+/// increments under concurrent decisions on several CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstalledPolicyEntry {
+    /// What the entry does.
+    pub action: EntryAction,
+    /// Packets decided by this entry.
+    pub packets: u64,
+    /// Bytes of those packets (whole frames as the hook sees them).
+    pub bytes: u64,
 }
 
 /// Counters summed over CPUs.

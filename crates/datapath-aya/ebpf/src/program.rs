@@ -7,12 +7,14 @@
 //! Result for tests: `cb[0]` = drop reason | verdict << 8 | ct state << 16, `cb[1]` = remote
 //! identity. BPF_PROG_TEST_RUN returns both in `ctx_out`.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple},
     cty::c_void,
     helpers::{
-        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_redirect, bpf_sk_assign, bpf_sk_lookup_tcp,
-        bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_redirect,
+        bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
     },
     macros::{classifier, map},
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -35,7 +37,12 @@ static WEIR_POLICY_EXACT: HashMap<PolicyKey, PolicyValue> =
     HashMap::pinned(capacity::POLICY_EXACT, BPF_F_NO_PREALLOC);
 #[map]
 static WEIR_IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(capacity::IPCACHE, 0);
-/// Host addresses (/32, /128), consulted before the trie.
+/// IPv4 host addresses (/32), consulted before the trie; the key is the address as in the
+/// packet, read as a native-order `u32` (hashing 4 bytes instead of 20).
+#[map]
+static WEIR_HOSTS4: HashMap<u32, IpcacheValue> =
+    HashMap::pinned(capacity::IPCACHE, BPF_F_NO_PREALLOC);
+/// IPv6 host addresses (/128), consulted before the trie.
 #[map]
 static WEIR_IPCACHE_HOSTS: HashMap<IpcacheKey, IpcacheValue> =
     HashMap::pinned(capacity::IPCACHE, BPF_F_NO_PREALLOC);
@@ -222,12 +229,16 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
     if pkt.bypass {
         return pass(ctx, 0, ct_state::UNTRACKED_PASS);
     }
-    copy16(&mut s.frag.saddr, &pkt.saddr);
-    copy16(&mut s.frag.daddr, &pkt.daddr);
-    s.frag.id = pkt.frag_id;
-    s.frag.protocol = pkt.protocol;
-    s.frag.family = pkt.family;
-    s.frag.pad = [0; 2];
+    // The fragment-tracking key is used only for fragments (most packets are not), and every
+    // use below is under `pkt.frag != 0`.
+    if pkt.frag != 0 {
+        copy16(&mut s.frag.saddr, &pkt.saddr);
+        copy16(&mut s.frag.daddr, &pkt.daddr);
+        s.frag.id = pkt.frag_id;
+        s.frag.protocol = pkt.protocol;
+        s.frag.family = pkt.family;
+        s.frag.pad = [0; 2];
+    }
     if pkt.frag == 2 {
         // A later fragment passes only if its first fragment passed.
         // SAFETY: only tested for presence.
@@ -295,7 +306,7 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
     let decision = if from_ingress_proxy {
         Ok(0)
     } else {
-        decide(&ep, remote, dir, pkt.protocol, pkt.policy_port)
+        decide(&ep, remote, dir, pkt.protocol, pkt.policy_port, len)
     };
     match decision {
         Err(reason) => {
@@ -750,13 +761,21 @@ fn lookup_identity(fam: u8, addr: &[u8; 16]) -> u32 {
             addr.get(i + 3).copied().unwrap_or(0),
         ])
     };
+    // A host entry is the longest possible match: no need for the trie.
+    if fam == family::V4 {
+        // SAFETY: the value is copied out at once; userspace writes whole entries.
+        if let Some(v) = unsafe { WEIR_HOSTS4.get(&w(0)) } {
+            return v.identity;
+        }
+    }
     let words: [u32; 5] = [u32::from(fam), w(0), w(4), w(8), w(12)];
     // SAFETY: `IpcacheKey` is repr(C), 20 bytes, alignment 4, plain bytes: family at byte 0
     // (the low byte of the first word on this little-endian target), zero padding, address.
     let data: IpcacheKey = unsafe { core::mem::transmute(words) };
-    // A host entry is the longest possible match: no need for the trie.
-    // SAFETY: the value is copied out at once; userspace writes whole entries.
-    if let Some(v) = unsafe { WEIR_IPCACHE_HOSTS.get(&data) } {
+    // SAFETY: as above.
+    if fam != family::V4
+        && let Some(v) = unsafe { WEIR_IPCACHE_HOSTS.get(&data) }
+    {
         return v.identity;
     }
     let bits = if fam == family::V4 { 32 } else { 128 };
@@ -772,7 +791,8 @@ fn lookup_identity(fam: u8, addr: &[u8; 16]) -> u32 {
 /// all for this class of identity; the others are skipped.
 ///
 /// Returns the map value's pointer, not a copy: an `Option<PolicyValue>` lets LLVM read an
-/// undefined payload register on the `None` path, which the verifier rejects.
+/// undefined payload register on the `None` path, which the verifier rejects; and the entry
+/// that decides counts the packet in place.
 #[inline(always)]
 fn lookup_entry(
     endpoint_id: u32,
@@ -781,7 +801,7 @@ fn lookup_entry(
     protocol: u8,
     port: u16,
     kinds: u32,
-) -> Option<*const PolicyValue> {
+) -> Option<(*mut PolicyValue, bool)> {
     let mut k = PolicyKey {
         endpoint_id,
         identity,
@@ -790,14 +810,25 @@ fn lookup_entry(
         dport_be: port.to_be(),
     };
     if kinds & endpoint_flag::ID_EXACT != 0
-        && let Some(v) = WEIR_POLICY_EXACT.get_ptr(&k)
+        && let Some(v) = WEIR_POLICY_EXACT.get_ptr_mut(&k)
     {
-        return Some(v);
+        return Some((v, false));
     }
-    if kinds & endpoint_flag::ID_PARTIAL != 0
-        && let Some(v) = WEIR_POLICY.get(&Key::new(POLICY_FIXED_PREFIX_BITS + 24, k))
-    {
-        return Some(v as *const PolicyValue);
+    if kinds & endpoint_flag::ID_PARTIAL != 0 {
+        let key = Key::new(POLICY_FIXED_PREFIX_BITS + 24, k);
+        // aya-ebpf's trie lookup hands out a shared reference only; the helper gives the
+        // writable map value the counters need. `LpmTrie` is a transparent wrapper of its map
+        // definition, so the static's address is the map's.
+        // SAFETY: a valid map pointer and a key of the map's key type.
+        let v = unsafe {
+            bpf_map_lookup_elem(
+                (&raw const WEIR_POLICY).cast_mut().cast::<c_void>(),
+                (&raw const key).cast::<c_void>(),
+            )
+        };
+        if !v.is_null() {
+            return Some((v.cast::<PolicyValue>(), true));
+        }
     }
     if kinds & endpoint_flag::ID_L3_ONLY == 0 {
         return None;
@@ -805,7 +836,54 @@ fn lookup_entry(
     k.direction = dir | POLICY_L3_ONLY;
     k.protocol = 0;
     k.dport_be = 0;
-    WEIR_POLICY_EXACT.get_ptr(&k)
+    WEIR_POLICY_EXACT.get_ptr_mut(&k).map(|v| (v, false))
+}
+
+/// Adds one packet of `len` bytes to a policy entry's counters: one atomic add pair, on the
+/// policy path only. Values of the LPM trie (`from_trie`) sit 4 bytes off 8-byte alignment
+/// (after the 12-byte key in the trie's node), where an atomic can straddle a cache line (a
+/// bus lock): those entries count with plain adds, exact under one CPU, approximate when
+/// several CPUs decide by the same entry at once.
+#[inline(always)]
+fn count_entry(v: *mut PolicyValue, from_trie: bool, len: u64) {
+    // SAFETY: `v` is a live map value (RCU keeps it for the whole run); other CPUs add to the
+    // same counters, hence the atomics where the value is aligned; userspace never writes
+    // them in place.
+    unsafe {
+        let packets = &raw mut (*v).packets;
+        let bytes = &raw mut (*v).bytes;
+        if from_trie {
+            packets.write_unaligned(packets.read_unaligned().wrapping_add(1));
+            bytes.write_unaligned(bytes.read_unaligned().wrapping_add(len));
+        } else {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(packets, 1);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(bytes, len);
+        }
+    }
+}
+
+/// The fields of a policy value that choose between two entries, read in place: a trie value
+/// is only 4-byte aligned (it follows the 12-byte key in the trie's node), so no reference to
+/// the whole 8-aligned `PolicyValue` may be made.
+#[derive(Clone, Copy)]
+struct Choice {
+    action: u8,
+    priority: u8,
+    prefix_len: u8,
+}
+
+impl Choice {
+    #[inline(always)]
+    fn of(v: *mut PolicyValue) -> Choice {
+        // SAFETY: a live map value (RCU); byte fields need no alignment.
+        unsafe {
+            Choice {
+                action: (&raw const (*v).action).read(),
+                priority: (&raw const (*v).priority).read(),
+                prefix_len: (&raw const (*v).prefix_len).read(),
+            }
+        }
+    }
 }
 
 /// The identity-specific kinds of [`endpoint_flag`]; the ANY kinds are these shifted up by
@@ -819,7 +897,14 @@ const EP_ANY_SHIFT: u32 = 3;
 /// flags skip the lookups of kinds it has no entries of.
 /// Returns the proxy port (0 = plain allow) or the drop reason.
 #[inline(always)]
-fn decide(ep: &EndpointInfo, remote: u32, dir: u8, protocol: u8, port: u16) -> Result<u16, u8> {
+fn decide(
+    ep: &EndpointInfo,
+    remote: u32,
+    dir: u8,
+    protocol: u8,
+    port: u16,
+    len: u64,
+) -> Result<u16, u8> {
     let f = if dir != 0 {
         ep.flags >> endpoint_flag::DIRECTION_SHIFT
     } else {
@@ -837,35 +922,46 @@ fn decide(ep: &EndpointInfo, remote: u32, dir: u8, protocol: u8, port: u16) -> R
     } else {
         None
     };
-    // SAFETY (the derefs below): map value pointers from lookups stay valid for the whole
-    // program run (RCU), and the values are copied out at once; userspace writes whole entries.
-    let chosen: PolicyValue = match (a, b) {
+    // SAFETY (the reads below): map value pointers from lookups stay valid for the whole
+    // program run (RCU); userspace replaces entries whole, never in place.
+    let (chosen, from_trie): (*mut PolicyValue, bool) = match (a, b) {
         (None, None) => return Err(drop_reason::POLICY_DENIED),
-        (Some(a), None) => unsafe { *a },
-        (None, Some(b)) => unsafe { *b },
-        (Some(a), Some(b)) => {
-            let (a, b) = unsafe { (*a, *b) };
-            if a.action == action::DENY || b.action == action::DENY {
-                return Err(drop_reason::POLICY_DENY);
-            }
-            let ar = a.action == action::REDIRECT;
-            let br = b.action == action::REDIRECT;
-            if ar && !br {
-                a
-            } else if br && !ar {
-                b
-            } else if ar && br && a.priority != b.priority {
-                if a.priority > b.priority { a } else { b }
-            } else if b.prefix_len > a.prefix_len {
-                b
+        (Some(a), None) => a,
+        (None, Some(b)) => b,
+        (Some(pa), Some(pb)) => {
+            let (a, b) = (Choice::of(pa.0), Choice::of(pb.0));
+            if a.action == action::DENY {
+                pa
+            } else if b.action == action::DENY {
+                pb
             } else {
-                a
+                let ar = a.action == action::REDIRECT;
+                let br = b.action == action::REDIRECT;
+                if ar && !br {
+                    pa
+                } else if br && !ar {
+                    pb
+                } else if ar && br && a.priority != b.priority {
+                    if a.priority > b.priority { pa } else { pb }
+                } else if b.prefix_len > a.prefix_len {
+                    pb
+                } else {
+                    pa
+                }
             }
         }
     };
-    match chosen.action {
+    count_entry(chosen, from_trie, len);
+    // SAFETY: as above; fields read in place (see `Choice`).
+    let (act, proxy_port_be) = unsafe {
+        (
+            (&raw const (*chosen).action).read(),
+            (&raw const (*chosen).proxy_port_be).read_unaligned(),
+        )
+    };
+    match act {
         action::ALLOW => Ok(0),
-        action::REDIRECT => Ok(u16::from_be(chosen.proxy_port_be)),
+        action::REDIRECT => Ok(u16::from_be(proxy_port_be)),
         _ => Err(drop_reason::POLICY_DENY),
     }
 }
