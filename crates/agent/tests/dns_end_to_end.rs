@@ -12,8 +12,8 @@
 //!    address is reachable after the next query, the old one until it expires, then not.
 //!
 //! Checks 2 and 3 wait for expiry, which is bounded below by the datapath's conntrack: a
-//! closed TCP connection stays live there for 60 s (Cilium's datapath: 10 s), and expiry never
-//! cuts a live connection. So they start first and check 1 runs while they wait.
+//! closed TCP connection stays live there for 10 s (Cilium's `tcp-fin` timeout), and expiry
+//! never cuts a live connection. So they start first and check 1 runs while they wait.
 //!
 //! The test can fail: with the agent's learner changed to learn in a spawned task instead of
 //! before the answer is released, 91 of 200 connections needed a SYN retransmission.

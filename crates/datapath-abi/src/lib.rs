@@ -172,8 +172,11 @@ pub mod ct_flag {
 pub mod ct_lifetime {
     /// TCP after the reply direction was seen and before any FIN/RST.
     pub const TCP_ESTABLISHED: u64 = 21_600;
-    /// TCP before a reply, and while closing.
-    pub const TCP_SYN_OR_CLOSING: u64 = 60;
+    /// TCP before a reply (Cilium's `--bpf-ct-timeout-regular-tcp-syn`).
+    pub const TCP_SYN: u64 = 60;
+    /// TCP once either side sent FIN or RST (Cilium's `--bpf-ct-timeout-regular-tcp-fin`):
+    /// a closed connection stops counting as live, e.g. for an expired DNS name's address.
+    pub const TCP_CLOSING: u64 = 10;
     /// UDP, SCTP, ICMP echo and other protocols.
     pub const OTHER: u64 = 60;
 }

@@ -587,8 +587,10 @@ static __always_inline void ct_update(struct weir_ct_entry *e, int reply, __u8 p
 		if (tcp_flags & TCP_FIN)
 			e->flags |= reply ? WEIR_CT_RX_CLOSING : WEIR_CT_TX_CLOSING;
 		int closing = e->flags & (WEIR_CT_RESET | WEIR_CT_TX_CLOSING | WEIR_CT_RX_CLOSING);
-		if (closing || !(e->flags & WEIR_CT_SEEN_REPLY))
-			lifetime = WEIR_CT_LIFETIME_TCP_SYN_OR_CLOSING;
+		if (closing)
+			lifetime = WEIR_CT_LIFETIME_TCP_CLOSING;
+		else if (!(e->flags & WEIR_CT_SEEN_REPLY))
+			lifetime = WEIR_CT_LIFETIME_TCP_SYN;
 		else
 			lifetime = WEIR_CT_LIFETIME_TCP_ESTABLISHED;
 	} else {

@@ -76,7 +76,7 @@ fn rust_side() -> BTreeMap<String, u64> {
         layout!(FragValue; sport_be, dport_be),
         layout!(Event; timestamp_ns, kind, verdict, drop_reason, direction, family, protocol, tcp_flags, pad, sport, dport, src_identity, dst_identity, endpoint_id, ifindex, proxy_port, pad2, saddr, daddr),
     ];
-    let consts: [(&str, u64); 55] = [
+    let consts: [(&str, u64); 56] = [
         ("capacity::POLICY", u64::from(abi::capacity::POLICY)),
         (
             "capacity::POLICY_EXACT",
@@ -153,10 +153,8 @@ fn rust_side() -> BTreeMap<String, u64> {
             "ct_lifetime::TCP_ESTABLISHED",
             abi::ct_lifetime::TCP_ESTABLISHED,
         ),
-        (
-            "ct_lifetime::TCP_SYN_OR_CLOSING",
-            abi::ct_lifetime::TCP_SYN_OR_CLOSING,
-        ),
+        ("ct_lifetime::TCP_SYN", abi::ct_lifetime::TCP_SYN),
+        ("ct_lifetime::TCP_CLOSING", abi::ct_lifetime::TCP_CLOSING),
         ("ct_lifetime::OTHER", abi::ct_lifetime::OTHER),
         ("IDENTITY_WORLD", u64::from(abi::IDENTITY_WORLD)),
         ("MARK_MAGIC_TO_PROXY", u64::from(abi::MARK_MAGIC_TO_PROXY)),

@@ -725,8 +725,10 @@ fn ct_update(e: &mut CtEntry, reply: bool, protocol: u8, tcp_flags: u8, len: u64
             };
         }
         let closing = e.flags & (ct_flag::RESET | ct_flag::TX_CLOSING | ct_flag::RX_CLOSING) != 0;
-        if closing || e.flags & ct_flag::SEEN_REPLY == 0 {
-            ct_lifetime::TCP_SYN_OR_CLOSING
+        if closing {
+            ct_lifetime::TCP_CLOSING
+        } else if e.flags & ct_flag::SEEN_REPLY == 0 {
+            ct_lifetime::TCP_SYN
         } else {
             ct_lifetime::TCP_ESTABLISHED
         }
