@@ -365,6 +365,7 @@ impl<D: Datapath> Manager<D> {
             ifname: ep.spec.host_ifname.clone(),
             endpoint_id: id,
             identity,
+            addresses: ep.spec.addresses.clone(),
         })?;
         ep.state = EndpointState::Ready;
         info!(endpoint = id.0, %identity, pod = %format!("{}/{}", ep.spec.namespace, ep.spec.pod_name), "endpoint ready");
@@ -454,6 +455,7 @@ impl<D: Datapath> Manager<D> {
             ifname: ep.spec.host_ifname.clone(),
             endpoint_id: id,
             identity: ep.identity,
+            addresses: ep.spec.addresses.clone(),
         };
         if let Err(e) = self.datapath.detach_endpoint(&attachment) {
             // The veth may already be gone (the runtime deleted the netns): not an error.

@@ -230,11 +230,30 @@ fn egress_http_rule_enforced_by_the_agents_proxy() -> TestResult {
         eprintln!("SKIP the DNS part: needs dnsmasq and dig");
         return Ok(());
     }
-    // DNS over TCP, then UDP: dnsmasq in pod B answers
-    // api.example.com with an address outside every endpoint, where the HTTP server also
-    // listens. It becomes reachable only once the proxy has seen the answer.
-    ip(&["-n", &b, "addr", "add", "10.211.9.9/32", "dev", "eth0"])?;
-    ip(&["-n", &node, "route", "add", "10.211.9.9/32", "dev", "lxcb"])?;
+    // DNS over TCP, then UDP: dnsmasq in pod B answers api.example.com with an address
+    // outside every endpoint, in a "world" namespace where an HTTP server listens too. It
+    // becomes reachable only once the proxy has seen the answer. (Not an extra address of
+    // pod B: a pod's packets must come from its own address.)
+    let w = g.netns(format!("{prefix}-w"))?;
+    wire_pod(
+        &node,
+        &Pod {
+            ns: &w,
+            host_if: "lxcw",
+            net: "10.211.9",
+            app: "world",
+        },
+    )?;
+    let mut world_server = Command::new("ip")
+        .args(["netns", "exec", &w, "python3", "-c", SERVER])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    if let Some(out) = world_server.stdout.take() {
+        BufReader::new(out).read_line(&mut line)?;
+    }
+    g.children.push(world_server);
+    assert_eq!(line.trim(), "up", "HTTP server in the world namespace");
     let dnsmasq = Command::new("ip")
         .args([
             "netns",
@@ -250,7 +269,7 @@ fn egress_http_rule_enforced_by_the_agents_proxy() -> TestResult {
             "--bind-interfaces",
             "--port=53",
         ])
-        .args(["--address=/api.example.com/10.211.9.9", "--local-ttl=60"])
+        .args(["--address=/api.example.com/10.211.9.2", "--local-ttl=60"])
         .args(["--pid-file=", "--user=root"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -258,7 +277,7 @@ fn egress_http_rule_enforced_by_the_agents_proxy() -> TestResult {
     g.children.push(dnsmasq);
     std::fs::write(policies.join("dns.yaml"), DNS_POLICY)?;
     std::thread::sleep(Duration::from_millis(1500));
-    let world = "http://10.211.9.9:8080/x";
+    let world = "http://10.211.9.2:8080/x";
     let before = get(&a, world);
     assert!(
         before.starts_with("error"),
@@ -278,7 +297,7 @@ fn egress_http_rule_enforced_by_the_agents_proxy() -> TestResult {
     let refused = String::from_utf8_lossy(&refused.stdout).to_string();
     let after = get(&a, world);
     let log_text = agent_log(&log);
-    assert_eq!(answer, "10.211.9.9", "agent log:\n{log_text}");
+    assert_eq!(answer, "10.211.9.2", "agent log:\n{log_text}");
     assert!(
         refused.contains("REFUSED"),
         "{refused}\nagent log:\n{log_text}"
@@ -292,7 +311,7 @@ fn egress_http_rule_enforced_by_the_agents_proxy() -> TestResult {
     let udp = String::from_utf8_lossy(&udp.stdout).trim().to_string();
     assert_eq!(
         udp,
-        "10.211.9.9",
+        "10.211.9.2",
         "DNS over UDP; agent log:\n{}",
         agent_log(&log)
     );
@@ -314,7 +333,7 @@ fn egress_http_rule_enforced_by_the_agents_proxy() -> TestResult {
         .iter()
         .find(|e| e.name == "api.example.com.")
         .ok_or_else(|| format!("api.example.com not in the cache: {cache:?}"))?;
-    assert_eq!(learned.ip, "10.211.9.9");
+    assert_eq!(learned.ip, "10.211.9.2");
     assert!(learned.identity >= 256, "{learned:?}");
     assert!(learned.pod.ends_with("/client"), "{learned:?}");
     assert!(learned.expires_ms > learned.learned_ms, "{learned:?}");

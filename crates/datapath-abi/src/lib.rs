@@ -117,6 +117,9 @@ pub mod action {
 
 /// Drop reasons, numbered as Cilium numbers them (`bpf/lib/common.h`).
 pub mod drop_reason {
+    /// A packet from an endpoint whose source address is not the endpoint's
+    /// (`DROP_INVALID_SIP`): a pod cannot borrow another workload's identity.
+    pub const INVALID_SOURCE_IP: u8 = 132;
     /// No policy entry allowed the packet (`DROP_POLICY`).
     pub const POLICY_DENIED: u8 = 133;
     /// Truncated or malformed IPv4/IPv6/L4 header (`DROP_INVALID`).
@@ -333,6 +336,13 @@ pub struct EndpointInfo {
     pub identity: u32,
     /// [`endpoint_flag`] bits, maintained by the loader from the endpoint's policy entries.
     pub flags: u32,
+    /// The endpoint's IPv4 address, network order: IPv4 packets leaving the endpoint must
+    /// come from it. All zero: not checked (no IPv4 address known).
+    pub ipv4: [u8; 4],
+    /// The endpoint's IPv6 address: IPv6 packets leaving the endpoint must come from it (or
+    /// from a link-local or the unspecified address, for neighbour discovery). All zero: not
+    /// checked.
+    pub ipv6: [u8; 16],
 }
 
 /// Conntrack key: the tuple as the packet that created the entry carried it, plus the policy
@@ -490,7 +500,9 @@ const _: () = {
     assert!(size_of::<IpcacheValue>() == 24);
     assert!(offset_of!(IpcacheValue, tunnel_endpoint) == 4);
     assert!(offset_of!(IpcacheValue, encrypt_key) == 20);
-    assert!(size_of::<EndpointInfo>() == 12);
+    assert!(size_of::<EndpointInfo>() == 32);
+    assert!(offset_of!(EndpointInfo, ipv4) == 12);
+    assert!(offset_of!(EndpointInfo, ipv6) == 16);
     assert!(size_of::<CtKey>() == 40);
     assert!(offset_of!(CtKey, sport_be) == 32);
     assert!(offset_of!(CtKey, protocol) == 36);

@@ -389,12 +389,8 @@ fn monotonic_ns() -> u64 {
 impl Datapath for AyaDatapath {
     fn attach_endpoint(&mut self, endpoint: &EndpointAttachment) -> Result<(), DatapathError> {
         let idx = ifindex(&endpoint.ifname)?;
-        let info = abi::EndpointInfo {
-            endpoint_id: endpoint.endpoint_id.0,
-            identity: endpoint.identity.get(),
-            flags: 0, // register_ifindex fills them in
-        };
-        self.register_ifindex(idx, info)?;
+        // register_ifindex fills in the flags.
+        self.register_ifindex(idx, encode::endpoint_info(endpoint))?;
         match tc::qdisc_add_clsact(&endpoint.ifname) {
             Ok(()) => {}
             Err(e) if e.to_string().contains("exists") || format!("{e:?}").contains("17") => {}

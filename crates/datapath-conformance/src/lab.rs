@@ -21,7 +21,8 @@ pub struct Lab {
     children: Vec<Child>,
 }
 
-fn run(args: &[&str]) {
+/// Runs a command, panicking with its stderr when it fails.
+pub fn run(args: &[&str]) {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -74,13 +75,15 @@ threading.Event().wait()
 const CLIENT: &str = r#"
 import socket, sys
 proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+src = (sys.argv[4], 0) if len(sys.argv) > 4 else None
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 try:
     if proto == "tcp":
-        s = socket.create_connection((host, port), timeout=1.5)
+        s = socket.create_connection((host, port), timeout=1.5, source_address=src)
         s.sendall(b"hello"); ok = s.recv(16) == b"hello"
     else:
         s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(1.5)
+        if src: s.bind(src)
         s.sendto(b"hello", (host, port)); ok = s.recv(16) == b"hello"
     sys.exit(0 if ok else 1)
 except Exception as e:
@@ -405,6 +408,18 @@ impl Lab {
 
     /// Runs a one-shot client in `ns`; true if the echo came back.
     pub fn probe(&self, ns: &str, proto: &str, host: &str, port: u16) -> bool {
+        self.probe_from(ns, proto, None, host, port)
+    }
+
+    /// As [`probe`](Self::probe), from source address `src` (which must be assigned in `ns`).
+    pub fn probe_from(
+        &self,
+        ns: &str,
+        proto: &str,
+        src: Option<&str>,
+        host: &str,
+        port: u16,
+    ) -> bool {
         Command::new("ip")
             .args([
                 "netns",
@@ -417,6 +432,7 @@ impl Lab {
                 host,
                 &port.to_string(),
             ])
+            .args(src)
             .status()
             .map(|s| s.success())
             .unwrap_or(false)

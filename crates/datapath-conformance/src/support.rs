@@ -90,6 +90,7 @@ pub fn load_for_test_run<B: Backend>() -> (Bpffs, B::Dp) {
             endpoint_id: 1,
             identity: 1000,
             flags: 0,
+            ..Default::default()
         },
     )
     .expect("register");

@@ -56,6 +56,45 @@ pub fn enforces_real_traffic<B: Backend>() {
             && e.src_identity == Identity(ID_A)),
         "drop event for 9090: {ev:?}"
     );
+
+    // A pod cannot send from an address that is not its own (it would borrow that address's
+    // identity at the destination): dropped on the way out with reason 132, over IPv4 and
+    // IPv6, although B's policy allows A on these ports.
+    for (spoofed, dest) in [("10.201.1.99", lab::B4), ("fd00:201:1::99", lab::B6)] {
+        let bits = if spoofed.contains(':') { "128" } else { "32" };
+        lab::run(&[
+            "ip",
+            "-n",
+            &lab.a,
+            "addr",
+            "add",
+            &format!("{spoofed}/{bits}"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        assert!(
+            !lab.probe_from(&lab.a, "udp", Some(spoofed), dest, 5353),
+            "UDP from the spoofed {spoofed} must be dropped"
+        );
+        assert!(
+            !lab.probe_from(&lab.a, "tcp", Some(spoofed), dest, 8080),
+            "TCP from the spoofed {spoofed} must be dropped"
+        );
+    }
+    let spoofed_drops = dp.drain_events().unwrap();
+    assert!(
+        spoofed_drops
+            .iter()
+            .filter(|e| e.kind == EventKind::Drop && e.drop_reason == 132)
+            .count()
+            >= 4,
+        "invalid source drops: {spoofed_drops:?}"
+    );
+    assert!(
+        lab.probe(&lab.a, "udp", lab::B4, 5353),
+        "A's own address still passes"
+    );
     assert!(
         ev.iter()
             .any(|e| e.kind == EventKind::AllowNew && e.dport == 8080)

@@ -19,6 +19,7 @@ pub fn ep_a() -> EndpointAttachment {
         ifname: "lxca".into(),
         endpoint_id: EndpointId(1),
         identity: Identity(ID_A),
+        addresses: vec![lab::A4.parse().unwrap(), lab::A6.parse().unwrap()],
     }
 }
 
@@ -28,6 +29,7 @@ pub fn ep_b() -> EndpointAttachment {
         ifname: "lxcb".into(),
         endpoint_id: EndpointId(2),
         identity: Identity(ID_B),
+        addresses: vec![lab::B4.parse().unwrap(), lab::B6.parse().unwrap()],
     }
 }
 

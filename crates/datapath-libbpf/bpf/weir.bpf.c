@@ -772,6 +772,29 @@ static __always_inline int hairpin(struct __sk_buff *skb, const struct weir_endp
 	return bpf_redirect(ifindex, BPF_F_INGRESS);
 }
 
+/* A packet leaving an endpoint carries one of its addresses, or a source IPv6 neighbour
+ * discovery uses (link-local, unspecified); an address family the endpoint has no address
+ * in is not checked. */
+static __always_inline int source_is_endpoints(const struct weir_endpoint_info *ep,
+					       const struct packet *pkt)
+{
+	if (pkt->family == WEIR_FAMILY_V4) {
+		__u32 want, got;
+		__builtin_memcpy(&want, ep->ipv4, 4);
+		__builtin_memcpy(&got, pkt->saddr, 4);
+		return want == 0 || want == got;
+	}
+	__u64 w0, w1, g0, g1;
+	__builtin_memcpy(&w0, ep->ipv6, 8);
+	__builtin_memcpy(&w1, ep->ipv6 + 8, 8);
+	__builtin_memcpy(&g0, pkt->saddr, 8);
+	__builtin_memcpy(&g1, pkt->saddr + 8, 8);
+	if ((w0 | w1) == 0 || (w0 == g0 && w1 == g1) || (g0 | g1) == 0)
+		return 1;
+	/* fe80::/10 */
+	return pkt->saddr[0] == 0xfe && (pkt->saddr[1] & 0xc0) == 0x80;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
 	__u32 ifindex = skb->ifindex;
@@ -802,6 +825,12 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 
 	if (pkt.bypass)
 		return pass(skb, 0, CT_UNTRACKED_PASS);
+
+	if (dir == WEIR_DIR_EGRESS && !source_is_endpoints(&ep, &pkt)) {
+		__u32 remote = remote_identity(skb, &pkt, dir, mark);
+		return drop_packet(skb, &ep, ifindex, dir, &pkt, remote,
+				   WEIR_DROP_INVALID_SOURCE_IP);
+	}
 
 	if (pkt.frag == 2) {
 		/* A later fragment passes only if its first fragment passed. */

@@ -43,6 +43,7 @@
 #define WEIR_ACTION_REDIRECT 2
 
 /* drop_reason::* (Cilium's numbering) */
+#define WEIR_DROP_INVALID_SOURCE_IP 132
 #define WEIR_DROP_POLICY_DENIED 133
 #define WEIR_DROP_INVALID_PACKET 134
 #define WEIR_DROP_UNSUPPORTED_L3 139
@@ -132,6 +133,8 @@ struct weir_endpoint_info {
 	__u32 endpoint_id;
 	__u32 identity;
 	__u32 flags;
+	__u8 ipv4[4];
+	__u8 ipv6[16];
 };
 
 struct weir_ct_key {
@@ -215,7 +218,7 @@ _Static_assert(sizeof(struct weir_policy_key) == 12, "policy key");
 _Static_assert(sizeof(struct weir_policy_value) == 32, "policy value");
 _Static_assert(sizeof(struct weir_ipcache_key) == 20, "ipcache key");
 _Static_assert(sizeof(struct weir_ipcache_value) == 24, "ipcache value");
-_Static_assert(sizeof(struct weir_endpoint_info) == 12, "endpoint info");
+_Static_assert(sizeof(struct weir_endpoint_info) == 32, "endpoint info");
 _Static_assert(sizeof(struct weir_ct_key) == 40, "ct key");
 _Static_assert(sizeof(struct weir_ct_key4) == 16, "ct key v4");
 _Static_assert(sizeof(struct weir_ct_entry) == 32, "ct entry");

@@ -50,6 +50,7 @@ fn attach(dp: &mut dyn Datapath, ifname: &str, peer: IpAddr, n: u32) -> Result<(
         ifname: ifname.to_owned(),
         endpoint_id: EndpointId(1),
         identity: Identity(1000),
+        addresses: Vec::new(),
     })?;
     Ok(())
 }

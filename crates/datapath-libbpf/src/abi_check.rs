@@ -68,7 +68,7 @@ fn rust_side() -> BTreeMap<String, u64> {
         layout!(PolicyValue; action, priority, proxy_port_be, prefix_len, pad, cookie, pad2, packets, bytes),
         layout!(IpcacheKey; family, pad, addr),
         layout!(IpcacheValue; identity, tunnel_endpoint, encrypt_key, flags, pad),
-        layout!(EndpointInfo; endpoint_id, identity, flags),
+        layout!(EndpointInfo; endpoint_id, identity, flags, ipv4, ipv6),
         layout!(CtKey; saddr, daddr, sport_be, dport_be, protocol, family, direction, pad),
         layout!(CtKey4; saddr, daddr, sport_be, dport_be, protocol, direction, pad),
         layout!(CtEntry; expires_ns, packets, bytes, flags, proxy_port, pad),
@@ -76,7 +76,7 @@ fn rust_side() -> BTreeMap<String, u64> {
         layout!(FragValue; sport_be, dport_be),
         layout!(Event; timestamp_ns, kind, verdict, drop_reason, direction, family, protocol, tcp_flags, pad, sport, dport, src_identity, dst_identity, endpoint_id, ifindex, proxy_port, pad2, saddr, daddr),
     ];
-    let consts: [(&str, u64); 56] = [
+    let consts: [(&str, u64); 57] = [
         ("capacity::POLICY", u64::from(abi::capacity::POLICY)),
         (
             "capacity::POLICY_EXACT",
@@ -101,6 +101,10 @@ fn rust_side() -> BTreeMap<String, u64> {
         ("action::ALLOW", u64::from(abi::action::ALLOW)),
         ("action::DENY", u64::from(abi::action::DENY)),
         ("action::REDIRECT", u64::from(abi::action::REDIRECT)),
+        (
+            "drop_reason::INVALID_SOURCE_IP",
+            u64::from(abi::drop_reason::INVALID_SOURCE_IP),
+        ),
         (
             "drop_reason::POLICY_DENIED",
             u64::from(abi::drop_reason::POLICY_DENIED),

@@ -399,12 +399,8 @@ fn entries(map: &MapHandle) -> Result<RawEntries, DatapathError> {
 impl Datapath for LibbpfDatapath {
     fn attach_endpoint(&mut self, endpoint: &EndpointAttachment) -> Result<(), DatapathError> {
         let idx = ifindex(&endpoint.ifname)?;
-        let info = abi::EndpointInfo {
-            endpoint_id: endpoint.endpoint_id.0,
-            identity: endpoint.identity.get(),
-            flags: 0, // register_ifindex fills them in
-        };
-        self.register_ifindex(idx, info)?;
+        // register_ifindex fills in the flags.
+        self.register_ifindex(idx, encode::endpoint_info(endpoint))?;
         let Ok(tc_ifindex) = i32::try_from(idx) else {
             return Err(DatapathError::UnknownInterface(endpoint.ifname.clone()));
         };

@@ -9,7 +9,10 @@ use weir_identity::Identity;
 use weir_policy_compiler::{EntryAction, PolicyKey};
 use weir_policy_model::Direction;
 
-use crate::{CtRecord, DatapathError, DatapathEvent, EndpointId, EventKind, InstalledPolicyEntry};
+use crate::{
+    CtRecord, DatapathError, DatapathEvent, EndpointAttachment, EndpointId, EventKind,
+    InstalledPolicyEntry,
+};
 
 /// ABI direction byte.
 pub fn direction_to_abi(d: Direction) -> u8 {
@@ -266,6 +269,28 @@ pub fn ct4_from_abi(k: &abi::CtKey4, v: &abi::CtEntry) -> CtRecord {
         flags: v.flags,
         proxy_port: v.proxy_port,
     }
+}
+
+/// The endpoint map value of an attachment (flags left for the loader to fill in).
+pub fn endpoint_info(endpoint: &EndpointAttachment) -> abi::EndpointInfo {
+    let mut info = abi::EndpointInfo {
+        endpoint_id: endpoint.endpoint_id.0,
+        identity: endpoint.identity.get(),
+        ..Default::default()
+    };
+    if let Some(v4) = endpoint.addresses.iter().find_map(|a| match a {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    }) {
+        info.ipv4 = v4.octets();
+    }
+    if let Some(v6) = endpoint.addresses.iter().find_map(|a| match a {
+        IpAddr::V6(v6) => Some(*v6),
+        IpAddr::V4(_) => None,
+    }) {
+        info.ipv6 = v6.octets();
+    }
+    info
 }
 
 #[cfg(test)]

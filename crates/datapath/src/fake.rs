@@ -202,6 +202,7 @@ mod tests {
             ifname: "lxc1".into(),
             endpoint_id: EndpointId(1),
             identity: Identity(1000),
+            addresses: Vec::new(),
         };
         dp.attach_endpoint(&ep).unwrap();
         dp.upsert_ipcache("10.0.0.0/24".parse().unwrap(), Identity(300))

@@ -250,6 +250,7 @@ impl<D: KernelBackend> Replayer<D> {
                 endpoint_id: id.0,
                 identity: identity.get(),
                 flags: 0,
+                ..Default::default()
             },
         )?;
         let sport = self.next_port;

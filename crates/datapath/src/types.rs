@@ -20,6 +20,10 @@ pub struct EndpointAttachment {
     pub endpoint_id: EndpointId,
     /// The endpoint's own security identity.
     pub identity: Identity,
+    /// The endpoint's addresses: packets leaving it must carry its (first) IPv4 and IPv6
+    /// address as their source, or are dropped with reason 132 (Cilium's source IP check). A
+    /// family it has no address in is not checked.
+    pub addresses: Vec<IpAddr>,
 }
 
 /// What the datapath did with a packet.

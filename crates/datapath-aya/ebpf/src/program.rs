@@ -186,6 +186,37 @@ enum Parsed {
     Ip,
 }
 
+/// A packet leaving an endpoint carries one of its addresses, or a source IPv6 neighbour
+/// discovery uses (link-local, unspecified); a family the endpoint has no address in is not
+/// checked.
+#[inline(always)]
+fn source_is_endpoints(ep: &EndpointInfo, pkt: &Packet) -> bool {
+    let s = &pkt.saddr;
+    if pkt.family == family::V4 {
+        let want = u32::from_ne_bytes(ep.ipv4);
+        return want == 0 || want == u32::from_ne_bytes([s[0], s[1], s[2], s[3]]);
+    }
+    let word = |a: &[u8; 16], i: usize| {
+        u64::from_ne_bytes([
+            a[i],
+            a[i + 1],
+            a[i + 2],
+            a[i + 3],
+            a[i + 4],
+            a[i + 5],
+            a[i + 6],
+            a[i + 7],
+        ])
+    };
+    let (w0, w1) = (word(&ep.ipv6, 0), word(&ep.ipv6, 8));
+    let (g0, g1) = (word(s, 0), word(s, 8));
+    (w0 | w1) == 0
+        || (w0 == g0 && w1 == g1)
+        || (g0 | g1) == 0
+        // fe80::/10
+        || (s[0] == 0xfe && s[1] & 0xc0 == 0x80)
+}
+
 #[inline(always)]
 fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
     // SAFETY: ctx.skb.skb is the valid context pointer the kernel passed in.
@@ -228,6 +259,18 @@ fn handle(ctx: &mut TcContext, dir: u8) -> i32 {
 
     if pkt.bypass {
         return pass(ctx, 0, ct_state::UNTRACKED_PASS);
+    }
+    if dir == direction::EGRESS && !source_is_endpoints(&ep, pkt) {
+        let remote = remote_identity(ctx, pkt, dir, mark);
+        drop_packet(
+            ctx,
+            &ep,
+            ifindex,
+            dir,
+            Some((pkt, remote)),
+            drop_reason::INVALID_SOURCE_IP,
+        );
+        return TC_ACT_SHOT;
     }
     // The fragment-tracking key is used only for fragments (most packets are not), and every
     // use below is under `pkt.frag != 0`.
