@@ -12,6 +12,7 @@ use weir_policy_model::{
 
 use crate::decide::{Decision, Flow, decide};
 use crate::identities::{IdentityTable, NamedPorts};
+use crate::intern::Interner;
 use crate::l7::{L7Contribution, L7Peers, L7Policy, L7Verdict};
 use crate::mapstate::{
     EntryAction, MapState, MapStateDiff, PolicyEntry, PolicyKey, port_mask, port_range_prefixes,
@@ -19,6 +20,8 @@ use crate::mapstate::{
 };
 use crate::peer_index::PeerIndex;
 use crate::peers::{PeerEvaluator, peer_is_wildcard, peer_selects};
+use crate::prefold::PreFold;
+use crate::repository::PreparedPolicy;
 use crate::repository::{PolicyRepository, Revision};
 
 /// Priority of HTTP proxy redirects (see [`EntryAction::Redirect`]).
@@ -123,6 +126,8 @@ pub(crate) struct Contribution {
     pub(crate) owner: Arc<PolicyName>,
     /// `None`: the identity wildcard.
     pub(crate) peers: Option<Vec<Peer>>,
+    /// The repository's number of each peer (see [`crate::intern::Interner`]).
+    pub(crate) peer_ids: Vec<u64>,
     pub(crate) l4: L4,
 }
 
@@ -220,9 +225,10 @@ pub struct EndpointPolicy {
     /// The L7 rules for redirected ports.
     pub l7: L7Policy,
     pub(crate) plan: Arc<Plan>,
-    /// Every (key, contribution) pair before folding, per remote identity, sorted by key then
-    /// contribution: what an incremental update re-folds for the keys it touches.
-    pub(crate) items: Arc<BTreeMap<Identity, Vec<Item>>>,
+    /// Every (key, contribution) pair before folding, per remote identity (shared by classes
+    /// of identities), sorted by key then contribution: what an incremental update re-folds
+    /// for the keys it touches.
+    pub(crate) items: Arc<PreFold>,
     /// The keys that are denies before deny resolution.
     pub(crate) deny_keys: Arc<BTreeSet<PolicyKey>>,
 }
@@ -315,6 +321,9 @@ impl std::hash::Hasher for IdHasher {
     fn write_usize(&mut self, n: usize) {
         self.mix(n as u64);
     }
+    fn write_u64(&mut self, n: u64) {
+        self.mix(n);
+    }
 }
 
 impl IdHasher {
@@ -368,30 +377,195 @@ impl Builder {
         let mut out = Vec::new();
         let mut sets = RuleSets::default();
         for (_, run) in runs.iter_mut() {
-            // Same order as (key, rule): the identity is the run's, the rest packs into
-            // one integer in field order.
-            run.sort_unstable_by_key(|a| {
-                let k = a.key;
-                (u64::from(dir_index(k.direction) as u8) << 61)
-                    | (u64::from(k.protocol) << 53)
-                    | (u64::from(k.port) << 37)
-                    | (u64::from(k.prefix_len) << 32)
-                    | u64::from(a.rule)
-            });
-            let mut rest = run.as_slice();
-            while let Some(first) = rest.first() {
-                let n = rest
-                    .iter()
-                    .position(|i| i.key != first.key)
-                    .unwrap_or(rest.len());
-                let (group, tail) = rest.split_at(n);
-                out.push((first.key, fold_with(group, rules, &mut sets)));
-                rest = tail;
-            }
+            sort_run(run);
+            fold_run(run, rules, &mut sets, &mut out);
         }
         // Sorted input (runs in identity order, keys start with the identity): both maps are
         // bulk-built.
         (out.into_iter().collect(), runs.into_iter().collect())
+    }
+}
+
+/// Sorts the items of one identity by key, then rule.
+pub(crate) fn sort_run(run: &mut [Item]) {
+    // Same order as (key, rule): the identity is the run's, the rest packs into one integer
+    // in field order.
+    run.sort_unstable_by_key(|a| {
+        let k = a.key;
+        (u64::from(dir_index(k.direction) as u8) << 61)
+            | (u64::from(k.protocol) << 53)
+            | (u64::from(k.port) << 37)
+            | (u64::from(k.prefix_len) << 32)
+            | u64::from(a.rule)
+    });
+}
+
+/// Folds a sorted run (one identity) into one entry per key, appended to `out` in key order.
+fn fold_run(
+    run: &[Item],
+    rules: &[Option<Arc<Contribution>>],
+    sets: &mut RuleSets,
+    out: &mut Vec<(PolicyKey, PolicyEntry)>,
+) {
+    let mut rest = run;
+    while let Some(first) = rest.first() {
+        let n = rest
+            .iter()
+            .position(|i| i.key != first.key)
+            .unwrap_or(rest.len());
+        let (group, tail) = rest.split_at(n);
+        out.push((first.key, fold_with(group, rules, sets)));
+        rest = tail;
+    }
+}
+
+/// Contributions with fixed keys, grouped by the identity set they select (see
+/// [`Compiler::compile`]).
+#[derive(Default)]
+struct Groups {
+    /// Per group: the identities and the contribution indices, in slot order.
+    groups: Vec<(Rc<[Identity]>, Vec<u32>)>,
+    /// Group by the address of a set shared through the peer evaluator's cache.
+    by_ptr: HashMap<usize, u32, std::hash::BuildHasherDefault<IdHasher>>,
+    /// Group by content, for the unions of several peers (each built afresh).
+    by_content: HashMap<Rc<[Identity]>, u32>,
+}
+
+/// Where an identity's entries come from when the output is assembled.
+#[derive(Clone, Copy)]
+enum Row {
+    /// A class's entries, stamped.
+    Class(u32),
+    /// A run of its own (index into the own runs).
+    Own(usize),
+}
+
+impl Groups {
+    /// Adds contribution `ci`, which selects `ids` through `n_peers` peers.
+    fn add(&mut self, ids: &Rc<[Identity]>, n_peers: usize, ci: usize) {
+        let next = u32::try_from(self.groups.len()).unwrap_or(u32::MAX);
+        let g = if n_peers == 1 {
+            // Kept alive in `groups`, so the address is not reused while the map lives.
+            *self
+                .by_ptr
+                .entry(Rc::as_ptr(ids) as *const Identity as usize)
+                .or_insert(next)
+        } else {
+            *self.by_content.entry(ids.clone()).or_insert(next)
+        };
+        if g == next {
+            self.groups.push((ids.clone(), Vec::new()));
+        }
+        if let Some((_, cs)) = self.groups.get_mut(g as usize) {
+            cs.push(u32::try_from(ci).unwrap_or(NO_RULE));
+        }
+    }
+
+    /// The items of `sig`'s groups with `id` in their keys, appended to `out`.
+    fn push_items(
+        &self,
+        sig: &[u32],
+        templates: &[Vec<(PolicyKey, EntryAction)>],
+        id: Identity,
+        out: &mut Vec<Item>,
+    ) {
+        for &g in sig {
+            let Some((_, cs)) = self.groups.get(g as usize) else {
+                continue;
+            };
+            for &ci in cs {
+                let Some(t) = templates.get(ci as usize) else {
+                    continue;
+                };
+                out.extend(t.iter().map(|&(key, action)| Item {
+                    key: PolicyKey {
+                        identity: id,
+                        ..key
+                    },
+                    rule: ci,
+                    action,
+                }));
+            }
+        }
+    }
+
+    /// The folded entries of the groups plus the items in `b` (which hold every item that is
+    /// not from a group), and the pre-fold items to keep.
+    fn finish(
+        self,
+        b: Builder,
+        templates: &[Vec<(PolicyKey, EntryAction)>],
+        rules: &[Option<Arc<Contribution>>],
+    ) -> (BTreeMap<PolicyKey, PolicyEntry>, PreFold) {
+        // The groups selecting each identity, in group order.
+        let mut sigs: IdMap<Vec<u32>> = IdMap::default();
+        for (g, (ids, _)) in self.groups.iter().enumerate() {
+            let g = u32::try_from(g).unwrap_or(u32::MAX);
+            for &id in ids.iter() {
+                sigs.entry(id).or_default().push(g);
+            }
+        }
+        let mut own_runs = b.into_runs();
+        let mut rows: Vec<(Identity, Row)> = Vec::with_capacity(sigs.len() + own_runs.len());
+        let mut class_by_sig: HashMap<Vec<u32>, u32, std::hash::BuildHasherDefault<IdHasher>> =
+            HashMap::default();
+        let mut class_of: IdMap<u32> = IdMap::default();
+        for (id, sig) in sigs {
+            if let Some(run) = own_runs.get_mut(&id) {
+                // Items of its own too: folded alone, with its group items.
+                self.push_items(&sig, templates, id, run);
+                continue;
+            }
+            let next = u32::try_from(class_by_sig.len()).unwrap_or(u32::MAX);
+            let c = *class_by_sig.entry(sig).or_insert(next);
+            class_of.insert(id, c);
+            rows.push((id, Row::Class(c)));
+        }
+        let mut sets = RuleSets::default();
+        let mut class_sigs: Vec<(u32, Vec<u32>)> =
+            class_by_sig.into_iter().map(|(s, c)| (c, s)).collect();
+        class_sigs.sort_unstable_by_key(|(c, _)| *c);
+        let mut classes: Vec<Arc<[Item]>> = Vec::with_capacity(class_sigs.len());
+        let mut class_entries: Vec<Vec<(PolicyKey, PolicyEntry)>> =
+            Vec::with_capacity(class_sigs.len());
+        for (_, sig) in &class_sigs {
+            let mut run = Vec::new();
+            self.push_items(sig, templates, Identity::ANY, &mut run);
+            sort_run(&mut run);
+            let mut folded = Vec::new();
+            fold_run(&run, rules, &mut sets, &mut folded);
+            class_entries.push(folded);
+            classes.push(run.into());
+        }
+        let mut own: Vec<(Identity, Vec<Item>)> =
+            own_runs.drain().filter(|(_, r)| !r.is_empty()).collect();
+        for (i, (id, run)) in own.iter_mut().enumerate() {
+            sort_run(run);
+            rows.push((*id, Row::Own(i)));
+        }
+        rows.sort_unstable_by_key(|(id, _)| *id);
+        // Emitted in identity order, each identity's keys in order: the map is bulk-built.
+        let mut out: Vec<(PolicyKey, PolicyEntry)> = Vec::new();
+        for (id, row) in rows {
+            match row {
+                Row::Class(c) => {
+                    if let Some(es) = class_entries.get(c as usize) {
+                        out.extend(
+                            es.iter()
+                                .map(|(k, e)| (PolicyKey { identity: id, ..*k }, e.clone())),
+                        );
+                    }
+                }
+                Row::Own(i) => {
+                    if let Some((_, run)) = own.get(i) {
+                        fold_run(run, rules, &mut sets, &mut out);
+                    }
+                }
+            }
+        }
+        let entries = out.into_iter().collect();
+        let prefold = PreFold::new(classes, class_of, own.into_iter().collect());
+        (entries, prefold)
     }
 }
 
@@ -516,21 +690,6 @@ fn resolve_denies(
     }
 }
 
-/// Pushes a contribution's keys (see [`Compiler::templates`]) for one identity.
-fn push_items(b: &mut Builder, templates: &[(PolicyKey, EntryAction)], ci: usize, id: Identity) {
-    let rule = u32::try_from(ci).unwrap_or(NO_RULE);
-    b.run(id)
-        .extend(templates.iter().map(|&(key, action)| Item {
-            // Key normalisation does not depend on the identity.
-            key: PolicyKey {
-                identity: id,
-                ..key
-            },
-            rule,
-            action,
-        }));
-}
-
 /// Resolves a peer rule's L4 part. `named` looks up a named port (in the endpoint's ports for
 /// ingress, the peer's for egress); unresolvable names yield nothing.
 fn resolve_l4(
@@ -610,18 +769,19 @@ fn port_l7s(pr: &PeerRule) -> Vec<Option<Arc<L7Rules>>> {
 }
 
 /// Whether rule subjects select one endpoint, per distinct selector: many rules share their
-/// subject, and hashing a selector costs less than testing it against the labels.
+/// subject. Keyed by the repository's number of the selector.
 #[derive(Default)]
-pub(crate) struct SubjectCache<'a> {
-    seen: HashMap<&'a Selector, bool, std::hash::BuildHasherDefault<IdHasher>>,
+pub(crate) struct SubjectCache {
+    seen: HashMap<u64, bool, std::hash::BuildHasherDefault<IdHasher>>,
 }
 
-impl<'a> SubjectCache<'a> {
-    /// `subject.matches(labels)`; `labels` must be the same in every call.
-    pub(crate) fn matches(&mut self, subject: &'a Selector, labels: &LabelSet) -> bool {
+impl SubjectCache {
+    /// `subject.matches(labels)`; `id` is the subject's number, and `labels` must be the same
+    /// in every call.
+    pub(crate) fn matches(&mut self, id: u64, subject: &Selector, labels: &LabelSet) -> bool {
         *self
             .seen
-            .entry(subject)
+            .entry(id)
             .or_insert_with(|| subject.matches(labels))
     }
 }
@@ -644,7 +804,7 @@ pub(crate) enum Prepared {
 /// The contributions of every rule of `policy`, per rule, in the order a plan lists them:
 /// ingress then egress, allows then denies, peer rules in order. Peer rules that allow
 /// nothing are left out.
-pub(crate) fn prepare(policy: &Policy) -> Vec<Vec<Prepared>> {
+pub(crate) fn prepare(policy: &Policy, numbers: &mut Interner<Peer>) -> Vec<Vec<Prepared>> {
     let owner = Arc::new(policy.name.clone());
     policy
         .rules
@@ -676,6 +836,7 @@ pub(crate) fn prepare(policy: &Policy) -> Vec<Vec<Prepared>> {
                             Peers::List(l) if l.iter().any(peer_is_wildcard) => None,
                             Peers::List(l) => Some(l.clone()),
                         };
+                        let peer_ids = peers.iter().flatten().map(|p| numbers.intern(p)).collect();
                         let l7s = port_l7s(pr);
                         let named = has_named_port(pr);
                         let l4 = match (dir, named) {
@@ -689,6 +850,7 @@ pub(crate) fn prepare(policy: &Policy) -> Vec<Vec<Prepared>> {
                             rule: rule_ref,
                             owner: owner.clone(),
                             peers,
+                            peer_ids,
                             l4,
                         });
                         out.push(if dir == Direction::Ingress && named {
@@ -818,10 +980,9 @@ impl Compiler {
         let mut own = Vec::new();
         let mut parts = Vec::new();
         let mut subjects = SubjectCache::default();
-        for (policy, prepared) in self.repo.iter_prepared() {
+        for stored in self.repo.iter_prepared() {
             own.clear();
-            if let Some(mut part) = self.plan_policy(policy, prepared, ep, &mut subjects, &mut own)
-            {
+            if let Some(mut part) = self.plan_policy(stored, ep, &mut subjects, &mut own) {
                 for c in own.drain(..) {
                     let slot = u32::try_from(plan.contributions.len()).unwrap_or(NO_RULE);
                     plan.index
@@ -829,7 +990,7 @@ impl Compiler {
                     part.slots.push(slot);
                     plan.contributions.push(Some(c));
                 }
-                parts.push((policy.name.clone(), part));
+                parts.push((stored.0.name.clone(), part));
             }
         }
         // In name order: bulk-built.
@@ -840,18 +1001,17 @@ impl Compiler {
 
     /// The contributions of one policy's rules that select `ep`, appended to `out`; `None` if
     /// no rule selects it. `prepared` is the policy's [`prepare`]d contributions.
-    pub(crate) fn plan_policy<'a>(
+    pub(crate) fn plan_policy(
         &self,
-        policy: &'a Policy,
-        prepared: &[Vec<Prepared>],
+        (policy, prepared, subject_ids): PreparedPolicy<'_>,
         ep: &EndpointInfo,
-        subjects: &mut SubjectCache<'a>,
+        subjects: &mut SubjectCache,
         out: &mut Vec<Arc<Contribution>>,
     ) -> Option<PolicyPart> {
         let mut part = PolicyPart::default();
         let mut selected = false;
-        for (rule, prepared) in policy.rules.iter().zip(prepared) {
-            if !subjects.matches(&rule.subject, &ep.labels) {
+        for ((rule, prepared), &sid) in policy.rules.iter().zip(prepared).zip(subject_ids) {
+            if !subjects.matches(sid, &rule.subject, &ep.labels) {
                 continue;
             }
             selected = true;
@@ -944,6 +1104,12 @@ impl Compiler {
     }
 
     /// Compiles the policy of one endpoint from scratch.
+    ///
+    /// Contributions with fixed keys are grouped by the identity set they select, and the
+    /// identities by the groups that select them: identities selected by the same groups (a
+    /// class) get the same entries up to the identity, so each class is folded once and its
+    /// entries are stamped with each member. Only identities with items of their own
+    /// (wildcard, synthesised and egress named-port entries) are folded one by one.
     pub fn compile(&self, ep: &EndpointInfo) -> EndpointPolicy {
         let mut plan = self.plan(ep);
         // Moved out rather than cloned: the kept plan's copy is only read after a policy
@@ -954,38 +1120,35 @@ impl Compiler {
         let mut eval = PeerEvaluator::new(&self.identities, &self.config.cluster_name);
         // Identities selected by each contribution (`None`: wildcard).
         let mut selected: Vec<Option<Rc<[Identity]>>> = Vec::new();
+        let mut groups = Groups::default();
+        // Keys (with `Identity::ANY`) and actions of each grouped contribution.
+        let mut templates: Vec<Vec<(PolicyKey, EntryAction)>> = Vec::new();
         if !plan.never {
+            templates.resize_with(plan.contributions.len(), Vec::new);
             for (ci, c) in plan.contributions.iter().enumerate() {
                 let Some(c) = c else {
                     selected.push(None);
                     continue;
                 };
-                let ids = c.peers.as_ref().map(|peers| match peers.as_slice() {
-                    [one] => eval.eval(one),
-                    many => {
-                        let mut v: Vec<Identity> =
-                            many.iter().flat_map(|p| eval.eval(p).to_vec()).collect();
-                        v.sort_unstable();
-                        v.dedup();
-                        v.into()
-                    }
-                });
-                match &ids {
-                    None => {
+                let ids = eval.eval_contribution(c);
+                match (&ids, &c.l4) {
+                    (None, _) => {
                         let keys = self.keys_for(c, Identity::ANY);
                         self.add_keys(&mut b, c, ci, Identity::ANY, &keys);
                     }
-                    Some(ids) => {
-                        if let L4::Fixed(keys) = &c.l4 {
-                            let templates = self.templates(c, keys);
-                            for &id in ids.iter() {
-                                push_items(&mut b, &templates, ci, id);
-                            }
-                        } else {
-                            for &id in ids.iter() {
-                                let keys = self.keys_for(c, id);
-                                self.add_keys(&mut b, c, ci, id, &keys);
-                            }
+                    (Some(ids), L4::Fixed(keys)) => {
+                        if !keys.is_empty()
+                            && !ids.is_empty()
+                            && let Some(t) = templates.get_mut(ci)
+                        {
+                            *t = self.templates(c, keys);
+                            groups.add(ids, c.peers.as_deref().map_or(0, <[Peer]>::len), ci);
+                        }
+                    }
+                    (Some(ids), L4::PerPeer(..)) => {
+                        for &id in ids.iter() {
+                            let keys = self.keys_for(c, id);
+                            self.add_keys(&mut b, c, ci, id, &keys);
                         }
                     }
                 }
@@ -993,7 +1156,7 @@ impl Compiler {
             }
         }
         self.add_synthetic(&mut b, &plan, None);
-        let (mut entries, items) = b.finish(&plan.contributions);
+        let (mut entries, items) = groups.finish(b, &templates, &plan.contributions);
         let deny_keys: BTreeSet<PolicyKey> = entries
             .iter()
             .filter(|(_, e)| e.action.is_deny())
@@ -1219,14 +1382,7 @@ impl Compiler {
         let (mut entries, mut runs) = b.finish(&plan.contributions);
         // Keep the pre-fold items and deny keys in step, for later policy updates.
         let items = Arc::make_mut(&mut policy.items);
-        match runs.remove(&id) {
-            Some(run) if !run.is_empty() => {
-                items.insert(id, run);
-            }
-            _ => {
-                items.remove(&id);
-            }
-        }
+        items.set(id, runs.remove(&id).unwrap_or_default());
         let deny_keys = Arc::make_mut(&mut policy.deny_keys);
         deny_keys.retain(|k| k.identity != id);
         deny_keys.extend(
