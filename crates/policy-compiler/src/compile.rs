@@ -18,7 +18,7 @@ use crate::mapstate::{
     EntryAction, MapState, MapStateDiff, PolicyEntry, PolicyKey, port_mask, port_range_prefixes,
     proto,
 };
-use crate::peer_index::PeerIndex;
+use crate::peer_index::{NeedsCache, PeerIndex};
 use crate::peers::{PeerEvaluator, peer_is_wildcard, peer_selects};
 use crate::prefold::PreFold;
 use crate::repository::PreparedPolicy;
@@ -544,16 +544,35 @@ impl Groups {
             rows.push((*id, Row::Own(i)));
         }
         rows.sort_unstable_by_key(|(id, _)| *id);
+        // Members not yet emitted, per class: the last one takes the entries instead of a copy.
+        let mut left = vec![0u32; class_entries.len()];
+        for (_, row) in &rows {
+            if let Row::Class(c) = row
+                && let Some(n) = left.get_mut(*c as usize)
+            {
+                *n += 1;
+            }
+        }
         // Emitted in identity order, each identity's keys in order: the map is bulk-built.
         let mut out: Vec<(PolicyKey, PolicyEntry)> = Vec::new();
+        let with_id = |id: Identity, k: &PolicyKey| PolicyKey { identity: id, ..*k };
         for (id, row) in rows {
             match row {
                 Row::Class(c) => {
-                    if let Some(es) = class_entries.get(c as usize) {
+                    let (Some(n), Some(es)) =
+                        (left.get_mut(c as usize), class_entries.get_mut(c as usize))
+                    else {
+                        continue;
+                    };
+                    *n -= 1;
+                    if *n == 0 {
                         out.extend(
-                            es.iter()
-                                .map(|(k, e)| (PolicyKey { identity: id, ..*k }, e.clone())),
+                            std::mem::take(es)
+                                .into_iter()
+                                .map(|(k, e)| (with_id(id, &k), e)),
                         );
+                    } else {
+                        out.extend(es.iter().map(|(k, e)| (with_id(id, k), e.clone())));
                     }
                 }
                 Row::Own(i) => {
@@ -980,13 +999,19 @@ impl Compiler {
         let mut own = Vec::new();
         let mut parts = Vec::new();
         let mut subjects = SubjectCache::default();
+        let mut needs = NeedsCache::default();
         for stored in self.repo.iter_prepared() {
             own.clear();
             if let Some(mut part) = self.plan_policy(stored, ep, &mut subjects, &mut own) {
                 for c in own.drain(..) {
                     let slot = u32::try_from(plan.contributions.len()).unwrap_or(NO_RULE);
-                    plan.index
-                        .add(slot, c.peers.as_deref(), &self.config.cluster_name);
+                    plan.index.add_numbered(
+                        slot,
+                        c.peers.as_deref(),
+                        &c.peer_ids,
+                        &self.config.cluster_name,
+                        &mut needs,
+                    );
                     part.slots.push(slot);
                     plan.contributions.push(Some(c));
                 }

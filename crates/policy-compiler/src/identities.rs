@@ -33,6 +33,17 @@ pub struct IdentityInfo {
 struct KeyIndex {
     all: BTreeSet<Identity>,
     by_value: HashMap<String, BTreeSet<Identity>>,
+    /// How many labels of this key each source holds: when one source holds them all, a
+    /// requirement bound to that source is settled by the index alone.
+    sources: BTreeMap<LabelSource, usize>,
+}
+
+impl KeyIndex {
+    /// Whether every label of this key comes from `source`.
+    fn only_source(&self, source: LabelSource) -> bool {
+        let mut it = self.sources.keys();
+        matches!((it.next(), it.next()), (Some(s), None) if *s == source)
+    }
 }
 
 /// A CIDR identity's place in the prefix index: (is IPv6, network address, prefix length), so
@@ -110,6 +121,7 @@ impl IdentityTable {
                 None => self.by_key.entry(l.key.clone()).or_default(),
             };
             k.all.insert(id);
+            *k.sources.entry(l.source).or_default() += 1;
             match k.by_value.get_mut(l.value.as_str()) {
                 Some(v) => {
                     v.insert(id);
@@ -146,6 +158,12 @@ impl IdentityTable {
                 continue;
             };
             k.all.remove(&id);
+            if let Some(n) = k.sources.get_mut(&l.source) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    k.sources.remove(&l.source);
+                }
+            }
             if let Some(v) = k.by_value.get_mut(l.value.as_str()) {
                 v.remove(&id);
                 if v.is_empty() {
@@ -246,12 +264,14 @@ impl IdentityTable {
     pub(crate) fn select(&self, sel: &Selector) -> Vec<Identity> {
         let mut sets: Vec<Candidates<'_>> = Vec::new();
         // The requirements the index sets do not settle: negative ones, and positive ones
-        // bound to a source (the index ignores sources).
+        // bound to a source (the index ignores sources) unless every label of the key comes
+        // from that source.
         let mut residual: Vec<&Requirement> = Vec::new();
         for r in sel.requirements() {
             let index = self.by_key.get(r.key.key.as_str());
             if matches!(r.operator, Operator::NotIn | Operator::DoesNotExist)
-                || r.key.source != LabelSource::Any
+                || (r.key.source != LabelSource::Any
+                    && !index.is_some_and(|k| k.only_source(r.key.source)))
             {
                 residual.push(r);
             }
@@ -371,6 +391,8 @@ mod tests {
             "tier",
             "k8s:tier",
             "extra",
+            "k8s:extra",
+            "container:extra",
             "nope",
         ] {
             for (op, v) in [
@@ -391,14 +413,23 @@ mod tests {
                 selectors.push(vec![a.clone(), b.clone()]);
             }
         }
-        for reqs in selectors {
-            let sel = Selector::new(reqs);
-            let brute: Vec<Identity> = t
-                .iter()
-                .filter(|(_, i)| sel.matches(&i.labels))
-                .map(|(id, _)| id)
-                .collect();
-            assert_eq!(t.select(&sel), brute, "{sel}");
+        let check = |t: &IdentityTable| {
+            for reqs in &selectors {
+                let sel = Selector::new(reqs.clone());
+                let brute: Vec<Identity> = t
+                    .iter()
+                    .filter(|(_, i)| sel.matches(&i.labels))
+                    .map(|(id, _)| id)
+                    .collect();
+                assert_eq!(t.select(&sel), brute, "{sel}");
+            }
+        };
+        check(&t);
+        // Removing the identities of one source leaves some keys with a single source, which
+        // the index then settles alone.
+        for i in (0..60u32).filter(|i| i % 3 != 0) {
+            t.remove(Identity(1000 + i));
         }
+        check(&t);
     }
 }
