@@ -260,23 +260,36 @@ impl IdentityTable {
 
     /// The identities a selector matches, sorted. Only identities that carry a label of
     /// every positive requirement's key (and value, for `In`) are tested: the smallest such
-    /// set is walked and the others are probed, so the exact test runs on their intersection.
+    /// set is walked and the others are probed, those in the sets of negative requirements
+    /// are dropped, and the exact test runs only for what the index cannot settle.
     pub(crate) fn select(&self, sel: &Selector) -> Vec<Identity> {
         let mut sets: Vec<Candidates<'_>> = Vec::new();
-        // The requirements the index sets do not settle: negative ones, and positive ones
-        // bound to a source (the index ignores sources) unless every label of the key comes
-        // from that source.
+        // Sets a match must not be in (negative requirements).
+        let mut excluded: Vec<&BTreeSet<Identity>> = Vec::new();
+        // The requirements the index sets do not settle: those bound to a source (the index
+        // ignores sources) unless every label of the key comes from that source.
         let mut residual: Vec<&Requirement> = Vec::new();
         for r in sel.requirements() {
             let index = self.by_key.get(r.key.key.as_str());
-            if matches!(r.operator, Operator::NotIn | Operator::DoesNotExist)
-                || (r.key.source != LabelSource::Any
-                    && !index.is_some_and(|k| k.only_source(r.key.source)))
+            if r.key.source != LabelSource::Any
+                && !index.is_some_and(|k| k.only_source(r.key.source))
             {
                 residual.push(r);
+                if matches!(r.operator, Operator::NotIn | Operator::DoesNotExist) {
+                    continue;
+                }
             }
             let set = match (r.operator, index) {
-                (Operator::NotIn | Operator::DoesNotExist, _) => continue,
+                // Nobody carries the key: a negative requirement holds for everybody.
+                (Operator::NotIn | Operator::DoesNotExist, None) => continue,
+                (Operator::DoesNotExist, Some(k)) => {
+                    excluded.push(&k.all);
+                    continue;
+                }
+                (Operator::NotIn, Some(k)) => {
+                    excluded.extend(r.values.iter().filter_map(|v| k.by_value.get(v.as_str())));
+                    continue;
+                }
                 // Nobody carries the key: a positive requirement matches nothing.
                 (_, None) => return Vec::new(),
                 (Operator::Exists, Some(k)) => Candidates::Set(&k.all),
@@ -300,11 +313,14 @@ impl IdentityTable {
             };
             sets.push(set);
         }
-        // Membership in every set settles the other requirements exactly.
+        // Membership in every set settles the other requirements exactly (the index sets
+        // only hold identities of the table).
         let exact = |id: &Identity| {
-            self.ids
-                .get(id)
-                .is_some_and(|i| residual.iter().all(|r| r.matches(&i.labels)))
+            residual.is_empty()
+                || self
+                    .ids
+                    .get(id)
+                    .is_some_and(|i| residual.iter().all(|r| r.matches(&i.labels)))
         };
         sets.sort_by_key(Candidates::len);
         let Some((driver, others)) = sets.split_first() else {
@@ -315,10 +331,48 @@ impl IdentityTable {
                 .map(|(id, _)| *id)
                 .collect();
         };
+        // Sets of a size near the driver's are walked along with it (both are sorted); much
+        // larger ones are probed.
+        let mut probes: Vec<Probe<'_, '_>> = others
+            .iter()
+            .map(|o| {
+                if o.len() > 16 * driver.len() {
+                    Probe::Lookup(o)
+                } else {
+                    Probe::Walk(o.iter().peekable())
+                }
+            })
+            .collect();
         driver
             .iter()
-            .filter(|id| others.iter().all(|o| o.contains(id)) && exact(id))
+            .filter(|id| {
+                probes.iter_mut().all(|p| p.holds(*id))
+                    && !excluded.iter().any(|x| x.contains(id))
+                    && exact(id)
+            })
             .collect()
+    }
+}
+
+/// How [`IdentityTable::select`] tests membership in one candidate set, for ascending
+/// identities.
+enum Probe<'s, 'a> {
+    /// A lookup per identity.
+    Lookup(&'s Candidates<'a>),
+    /// A cursor that moves forward with the identities asked for.
+    Walk(std::iter::Peekable<Box<dyn Iterator<Item = Identity> + 's>>),
+}
+
+impl Probe<'_, '_> {
+    /// Whether the set holds `id`; calls must come in ascending order of `id`.
+    fn holds(&mut self, id: Identity) -> bool {
+        match self {
+            Probe::Lookup(c) => c.contains(&id),
+            Probe::Walk(it) => {
+                while it.next_if(|x| *x < id).is_some() {}
+                it.peek() == Some(&id)
+            }
+        }
     }
 }
 
