@@ -7,7 +7,7 @@ use std::sync::Arc;
 use weir_identity::{Identity, LabelSet, ReservedIdentity, Selector};
 use weir_policy_model::{
     Direction, Enforcement, IpFamily, L7Rules, Peer, PeerRule, Peers, Policy, PolicyName, Port,
-    RuleRef, Section,
+    Rule, RuleRef, Section,
 };
 
 use crate::decide::{Decision, Flow, decide};
@@ -787,6 +787,38 @@ fn port_l7s(pr: &PeerRule) -> Vec<Option<Arc<L7Rules>>> {
         .collect()
 }
 
+/// What a plan needs of a rule besides its contributions, kept apart from the rule so that
+/// planning reads a few bytes per rule.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RuleSummary {
+    /// The repository's number of its subject.
+    pub(crate) subject: u64,
+    /// Whether it enables default deny, per direction.
+    pub(crate) default_deny: [bool; 2],
+    /// Whether it has rules or enforcement, per direction.
+    pub(crate) has_rules: [bool; 2],
+}
+
+impl RuleSummary {
+    /// The summary of `rule`, whose subject has number `subject`.
+    pub(crate) fn new(rule: &Rule, subject: u64) -> Self {
+        let mut out = RuleSummary {
+            subject,
+            default_deny: [false; 2],
+            has_rules: [false; 2],
+        };
+        for (di, sections) in [&rule.ingress, &rule.egress].into_iter().enumerate() {
+            if let (Some(d), Some(h)) = (out.default_deny.get_mut(di), out.has_rules.get_mut(di)) {
+                *d = sections.enforcement == Enforcement::DefaultDeny;
+                *h = sections.enforcement != Enforcement::None
+                    || !sections.allow.is_empty()
+                    || !sections.deny.is_empty();
+            }
+        }
+        out
+    }
+}
+
 /// Whether rule subjects select one endpoint, per distinct selector: many rules share their
 /// subject. Keyed by the repository's number of the selector.
 #[derive(Default)]
@@ -1028,34 +1060,23 @@ impl Compiler {
     /// no rule selects it. `prepared` is the policy's [`prepare`]d contributions.
     pub(crate) fn plan_policy(
         &self,
-        (policy, prepared, subject_ids): PreparedPolicy<'_>,
+        (policy, prepared, summaries): PreparedPolicy<'_>,
         ep: &EndpointInfo,
         subjects: &mut SubjectCache,
         out: &mut Vec<Arc<Contribution>>,
     ) -> Option<PolicyPart> {
         let mut part = PolicyPart::default();
         let mut selected = false;
-        for ((rule, prepared), &sid) in policy.rules.iter().zip(prepared).zip(subject_ids) {
-            if !subjects.matches(sid, &rule.subject, &ep.labels) {
+        for ((rule, prepared), summary) in policy.rules.iter().zip(prepared).zip(summaries) {
+            if !subjects.matches(summary.subject, &rule.subject, &ep.labels) {
                 continue;
             }
             selected = true;
-            for (dir, sections) in [
-                (Direction::Ingress, &rule.ingress),
-                (Direction::Egress, &rule.egress),
-            ] {
-                let di = dir_index(dir);
-                if sections.enforcement == Enforcement::DefaultDeny
-                    && let Some(d) = part.default_deny.get_mut(di)
-                {
-                    *d = true;
-                }
-                let has_rules = sections.enforcement != Enforcement::None
-                    || !sections.allow.is_empty()
-                    || !sections.deny.is_empty();
-                if has_rules && let Some(h) = part.has_rules.get_mut(di) {
-                    *h = true;
-                }
+            for (d, s) in part.default_deny.iter_mut().zip(summary.default_deny) {
+                *d |= s;
+            }
+            for (h, s) in part.has_rules.iter_mut().zip(summary.has_rules) {
+                *h |= s;
             }
             out.extend(prepared.iter().map(|p| match p {
                 Prepared::Ready(c) => c.clone(),

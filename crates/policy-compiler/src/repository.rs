@@ -6,7 +6,7 @@ use std::fmt;
 use weir_identity::{LabelSet, Selector};
 use weir_policy_model::{Peer, Policy, PolicyName};
 
-use crate::compile::{Prepared, prepare};
+use crate::compile::{Prepared, RuleSummary, prepare};
 use crate::intern::Interner;
 
 /// The repository's revision: it goes up by one on every change.
@@ -25,17 +25,17 @@ impl fmt::Display for Revision {
 struct Stored {
     policy: Policy,
     prepared: Vec<Vec<Prepared>>,
-    /// The number of each rule's subject (see [`PolicyRepository::subjects`]).
-    subjects: Vec<u64>,
+    /// Per rule: its subject's number (see [`PolicyRepository::subjects`]) and enforcement.
+    summaries: Vec<RuleSummary>,
 }
 
 /// A stored policy as a compile reads it: the policy, its prepared contributions per rule and
-/// the number of each rule's subject.
-pub(crate) type PreparedPolicy<'a> = (&'a Policy, &'a [Vec<Prepared>], &'a [u64]);
+/// a summary of each rule.
+pub(crate) type PreparedPolicy<'a> = (&'a Policy, &'a [Vec<Prepared>], &'a [RuleSummary]);
 
 impl Stored {
     fn read(&self) -> PreparedPolicy<'_> {
-        (&self.policy, &self.prepared, &self.subjects)
+        (&self.policy, &self.prepared, &self.summaries)
     }
 }
 
@@ -60,17 +60,17 @@ impl PolicyRepository {
     pub fn upsert(&mut self, policy: Policy) -> Revision {
         // Numbered before the old version is released, so what both share keeps its number.
         let prepared = prepare(&policy, &mut self.peers);
-        let subjects = policy
+        let summaries = policy
             .rules
             .iter()
-            .map(|r| self.subjects.intern(&r.subject))
+            .map(|r| RuleSummary::new(r, self.subjects.intern(&r.subject)))
             .collect();
         let old = self.policies.insert(
             policy.name.clone(),
             Stored {
                 policy,
                 prepared,
-                subjects,
+                summaries,
             },
         );
         if let Some(old) = old {
