@@ -157,7 +157,7 @@ pub(crate) struct Plan {
     /// Slots by the labels their peers need, for identity updates.
     pub(crate) index: PeerIndex,
     /// The policies with a rule selecting the endpoint.
-    pub(crate) policies: BTreeMap<PolicyName, PolicyPart>,
+    pub(crate) policies: BTreeMap<Arc<PolicyName>, PolicyPart>,
     /// The endpoint it was planned for.
     pub(crate) endpoint: Option<EndpointInfo>,
 }
@@ -179,7 +179,7 @@ impl Plan {
         for (name, part) in &self.policies {
             for (di, listed) in self.selected_by.iter_mut().enumerate() {
                 if part.has_rules.get(di).copied().unwrap_or(false) {
-                    listed.push(name.clone());
+                    listed.push(PolicyName::clone(name));
                 }
             }
             for (d, p) in default_deny.iter_mut().zip(part.default_deny) {
@@ -855,8 +855,11 @@ pub(crate) enum Prepared {
 /// The contributions of every rule of `policy`, per rule, in the order a plan lists them:
 /// ingress then egress, allows then denies, peer rules in order. Peer rules that allow
 /// nothing are left out.
-pub(crate) fn prepare(policy: &Policy, numbers: &mut Interner<Peer>) -> Vec<Vec<Prepared>> {
-    let owner = Arc::new(policy.name.clone());
+pub(crate) fn prepare(
+    policy: &Policy,
+    owner: &Arc<PolicyName>,
+    numbers: &mut Interner<Peer>,
+) -> Vec<Vec<Prepared>> {
     policy
         .rules
         .iter()
@@ -1047,7 +1050,7 @@ impl Compiler {
                     part.slots.push(slot);
                     plan.contributions.push(Some(c));
                 }
-                parts.push((stored.0.name.clone(), part));
+                parts.push((stored.3.clone(), part));
             }
         }
         // In name order: bulk-built.
@@ -1060,7 +1063,7 @@ impl Compiler {
     /// no rule selects it. `prepared` is the policy's [`prepare`]d contributions.
     pub(crate) fn plan_policy(
         &self,
-        (policy, prepared, summaries): PreparedPolicy<'_>,
+        (policy, prepared, summaries, _): PreparedPolicy<'_>,
         ep: &EndpointInfo,
         subjects: &mut SubjectCache,
         out: &mut Vec<Arc<Contribution>>,

@@ -231,13 +231,15 @@ impl IdentityTable {
         &'a self,
         label: &'a Label,
     ) -> impl Iterator<Item = Identity> + 'a {
-        self.by_key
-            .get(label.key.as_str())
+        let index = self.by_key.get(label.key.as_str());
+        // The index ignores sources: test them unless one source holds every label of the key.
+        let exact = index.is_some_and(|k| k.only_source(label.source));
+        index
             .and_then(|k| k.by_value.get(label.value.as_str()))
             .into_iter()
             .flatten()
             .copied()
-            .filter(move |id| self.ids.get(id).is_some_and(|i| i.labels.contains(label)))
+            .filter(move |id| exact || self.ids.get(id).is_some_and(|i| i.labels.contains(label)))
     }
 
     /// Identities whose CIDR prefix lies inside `cidr` (no other test).

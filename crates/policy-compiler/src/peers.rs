@@ -174,16 +174,26 @@ impl<'a> PeerEvaluator<'a> {
         };
         let ids: Vec<Identity> = match peer {
             Peer::Endpoints(sel) => table.select(sel),
-            Peer::Entity(Entity::Cluster) => {
-                let mut v: Vec<Identity> = (1..=10)
-                    .map(Identity)
-                    .chain(table.with_label(&Label::k8s(CLUSTER_LABEL_KEY, self.cluster_name)))
-                    .filter(|id| test(*id))
-                    .collect();
-                v.sort_unstable();
-                v.dedup();
-                v
-            }
+            // Beyond the reserved identities, the cluster label is the whole test.
+            Peer::Entity(Entity::Cluster) => (1..=10)
+                .map(Identity)
+                .filter(|id| test(*id))
+                .chain(
+                    table
+                        .with_label(&Label::k8s(CLUSTER_LABEL_KEY, self.cluster_name))
+                        .filter(|id| !id.is_reserved()),
+                )
+                .collect(),
+            // Beyond the reserved identities, `reserved:world` is the whole test.
+            Peer::Entity(Entity::World) => (1..=10)
+                .map(Identity)
+                .filter(|id| test(*id))
+                .chain(
+                    table
+                        .with_label(&world_label())
+                        .filter(|id| !id.is_reserved()),
+                )
+                .collect(),
             Peer::Entity(Entity::All | Entity::None) => Vec::new(),
             Peer::Entity(_) => (1..=10)
                 .map(Identity)

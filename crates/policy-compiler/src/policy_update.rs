@@ -119,7 +119,7 @@ impl Compiler {
         // Enforcement with the new part in place of the old.
         let mut default_deny = new_part.default_deny;
         for (n, p) in &old.policies {
-            if n != name {
+            if **n != *name {
                 for (d, x) in default_deny.iter_mut().zip(p.default_deny) {
                     *d |= x;
                 }
@@ -179,7 +179,7 @@ impl Compiler {
         match part {
             Some(mut p) => {
                 p.slots = slots.clone();
-                plan.policies.insert(name.clone(), p);
+                plan.policies.insert(Arc::new(name.clone()), p);
             }
             None => {
                 plan.policies.remove(name);

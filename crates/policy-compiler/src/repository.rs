@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use weir_identity::{LabelSet, Selector};
 use weir_policy_model::{Peer, Policy, PolicyName};
@@ -27,15 +28,22 @@ struct Stored {
     prepared: Vec<Vec<Prepared>>,
     /// Per rule: its subject's number (see [`PolicyRepository::subjects`]) and enforcement.
     summaries: Vec<RuleSummary>,
+    /// The policy's name, shared with its contributions and the plans listing it.
+    name: Arc<PolicyName>,
 }
 
 /// A stored policy as a compile reads it: the policy, its prepared contributions per rule and
-/// a summary of each rule.
-pub(crate) type PreparedPolicy<'a> = (&'a Policy, &'a [Vec<Prepared>], &'a [RuleSummary]);
+/// a summary of each rule, and its name as its contributions share it.
+pub(crate) type PreparedPolicy<'a> = (
+    &'a Policy,
+    &'a [Vec<Prepared>],
+    &'a [RuleSummary],
+    &'a Arc<PolicyName>,
+);
 
 impl Stored {
     fn read(&self) -> PreparedPolicy<'_> {
-        (&self.policy, &self.prepared, &self.summaries)
+        (&self.policy, &self.prepared, &self.summaries, &self.name)
     }
 }
 
@@ -59,7 +67,8 @@ impl PolicyRepository {
     /// Adds or replaces the policy with this name; returns the new revision.
     pub fn upsert(&mut self, policy: Policy) -> Revision {
         // Numbered before the old version is released, so what both share keeps its number.
-        let prepared = prepare(&policy, &mut self.peers);
+        let name = Arc::new(policy.name.clone());
+        let prepared = prepare(&policy, &name, &mut self.peers);
         let summaries = policy
             .rules
             .iter()
@@ -71,6 +80,7 @@ impl PolicyRepository {
                 policy,
                 prepared,
                 summaries,
+                name,
             },
         );
         if let Some(old) = old {
