@@ -628,19 +628,26 @@ pub(crate) fn fold_with(
         }
         last = i.rule;
     }
-    let derived_from = match sets.sets.get(sets.scratch.as_slice()) {
-        Some(set) => set.clone(),
-        None => {
-            // Collected, then bulk-built: in a fresh plan slot order is rule order, so the
-            // sort inside `collect` sees a sorted run.
-            let set: BTreeSet<Arc<RuleRef>> = sets
-                .scratch
-                .iter()
-                .filter_map(|&r| rules.get(r as usize).and_then(|c| c.as_ref()))
-                .map(|c| c.rule.clone())
-                .collect();
-            sets.sets.insert(sets.scratch.clone(), set.clone());
-            set
+    // Collected, then bulk-built: in a fresh plan slot order is rule order, so the sort
+    // inside `collect` sees a sorted run.
+    let build = |scratch: &[u32]| -> BTreeSet<Arc<RuleRef>> {
+        scratch
+            .iter()
+            .filter_map(|&r| rules.get(r as usize).and_then(|c| c.as_ref()))
+            .map(|c| c.rule.clone())
+            .collect()
+    };
+    let derived_from = if sets.scratch.len() <= 2 {
+        // As cheap to build as to copy: not worth a lookup.
+        build(&sets.scratch)
+    } else {
+        match sets.sets.get(sets.scratch.as_slice()) {
+            Some(set) => set.clone(),
+            None => {
+                let set = build(&sets.scratch);
+                sets.sets.insert(sets.scratch.clone(), set.clone());
+                set
+            }
         }
     };
     let action = if is_deny {
