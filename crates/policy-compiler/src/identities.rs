@@ -2,7 +2,7 @@
 //! inverted index so a selector is evaluated only against identities that can match it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ipnet::IpNet;
 use weir_identity::{
@@ -28,11 +28,58 @@ pub struct IdentityInfo {
     pub(crate) world: bool,
 }
 
+/// A set of identities of the label index: a tree for updates, and a sorted array built on
+/// first read after a change, which a compile walks and probes several times faster.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct IdSet {
+    set: BTreeSet<Identity>,
+    sorted: OnceLock<Vec<Identity>>,
+}
+
+impl IdSet {
+    fn one(id: Identity) -> Self {
+        IdSet {
+            set: BTreeSet::from([id]),
+            sorted: OnceLock::new(),
+        }
+    }
+
+    fn insert(&mut self, id: Identity) {
+        if self.set.insert(id) {
+            self.sorted = OnceLock::new();
+        }
+    }
+
+    fn remove(&mut self, id: &Identity) {
+        if self.set.remove(id) {
+            self.sorted = OnceLock::new();
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// The identities, ascending.
+    fn slice(&self) -> &[Identity] {
+        self.sorted
+            .get_or_init(|| self.set.iter().copied().collect())
+    }
+
+    fn contains(&self, id: &Identity) -> bool {
+        self.slice().binary_search(id).is_ok()
+    }
+}
+
 /// The identities holding labels of one key (without source), overall and per value.
 #[derive(Debug, Clone, Default)]
 struct KeyIndex {
-    all: BTreeSet<Identity>,
-    by_value: HashMap<String, BTreeSet<Identity>>,
+    all: IdSet,
+    by_value: HashMap<String, IdSet>,
     /// How many labels of this key each source holds: when one source holds them all, a
     /// requirement bound to that source is settled by the index alone.
     sources: BTreeMap<LabelSource, usize>,
@@ -127,7 +174,7 @@ impl IdentityTable {
                     v.insert(id);
                 }
                 None => {
-                    k.by_value.insert(l.value.clone(), BTreeSet::from([id]));
+                    k.by_value.insert(l.value.clone(), IdSet::one(id));
                 }
             }
         }
@@ -236,6 +283,7 @@ impl IdentityTable {
         let exact = index.is_some_and(|k| k.only_source(label.source));
         index
             .and_then(|k| k.by_value.get(label.value.as_str()))
+            .map(IdSet::slice)
             .into_iter()
             .flatten()
             .copied()
@@ -267,7 +315,7 @@ impl IdentityTable {
     pub(crate) fn select(&self, sel: &Selector) -> Vec<Identity> {
         let mut sets: Vec<Candidates<'_>> = Vec::new();
         // Sets a match must not be in (negative requirements).
-        let mut excluded: Vec<&BTreeSet<Identity>> = Vec::new();
+        let mut excluded: Vec<&IdSet> = Vec::new();
         // The requirements the index sets do not settle: those bound to a source (the index
         // ignores sources) unless every label of the key comes from that source.
         let mut residual: Vec<&Requirement> = Vec::new();
@@ -304,8 +352,13 @@ impl IdentityTable {
                         (None, _) => return Vec::new(),
                         (Some(one), None) => Candidates::Set(one),
                         (Some(a), Some(b)) => {
-                            let mut v: Vec<Identity> =
-                                a.iter().chain(b).chain(found.flatten()).copied().collect();
+                            let mut v: Vec<Identity> = a
+                                .slice()
+                                .iter()
+                                .chain(b.slice())
+                                .chain(found.flat_map(IdSet::slice))
+                                .copied()
+                                .collect();
                             v.sort_unstable();
                             v.dedup();
                             Candidates::Sorted(v)
@@ -381,7 +434,7 @@ impl Probe<'_, '_> {
 /// The identities that can satisfy one positive requirement, sorted.
 enum Candidates<'a> {
     /// One index set.
-    Set(&'a BTreeSet<Identity>),
+    Set(&'a IdSet),
     /// The union of several (`In` with several values).
     Sorted(Vec<Identity>),
 }
@@ -403,7 +456,7 @@ impl Candidates<'_> {
 
     fn iter(&self) -> Box<dyn Iterator<Item = Identity> + '_> {
         match self {
-            Candidates::Set(s) => Box::new(s.iter().copied()),
+            Candidates::Set(s) => Box::new(s.slice().iter().copied()),
             Candidates::Sorted(v) => Box::new(v.iter().copied()),
         }
     }

@@ -66,7 +66,8 @@ pub(crate) struct NeedsCache(
 /// Contribution slots by the labels their peers need.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PeerIndex {
-    by_hash: HashMap<u64, Vec<u32>>,
+    /// The keys are hashes already: mixed once more, cheaply.
+    by_hash: HashMap<u64, Vec<u32>, std::hash::BuildHasherDefault<IdHasher>>,
     always: Vec<u32>,
 }
 
