@@ -4,6 +4,7 @@
 //! egress named ports) fall back to a full compile.
 
 use std::collections::BTreeSet;
+use std::ops::Bound;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -118,11 +119,17 @@ impl Compiler {
         let new_part = part.clone().unwrap_or_default();
         // Enforcement with the new part in place of the old.
         let mut default_deny = new_part.default_deny;
-        for (n, p) in &old.policies {
-            if **n != *name {
-                for (d, x) in default_deny.iter_mut().zip(p.default_deny) {
-                    *d |= x;
-                }
+        // Every other policy: the ranges before and after the name, so that no name is
+        // compared on the way.
+        let before = old
+            .policies
+            .range::<PolicyName, _>((Bound::Unbounded, Bound::Excluded(name)));
+        let after = old
+            .policies
+            .range::<PolicyName, _>((Bound::Excluded(name), Bound::Unbounded));
+        for p in before.chain(after).map(|(_, p)| p) {
+            for (d, x) in default_deny.iter_mut().zip(p.default_deny) {
+                *d |= x;
             }
         }
         let enforced = match self.config.enforcement {
