@@ -18,7 +18,7 @@ use weir_policy_model::{
 
 const SEED: u64 = 0x5EED;
 
-/// 3k rules × 1k identities, its output floor, and 10k × 10k.
+/// 3k rules × 1k identities and 10k × 10k, each with its output floor.
 fn compile(c: &mut Criterion) {
     let mut g = c.benchmark_group("compile");
     g.sample_size(10)
@@ -55,12 +55,26 @@ fn compile(c: &mut Criterion) {
         return;
     };
     let ep = big_cluster.endpoint.clone();
+    let big_compiled = big.compile(&ep);
     eprintln!(
         "compile 10k x 10k: {} map entries",
-        big.compile(&ep).map_state.len()
+        big_compiled.map_state.len()
     );
     g.bench_function("10k_rules_x_10k_ids", |b| {
         b.iter(|| black_box(big.compile(black_box(&ep))))
+    });
+    // Its floor: the output's rule sets grow faster than its entries (many rules per key).
+    let big_entries: Vec<(PolicyKey, PolicyEntry)> = big_compiled
+        .map_state
+        .iter()
+        .map(|(k, e)| (*k, e.clone()))
+        .collect();
+    g.bench_function("10k_x_10k_output_floor", |b| {
+        b.iter(|| {
+            let m: BTreeMap<PolicyKey, PolicyEntry> =
+                black_box(&big_entries).iter().cloned().collect();
+            black_box(m)
+        })
     });
     g.finish();
 }

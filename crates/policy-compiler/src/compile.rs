@@ -7,18 +7,21 @@ use std::sync::Arc;
 use weir_identity::{Identity, LabelSet, ReservedIdentity, Selector};
 use weir_policy_model::{
     Direction, Enforcement, IpFamily, L7Rules, Peer, PeerRule, Peers, Policy, PolicyName, Port,
-    RuleRef, Section,
+    Rule, RuleRef, Section,
 };
 
 use crate::decide::{Decision, Flow, decide};
 use crate::identities::{IdentityTable, NamedPorts};
+use crate::intern::Interner;
 use crate::l7::{L7Contribution, L7Peers, L7Policy, L7Verdict};
 use crate::mapstate::{
     EntryAction, MapState, MapStateDiff, PolicyEntry, PolicyKey, port_mask, port_range_prefixes,
     proto,
 };
-use crate::peer_index::PeerIndex;
+use crate::peer_index::{NeedsCache, PeerIndex};
 use crate::peers::{PeerEvaluator, peer_is_wildcard, peer_selects};
+use crate::prefold::PreFold;
+use crate::repository::PreparedPolicy;
 use crate::repository::{PolicyRepository, Revision};
 
 /// Priority of HTTP proxy redirects (see [`EntryAction::Redirect`]).
@@ -123,6 +126,8 @@ pub(crate) struct Contribution {
     pub(crate) owner: Arc<PolicyName>,
     /// `None`: the identity wildcard.
     pub(crate) peers: Option<Vec<Peer>>,
+    /// The repository's number of each peer (see [`crate::intern::Interner`]).
+    pub(crate) peer_ids: Vec<u64>,
     pub(crate) l4: L4,
 }
 
@@ -152,7 +157,7 @@ pub(crate) struct Plan {
     /// Slots by the labels their peers need, for identity updates.
     pub(crate) index: PeerIndex,
     /// The policies with a rule selecting the endpoint.
-    pub(crate) policies: BTreeMap<PolicyName, PolicyPart>,
+    pub(crate) policies: BTreeMap<Arc<PolicyName>, PolicyPart>,
     /// The endpoint it was planned for.
     pub(crate) endpoint: Option<EndpointInfo>,
 }
@@ -174,7 +179,7 @@ impl Plan {
         for (name, part) in &self.policies {
             for (di, listed) in self.selected_by.iter_mut().enumerate() {
                 if part.has_rules.get(di).copied().unwrap_or(false) {
-                    listed.push(name.clone());
+                    listed.push(PolicyName::clone(name));
                 }
             }
             for (d, p) in default_deny.iter_mut().zip(part.default_deny) {
@@ -220,9 +225,10 @@ pub struct EndpointPolicy {
     /// The L7 rules for redirected ports.
     pub l7: L7Policy,
     pub(crate) plan: Arc<Plan>,
-    /// Every (key, contribution) pair before folding, per remote identity, sorted by key then
-    /// contribution: what an incremental update re-folds for the keys it touches.
-    pub(crate) items: Arc<BTreeMap<Identity, Vec<Item>>>,
+    /// Every (key, contribution) pair before folding, per remote identity (shared by classes
+    /// of identities), sorted by key then contribution: what an incremental update re-folds
+    /// for the keys it touches.
+    pub(crate) items: Arc<PreFold>,
     /// The keys that are denies before deny resolution.
     pub(crate) deny_keys: Arc<BTreeSet<PolicyKey>>,
 }
@@ -315,6 +321,9 @@ impl std::hash::Hasher for IdHasher {
     fn write_usize(&mut self, n: usize) {
         self.mix(n as u64);
     }
+    fn write_u64(&mut self, n: u64) {
+        self.mix(n);
+    }
 }
 
 impl IdHasher {
@@ -368,30 +377,214 @@ impl Builder {
         let mut out = Vec::new();
         let mut sets = RuleSets::default();
         for (_, run) in runs.iter_mut() {
-            // Same order as (key, rule): the identity is the run's, the rest packs into
-            // one integer in field order.
-            run.sort_unstable_by_key(|a| {
-                let k = a.key;
-                (u64::from(dir_index(k.direction) as u8) << 61)
-                    | (u64::from(k.protocol) << 53)
-                    | (u64::from(k.port) << 37)
-                    | (u64::from(k.prefix_len) << 32)
-                    | u64::from(a.rule)
-            });
-            let mut rest = run.as_slice();
-            while let Some(first) = rest.first() {
-                let n = rest
-                    .iter()
-                    .position(|i| i.key != first.key)
-                    .unwrap_or(rest.len());
-                let (group, tail) = rest.split_at(n);
-                out.push((first.key, fold_with(group, rules, &mut sets)));
-                rest = tail;
-            }
+            sort_run(run);
+            fold_run(run, rules, &mut sets, &mut out);
         }
         // Sorted input (runs in identity order, keys start with the identity): both maps are
         // bulk-built.
         (out.into_iter().collect(), runs.into_iter().collect())
+    }
+}
+
+/// Sorts the items of one identity by key, then rule.
+pub(crate) fn sort_run(run: &mut [Item]) {
+    // Same order as (key, rule): the identity is the run's, the rest packs into one integer
+    // in field order.
+    run.sort_unstable_by_key(|a| {
+        let k = a.key;
+        (u64::from(dir_index(k.direction) as u8) << 61)
+            | (u64::from(k.protocol) << 53)
+            | (u64::from(k.port) << 37)
+            | (u64::from(k.prefix_len) << 32)
+            | u64::from(a.rule)
+    });
+}
+
+/// Folds a sorted run (one identity) into one entry per key, appended to `out` in key order.
+fn fold_run(
+    run: &[Item],
+    rules: &[Option<Arc<Contribution>>],
+    sets: &mut RuleSets,
+    out: &mut Vec<(PolicyKey, PolicyEntry)>,
+) {
+    let mut rest = run;
+    while let Some(first) = rest.first() {
+        let n = rest
+            .iter()
+            .position(|i| i.key != first.key)
+            .unwrap_or(rest.len());
+        let (group, tail) = rest.split_at(n);
+        out.push((first.key, fold_with(group, rules, sets)));
+        rest = tail;
+    }
+}
+
+/// Contributions with fixed keys, grouped by the identity set they select (see
+/// [`Compiler::compile`]).
+#[derive(Default)]
+struct Groups {
+    /// Per group: the identities and the contribution indices, in slot order.
+    groups: Vec<(Rc<[Identity]>, Vec<u32>)>,
+    /// Group by the address of a set shared through the peer evaluator's cache.
+    by_ptr: HashMap<usize, u32, std::hash::BuildHasherDefault<IdHasher>>,
+    /// Group by content, for the unions of several peers (each built afresh).
+    by_content: HashMap<Rc<[Identity]>, u32>,
+}
+
+/// Where an identity's entries come from when the output is assembled.
+#[derive(Clone, Copy)]
+enum Row {
+    /// A class's entries, stamped.
+    Class(u32),
+    /// A run of its own (index into the own runs).
+    Own(usize),
+}
+
+impl Groups {
+    /// Adds contribution `ci`, which selects `ids` through `n_peers` peers.
+    fn add(&mut self, ids: &Rc<[Identity]>, n_peers: usize, ci: usize) {
+        let next = u32::try_from(self.groups.len()).unwrap_or(u32::MAX);
+        let g = if n_peers == 1 {
+            // Kept alive in `groups`, so the address is not reused while the map lives.
+            *self
+                .by_ptr
+                .entry(Rc::as_ptr(ids) as *const Identity as usize)
+                .or_insert(next)
+        } else {
+            *self.by_content.entry(ids.clone()).or_insert(next)
+        };
+        if g == next {
+            self.groups.push((ids.clone(), Vec::new()));
+        }
+        if let Some((_, cs)) = self.groups.get_mut(g as usize) {
+            cs.push(u32::try_from(ci).unwrap_or(NO_RULE));
+        }
+    }
+
+    /// The items of `sig`'s groups with `id` in their keys, appended to `out`.
+    fn push_items(
+        &self,
+        sig: &[u32],
+        templates: &[Vec<(PolicyKey, EntryAction)>],
+        id: Identity,
+        out: &mut Vec<Item>,
+    ) {
+        for &g in sig {
+            let Some((_, cs)) = self.groups.get(g as usize) else {
+                continue;
+            };
+            for &ci in cs {
+                let Some(t) = templates.get(ci as usize) else {
+                    continue;
+                };
+                out.extend(t.iter().map(|&(key, action)| Item {
+                    key: PolicyKey {
+                        identity: id,
+                        ..key
+                    },
+                    rule: ci,
+                    action,
+                }));
+            }
+        }
+    }
+
+    /// The folded entries of the groups plus the items in `b` (which hold every item that is
+    /// not from a group), and the pre-fold items to keep.
+    fn finish(
+        self,
+        b: Builder,
+        templates: &[Vec<(PolicyKey, EntryAction)>],
+        rules: &[Option<Arc<Contribution>>],
+    ) -> (BTreeMap<PolicyKey, PolicyEntry>, PreFold) {
+        // The groups selecting each identity, in group order.
+        let mut sigs: IdMap<Vec<u32>> = IdMap::default();
+        for (g, (ids, _)) in self.groups.iter().enumerate() {
+            let g = u32::try_from(g).unwrap_or(u32::MAX);
+            for &id in ids.iter() {
+                sigs.entry(id).or_default().push(g);
+            }
+        }
+        let mut own_runs = b.into_runs();
+        let mut rows: Vec<(Identity, Row)> = Vec::with_capacity(sigs.len() + own_runs.len());
+        let mut class_by_sig: HashMap<Vec<u32>, u32, std::hash::BuildHasherDefault<IdHasher>> =
+            HashMap::default();
+        let mut class_of: IdMap<u32> = IdMap::default();
+        for (id, sig) in sigs {
+            if let Some(run) = own_runs.get_mut(&id) {
+                // Items of its own too: folded alone, with its group items.
+                self.push_items(&sig, templates, id, run);
+                continue;
+            }
+            let next = u32::try_from(class_by_sig.len()).unwrap_or(u32::MAX);
+            let c = *class_by_sig.entry(sig).or_insert(next);
+            class_of.insert(id, c);
+            rows.push((id, Row::Class(c)));
+        }
+        let mut sets = RuleSets::default();
+        let mut class_sigs: Vec<(u32, Vec<u32>)> =
+            class_by_sig.into_iter().map(|(s, c)| (c, s)).collect();
+        class_sigs.sort_unstable_by_key(|(c, _)| *c);
+        let mut classes: Vec<Arc<[Item]>> = Vec::with_capacity(class_sigs.len());
+        let mut class_entries: Vec<Vec<(PolicyKey, PolicyEntry)>> =
+            Vec::with_capacity(class_sigs.len());
+        for (_, sig) in &class_sigs {
+            let mut run = Vec::new();
+            self.push_items(sig, templates, Identity::ANY, &mut run);
+            sort_run(&mut run);
+            let mut folded = Vec::new();
+            fold_run(&run, rules, &mut sets, &mut folded);
+            class_entries.push(folded);
+            classes.push(run.into());
+        }
+        let mut own: Vec<(Identity, Vec<Item>)> =
+            own_runs.drain().filter(|(_, r)| !r.is_empty()).collect();
+        for (i, (id, run)) in own.iter_mut().enumerate() {
+            sort_run(run);
+            rows.push((*id, Row::Own(i)));
+        }
+        rows.sort_unstable_by_key(|(id, _)| *id);
+        // Members not yet emitted, per class: the last one takes the entries instead of a copy.
+        let mut left = vec![0u32; class_entries.len()];
+        for (_, row) in &rows {
+            if let Row::Class(c) = row
+                && let Some(n) = left.get_mut(*c as usize)
+            {
+                *n += 1;
+            }
+        }
+        // Emitted in identity order, each identity's keys in order: the map is bulk-built.
+        let mut out: Vec<(PolicyKey, PolicyEntry)> = Vec::new();
+        let with_id = |id: Identity, k: &PolicyKey| PolicyKey { identity: id, ..*k };
+        for (id, row) in rows {
+            match row {
+                Row::Class(c) => {
+                    let (Some(n), Some(es)) =
+                        (left.get_mut(c as usize), class_entries.get_mut(c as usize))
+                    else {
+                        continue;
+                    };
+                    *n -= 1;
+                    if *n == 0 {
+                        out.extend(
+                            std::mem::take(es)
+                                .into_iter()
+                                .map(|(k, e)| (with_id(id, &k), e)),
+                        );
+                    } else {
+                        out.extend(es.iter().map(|(k, e)| (with_id(id, k), e.clone())));
+                    }
+                }
+                Row::Own(i) => {
+                    if let Some((_, run)) = own.get(i) {
+                        fold_run(run, rules, &mut sets, &mut out);
+                    }
+                }
+            }
+        }
+        let entries = out.into_iter().collect();
+        let prefold = PreFold::new(classes, class_of, own.into_iter().collect());
+        (entries, prefold)
     }
 }
 
@@ -435,19 +628,26 @@ pub(crate) fn fold_with(
         }
         last = i.rule;
     }
-    let derived_from = match sets.sets.get(sets.scratch.as_slice()) {
-        Some(set) => set.clone(),
-        None => {
-            // Collected, then bulk-built: in a fresh plan slot order is rule order, so the
-            // sort inside `collect` sees a sorted run.
-            let set: BTreeSet<Arc<RuleRef>> = sets
-                .scratch
-                .iter()
-                .filter_map(|&r| rules.get(r as usize).and_then(|c| c.as_ref()))
-                .map(|c| c.rule.clone())
-                .collect();
-            sets.sets.insert(sets.scratch.clone(), set.clone());
-            set
+    // Collected, then bulk-built: in a fresh plan slot order is rule order, so the sort
+    // inside `collect` sees a sorted run.
+    let build = |scratch: &[u32]| -> BTreeSet<Arc<RuleRef>> {
+        scratch
+            .iter()
+            .filter_map(|&r| rules.get(r as usize).and_then(|c| c.as_ref()))
+            .map(|c| c.rule.clone())
+            .collect()
+    };
+    let derived_from = if sets.scratch.len() <= 2 {
+        // As cheap to build as to copy: not worth a lookup.
+        build(&sets.scratch)
+    } else {
+        match sets.sets.get(sets.scratch.as_slice()) {
+            Some(set) => set.clone(),
+            None => {
+                let set = build(&sets.scratch);
+                sets.sets.insert(sets.scratch.clone(), set.clone());
+                set
+            }
         }
     };
     let action = if is_deny {
@@ -514,21 +714,6 @@ fn resolve_denies(
             },
         );
     }
-}
-
-/// Pushes a contribution's keys (see [`Compiler::templates`]) for one identity.
-fn push_items(b: &mut Builder, templates: &[(PolicyKey, EntryAction)], ci: usize, id: Identity) {
-    let rule = u32::try_from(ci).unwrap_or(NO_RULE);
-    b.run(id)
-        .extend(templates.iter().map(|&(key, action)| Item {
-            // Key normalisation does not depend on the identity.
-            key: PolicyKey {
-                identity: id,
-                ..key
-            },
-            rule,
-            action,
-        }));
 }
 
 /// Resolves a peer rule's L4 part. `named` looks up a named port (in the endpoint's ports for
@@ -609,19 +794,52 @@ fn port_l7s(pr: &PeerRule) -> Vec<Option<Arc<L7Rules>>> {
         .collect()
 }
 
-/// Whether rule subjects select one endpoint, per distinct selector: many rules share their
-/// subject, and hashing a selector costs less than testing it against the labels.
-#[derive(Default)]
-pub(crate) struct SubjectCache<'a> {
-    seen: HashMap<&'a Selector, bool, std::hash::BuildHasherDefault<IdHasher>>,
+/// What a plan needs of a rule besides its contributions, kept apart from the rule so that
+/// planning reads a few bytes per rule.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RuleSummary {
+    /// The repository's number of its subject.
+    pub(crate) subject: u64,
+    /// Whether it enables default deny, per direction.
+    pub(crate) default_deny: [bool; 2],
+    /// Whether it has rules or enforcement, per direction.
+    pub(crate) has_rules: [bool; 2],
 }
 
-impl<'a> SubjectCache<'a> {
-    /// `subject.matches(labels)`; `labels` must be the same in every call.
-    pub(crate) fn matches(&mut self, subject: &'a Selector, labels: &LabelSet) -> bool {
+impl RuleSummary {
+    /// The summary of `rule`, whose subject has number `subject`.
+    pub(crate) fn new(rule: &Rule, subject: u64) -> Self {
+        let mut out = RuleSummary {
+            subject,
+            default_deny: [false; 2],
+            has_rules: [false; 2],
+        };
+        for (di, sections) in [&rule.ingress, &rule.egress].into_iter().enumerate() {
+            if let (Some(d), Some(h)) = (out.default_deny.get_mut(di), out.has_rules.get_mut(di)) {
+                *d = sections.enforcement == Enforcement::DefaultDeny;
+                *h = sections.enforcement != Enforcement::None
+                    || !sections.allow.is_empty()
+                    || !sections.deny.is_empty();
+            }
+        }
+        out
+    }
+}
+
+/// Whether rule subjects select one endpoint, per distinct selector: many rules share their
+/// subject. Keyed by the repository's number of the selector.
+#[derive(Default)]
+pub(crate) struct SubjectCache {
+    seen: HashMap<u64, bool, std::hash::BuildHasherDefault<IdHasher>>,
+}
+
+impl SubjectCache {
+    /// `subject.matches(labels)`; `id` is the subject's number, and `labels` must be the same
+    /// in every call.
+    pub(crate) fn matches(&mut self, id: u64, subject: &Selector, labels: &LabelSet) -> bool {
         *self
             .seen
-            .entry(subject)
+            .entry(id)
             .or_insert_with(|| subject.matches(labels))
     }
 }
@@ -644,8 +862,11 @@ pub(crate) enum Prepared {
 /// The contributions of every rule of `policy`, per rule, in the order a plan lists them:
 /// ingress then egress, allows then denies, peer rules in order. Peer rules that allow
 /// nothing are left out.
-pub(crate) fn prepare(policy: &Policy) -> Vec<Vec<Prepared>> {
-    let owner = Arc::new(policy.name.clone());
+pub(crate) fn prepare(
+    policy: &Policy,
+    owner: &Arc<PolicyName>,
+    numbers: &mut Interner<Peer>,
+) -> Vec<Vec<Prepared>> {
     policy
         .rules
         .iter()
@@ -676,6 +897,7 @@ pub(crate) fn prepare(policy: &Policy) -> Vec<Vec<Prepared>> {
                             Peers::List(l) if l.iter().any(peer_is_wildcard) => None,
                             Peers::List(l) => Some(l.clone()),
                         };
+                        let peer_ids = peers.iter().flatten().map(|p| numbers.intern(p)).collect();
                         let l7s = port_l7s(pr);
                         let named = has_named_port(pr);
                         let l4 = match (dir, named) {
@@ -689,6 +911,7 @@ pub(crate) fn prepare(policy: &Policy) -> Vec<Vec<Prepared>> {
                             rule: rule_ref,
                             owner: owner.clone(),
                             peers,
+                            peer_ids,
                             l4,
                         });
                         out.push(if dir == Direction::Ingress && named {
@@ -818,18 +1041,23 @@ impl Compiler {
         let mut own = Vec::new();
         let mut parts = Vec::new();
         let mut subjects = SubjectCache::default();
-        for (policy, prepared) in self.repo.iter_prepared() {
+        let mut needs = NeedsCache::default();
+        for stored in self.repo.iter_prepared() {
             own.clear();
-            if let Some(mut part) = self.plan_policy(policy, prepared, ep, &mut subjects, &mut own)
-            {
+            if let Some(mut part) = self.plan_policy(stored, ep, &mut subjects, &mut own) {
                 for c in own.drain(..) {
                     let slot = u32::try_from(plan.contributions.len()).unwrap_or(NO_RULE);
-                    plan.index
-                        .add(slot, c.peers.as_deref(), &self.config.cluster_name);
+                    plan.index.add_numbered(
+                        slot,
+                        c.peers.as_deref(),
+                        &c.peer_ids,
+                        &self.config.cluster_name,
+                        &mut needs,
+                    );
                     part.slots.push(slot);
                     plan.contributions.push(Some(c));
                 }
-                parts.push((policy.name.clone(), part));
+                parts.push((stored.3.clone(), part));
             }
         }
         // In name order: bulk-built.
@@ -840,37 +1068,25 @@ impl Compiler {
 
     /// The contributions of one policy's rules that select `ep`, appended to `out`; `None` if
     /// no rule selects it. `prepared` is the policy's [`prepare`]d contributions.
-    pub(crate) fn plan_policy<'a>(
+    pub(crate) fn plan_policy(
         &self,
-        policy: &'a Policy,
-        prepared: &[Vec<Prepared>],
+        (policy, prepared, summaries, _): PreparedPolicy<'_>,
         ep: &EndpointInfo,
-        subjects: &mut SubjectCache<'a>,
+        subjects: &mut SubjectCache,
         out: &mut Vec<Arc<Contribution>>,
     ) -> Option<PolicyPart> {
         let mut part = PolicyPart::default();
         let mut selected = false;
-        for (rule, prepared) in policy.rules.iter().zip(prepared) {
-            if !subjects.matches(&rule.subject, &ep.labels) {
+        for ((rule, prepared), summary) in policy.rules.iter().zip(prepared).zip(summaries) {
+            if !subjects.matches(summary.subject, &rule.subject, &ep.labels) {
                 continue;
             }
             selected = true;
-            for (dir, sections) in [
-                (Direction::Ingress, &rule.ingress),
-                (Direction::Egress, &rule.egress),
-            ] {
-                let di = dir_index(dir);
-                if sections.enforcement == Enforcement::DefaultDeny
-                    && let Some(d) = part.default_deny.get_mut(di)
-                {
-                    *d = true;
-                }
-                let has_rules = sections.enforcement != Enforcement::None
-                    || !sections.allow.is_empty()
-                    || !sections.deny.is_empty();
-                if has_rules && let Some(h) = part.has_rules.get_mut(di) {
-                    *h = true;
-                }
+            for (d, s) in part.default_deny.iter_mut().zip(summary.default_deny) {
+                *d |= s;
+            }
+            for (h, s) in part.has_rules.iter_mut().zip(summary.has_rules) {
+                *h |= s;
             }
             out.extend(prepared.iter().map(|p| match p {
                 Prepared::Ready(c) => c.clone(),
@@ -944,6 +1160,12 @@ impl Compiler {
     }
 
     /// Compiles the policy of one endpoint from scratch.
+    ///
+    /// Contributions with fixed keys are grouped by the identity set they select, and the
+    /// identities by the groups that select them: identities selected by the same groups (a
+    /// class) get the same entries up to the identity, so each class is folded once and its
+    /// entries are stamped with each member. Only identities with items of their own
+    /// (wildcard, synthesised and egress named-port entries) are folded one by one.
     pub fn compile(&self, ep: &EndpointInfo) -> EndpointPolicy {
         let mut plan = self.plan(ep);
         // Moved out rather than cloned: the kept plan's copy is only read after a policy
@@ -954,38 +1176,35 @@ impl Compiler {
         let mut eval = PeerEvaluator::new(&self.identities, &self.config.cluster_name);
         // Identities selected by each contribution (`None`: wildcard).
         let mut selected: Vec<Option<Rc<[Identity]>>> = Vec::new();
+        let mut groups = Groups::default();
+        // Keys (with `Identity::ANY`) and actions of each grouped contribution.
+        let mut templates: Vec<Vec<(PolicyKey, EntryAction)>> = Vec::new();
         if !plan.never {
+            templates.resize_with(plan.contributions.len(), Vec::new);
             for (ci, c) in plan.contributions.iter().enumerate() {
                 let Some(c) = c else {
                     selected.push(None);
                     continue;
                 };
-                let ids = c.peers.as_ref().map(|peers| match peers.as_slice() {
-                    [one] => eval.eval(one),
-                    many => {
-                        let mut v: Vec<Identity> =
-                            many.iter().flat_map(|p| eval.eval(p).to_vec()).collect();
-                        v.sort_unstable();
-                        v.dedup();
-                        v.into()
-                    }
-                });
-                match &ids {
-                    None => {
+                let ids = eval.eval_contribution(c);
+                match (&ids, &c.l4) {
+                    (None, _) => {
                         let keys = self.keys_for(c, Identity::ANY);
                         self.add_keys(&mut b, c, ci, Identity::ANY, &keys);
                     }
-                    Some(ids) => {
-                        if let L4::Fixed(keys) = &c.l4 {
-                            let templates = self.templates(c, keys);
-                            for &id in ids.iter() {
-                                push_items(&mut b, &templates, ci, id);
-                            }
-                        } else {
-                            for &id in ids.iter() {
-                                let keys = self.keys_for(c, id);
-                                self.add_keys(&mut b, c, ci, id, &keys);
-                            }
+                    (Some(ids), L4::Fixed(keys)) => {
+                        if !keys.is_empty()
+                            && !ids.is_empty()
+                            && let Some(t) = templates.get_mut(ci)
+                        {
+                            *t = self.templates(c, keys);
+                            groups.add(ids, c.peers.as_deref().map_or(0, <[Peer]>::len), ci);
+                        }
+                    }
+                    (Some(ids), L4::PerPeer(..)) => {
+                        for &id in ids.iter() {
+                            let keys = self.keys_for(c, id);
+                            self.add_keys(&mut b, c, ci, id, &keys);
                         }
                     }
                 }
@@ -993,7 +1212,7 @@ impl Compiler {
             }
         }
         self.add_synthetic(&mut b, &plan, None);
-        let (mut entries, items) = b.finish(&plan.contributions);
+        let (mut entries, items) = groups.finish(b, &templates, &plan.contributions);
         let deny_keys: BTreeSet<PolicyKey> = entries
             .iter()
             .filter(|(_, e)| e.action.is_deny())
@@ -1219,14 +1438,7 @@ impl Compiler {
         let (mut entries, mut runs) = b.finish(&plan.contributions);
         // Keep the pre-fold items and deny keys in step, for later policy updates.
         let items = Arc::make_mut(&mut policy.items);
-        match runs.remove(&id) {
-            Some(run) if !run.is_empty() => {
-                items.insert(id, run);
-            }
-            _ => {
-                items.remove(&id);
-            }
-        }
+        items.set(id, runs.remove(&id).unwrap_or_default());
         let deny_keys = Arc::make_mut(&mut policy.deny_keys);
         deny_keys.retain(|k| k.identity != id);
         deny_keys.extend(

@@ -2,7 +2,7 @@
 //! inverted index so a selector is evaluated only against identities that can match it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ipnet::IpNet;
 use weir_identity::{
@@ -28,11 +28,69 @@ pub struct IdentityInfo {
     pub(crate) world: bool,
 }
 
+/// A set of identities of the label index: a tree for updates, and a sorted array built on
+/// first read after a change, which a compile walks and probes several times faster.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct IdSet {
+    set: BTreeSet<Identity>,
+    sorted: OnceLock<Vec<Identity>>,
+}
+
+impl IdSet {
+    fn one(id: Identity) -> Self {
+        IdSet {
+            set: BTreeSet::from([id]),
+            sorted: OnceLock::new(),
+        }
+    }
+
+    fn insert(&mut self, id: Identity) {
+        if self.set.insert(id) {
+            self.sorted = OnceLock::new();
+        }
+    }
+
+    fn remove(&mut self, id: &Identity) {
+        if self.set.remove(id) {
+            self.sorted = OnceLock::new();
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// The identities, ascending.
+    fn slice(&self) -> &[Identity] {
+        self.sorted
+            .get_or_init(|| self.set.iter().copied().collect())
+    }
+
+    fn contains(&self, id: &Identity) -> bool {
+        self.slice().binary_search(id).is_ok()
+    }
+}
+
 /// The identities holding labels of one key (without source), overall and per value.
 #[derive(Debug, Clone, Default)]
 struct KeyIndex {
-    all: BTreeSet<Identity>,
-    by_value: HashMap<String, BTreeSet<Identity>>,
+    all: IdSet,
+    by_value: HashMap<String, IdSet>,
+    /// How many labels of this key each source holds: when one source holds them all, a
+    /// requirement bound to that source is settled by the index alone.
+    sources: BTreeMap<LabelSource, usize>,
+}
+
+impl KeyIndex {
+    /// Whether every label of this key comes from `source`.
+    fn only_source(&self, source: LabelSource) -> bool {
+        let mut it = self.sources.keys();
+        matches!((it.next(), it.next()), (Some(s), None) if *s == source)
+    }
 }
 
 /// A CIDR identity's place in the prefix index: (is IPv6, network address, prefix length), so
@@ -110,12 +168,13 @@ impl IdentityTable {
                 None => self.by_key.entry(l.key.clone()).or_default(),
             };
             k.all.insert(id);
+            *k.sources.entry(l.source).or_default() += 1;
             match k.by_value.get_mut(l.value.as_str()) {
                 Some(v) => {
                     v.insert(id);
                 }
                 None => {
-                    k.by_value.insert(l.value.clone(), BTreeSet::from([id]));
+                    k.by_value.insert(l.value.clone(), IdSet::one(id));
                 }
             }
         }
@@ -146,6 +205,12 @@ impl IdentityTable {
                 continue;
             };
             k.all.remove(&id);
+            if let Some(n) = k.sources.get_mut(&l.source) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    k.sources.remove(&l.source);
+                }
+            }
             if let Some(v) = k.by_value.get_mut(l.value.as_str()) {
                 v.remove(&id);
                 if v.is_empty() {
@@ -213,13 +278,16 @@ impl IdentityTable {
         &'a self,
         label: &'a Label,
     ) -> impl Iterator<Item = Identity> + 'a {
-        self.by_key
-            .get(label.key.as_str())
+        let index = self.by_key.get(label.key.as_str());
+        // The index ignores sources: test them unless one source holds every label of the key.
+        let exact = index.is_some_and(|k| k.only_source(label.source));
+        index
             .and_then(|k| k.by_value.get(label.value.as_str()))
+            .map(IdSet::slice)
             .into_iter()
             .flatten()
             .copied()
-            .filter(move |id| self.ids.get(id).is_some_and(|i| i.labels.contains(label)))
+            .filter(move |id| exact || self.ids.get(id).is_some_and(|i| i.labels.contains(label)))
     }
 
     /// Identities whose CIDR prefix lies inside `cidr` (no other test).
@@ -242,21 +310,36 @@ impl IdentityTable {
 
     /// The identities a selector matches, sorted. Only identities that carry a label of
     /// every positive requirement's key (and value, for `In`) are tested: the smallest such
-    /// set is walked and the others are probed, so the exact test runs on their intersection.
+    /// set is walked and the others are probed, those in the sets of negative requirements
+    /// are dropped, and the exact test runs only for what the index cannot settle.
     pub(crate) fn select(&self, sel: &Selector) -> Vec<Identity> {
         let mut sets: Vec<Candidates<'_>> = Vec::new();
-        // The requirements the index sets do not settle: negative ones, and positive ones
-        // bound to a source (the index ignores sources).
+        // Sets a match must not be in (negative requirements).
+        let mut excluded: Vec<&IdSet> = Vec::new();
+        // The requirements the index sets do not settle: those bound to a source (the index
+        // ignores sources) unless every label of the key comes from that source.
         let mut residual: Vec<&Requirement> = Vec::new();
         for r in sel.requirements() {
             let index = self.by_key.get(r.key.key.as_str());
-            if matches!(r.operator, Operator::NotIn | Operator::DoesNotExist)
-                || r.key.source != LabelSource::Any
+            if r.key.source != LabelSource::Any
+                && !index.is_some_and(|k| k.only_source(r.key.source))
             {
                 residual.push(r);
+                if matches!(r.operator, Operator::NotIn | Operator::DoesNotExist) {
+                    continue;
+                }
             }
             let set = match (r.operator, index) {
-                (Operator::NotIn | Operator::DoesNotExist, _) => continue,
+                // Nobody carries the key: a negative requirement holds for everybody.
+                (Operator::NotIn | Operator::DoesNotExist, None) => continue,
+                (Operator::DoesNotExist, Some(k)) => {
+                    excluded.push(&k.all);
+                    continue;
+                }
+                (Operator::NotIn, Some(k)) => {
+                    excluded.extend(r.values.iter().filter_map(|v| k.by_value.get(v.as_str())));
+                    continue;
+                }
                 // Nobody carries the key: a positive requirement matches nothing.
                 (_, None) => return Vec::new(),
                 (Operator::Exists, Some(k)) => Candidates::Set(&k.all),
@@ -269,8 +352,13 @@ impl IdentityTable {
                         (None, _) => return Vec::new(),
                         (Some(one), None) => Candidates::Set(one),
                         (Some(a), Some(b)) => {
-                            let mut v: Vec<Identity> =
-                                a.iter().chain(b).chain(found.flatten()).copied().collect();
+                            let mut v: Vec<Identity> = a
+                                .slice()
+                                .iter()
+                                .chain(b.slice())
+                                .chain(found.flat_map(IdSet::slice))
+                                .copied()
+                                .collect();
                             v.sort_unstable();
                             v.dedup();
                             Candidates::Sorted(v)
@@ -280,11 +368,14 @@ impl IdentityTable {
             };
             sets.push(set);
         }
-        // Membership in every set settles the other requirements exactly.
+        // Membership in every set settles the other requirements exactly (the index sets
+        // only hold identities of the table).
         let exact = |id: &Identity| {
-            self.ids
-                .get(id)
-                .is_some_and(|i| residual.iter().all(|r| r.matches(&i.labels)))
+            residual.is_empty()
+                || self
+                    .ids
+                    .get(id)
+                    .is_some_and(|i| residual.iter().all(|r| r.matches(&i.labels)))
         };
         sets.sort_by_key(Candidates::len);
         let Some((driver, others)) = sets.split_first() else {
@@ -295,17 +386,55 @@ impl IdentityTable {
                 .map(|(id, _)| *id)
                 .collect();
         };
+        // Sets of a size near the driver's are walked along with it (both are sorted); much
+        // larger ones are probed.
+        let mut probes: Vec<Probe<'_, '_>> = others
+            .iter()
+            .map(|o| {
+                if o.len() > 16 * driver.len() {
+                    Probe::Lookup(o)
+                } else {
+                    Probe::Walk(o.iter().peekable())
+                }
+            })
+            .collect();
         driver
             .iter()
-            .filter(|id| others.iter().all(|o| o.contains(id)) && exact(id))
+            .filter(|id| {
+                probes.iter_mut().all(|p| p.holds(*id))
+                    && !excluded.iter().any(|x| x.contains(id))
+                    && exact(id)
+            })
             .collect()
+    }
+}
+
+/// How [`IdentityTable::select`] tests membership in one candidate set, for ascending
+/// identities.
+enum Probe<'s, 'a> {
+    /// A lookup per identity.
+    Lookup(&'s Candidates<'a>),
+    /// A cursor that moves forward with the identities asked for.
+    Walk(std::iter::Peekable<Box<dyn Iterator<Item = Identity> + 's>>),
+}
+
+impl Probe<'_, '_> {
+    /// Whether the set holds `id`; calls must come in ascending order of `id`.
+    fn holds(&mut self, id: Identity) -> bool {
+        match self {
+            Probe::Lookup(c) => c.contains(&id),
+            Probe::Walk(it) => {
+                while it.next_if(|x| *x < id).is_some() {}
+                it.peek() == Some(&id)
+            }
+        }
     }
 }
 
 /// The identities that can satisfy one positive requirement, sorted.
 enum Candidates<'a> {
     /// One index set.
-    Set(&'a BTreeSet<Identity>),
+    Set(&'a IdSet),
     /// The union of several (`In` with several values).
     Sorted(Vec<Identity>),
 }
@@ -327,7 +456,7 @@ impl Candidates<'_> {
 
     fn iter(&self) -> Box<dyn Iterator<Item = Identity> + '_> {
         match self {
-            Candidates::Set(s) => Box::new(s.iter().copied()),
+            Candidates::Set(s) => Box::new(s.slice().iter().copied()),
             Candidates::Sorted(v) => Box::new(v.iter().copied()),
         }
     }
@@ -371,6 +500,8 @@ mod tests {
             "tier",
             "k8s:tier",
             "extra",
+            "k8s:extra",
+            "container:extra",
             "nope",
         ] {
             for (op, v) in [
@@ -391,14 +522,23 @@ mod tests {
                 selectors.push(vec![a.clone(), b.clone()]);
             }
         }
-        for reqs in selectors {
-            let sel = Selector::new(reqs);
-            let brute: Vec<Identity> = t
-                .iter()
-                .filter(|(_, i)| sel.matches(&i.labels))
-                .map(|(id, _)| id)
-                .collect();
-            assert_eq!(t.select(&sel), brute, "{sel}");
+        let check = |t: &IdentityTable| {
+            for reqs in &selectors {
+                let sel = Selector::new(reqs.clone());
+                let brute: Vec<Identity> = t
+                    .iter()
+                    .filter(|(_, i)| sel.matches(&i.labels))
+                    .map(|(id, _)| id)
+                    .collect();
+                assert_eq!(t.select(&sel), brute, "{sel}");
+            }
+        };
+        check(&t);
+        // Removing the identities of one source leaves some keys with a single source, which
+        // the index then settles alone.
+        for i in (0..60u32).filter(|i| i % 3 != 0) {
+            t.remove(Identity(1000 + i));
         }
+        check(&t);
     }
 }

@@ -10,11 +10,13 @@
 mod compile;
 mod decide;
 mod identities;
+mod intern;
 mod l7;
 mod mapstate;
 mod peer_index;
 mod peers;
 mod policy_update;
+mod prefold;
 mod repository;
 
 pub use compile::{

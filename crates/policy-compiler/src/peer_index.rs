@@ -56,10 +56,18 @@ fn needs(peer: &Peer, cluster_name: &str) -> Option<Vec<u64>> {
     }
 }
 
+/// The label hashes of peers by the repository's number of the peer, for one round of
+/// [`PeerIndex::add_numbered`] calls (many contributions share their peers).
+#[derive(Default)]
+pub(crate) struct NeedsCache(
+    HashMap<u64, Option<Vec<u64>>, std::hash::BuildHasherDefault<IdHasher>>,
+);
+
 /// Contribution slots by the labels their peers need.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PeerIndex {
-    by_hash: HashMap<u64, Vec<u32>>,
+    /// The keys are hashes already: mixed once more, cheaply.
+    by_hash: HashMap<u64, Vec<u32>, std::hash::BuildHasherDefault<IdHasher>>,
     always: Vec<u32>,
 }
 
@@ -67,11 +75,39 @@ impl PeerIndex {
     /// Indexes the slot of a contribution with these peers (`None`: wildcard, not indexed:
     /// it yields wildcard keys, not per-identity ones).
     pub(crate) fn add(&mut self, slot: u32, peers: Option<&[Peer]>, cluster_name: &str) {
+        self.add_numbered(slot, peers, &[], cluster_name, &mut NeedsCache::default());
+    }
+
+    /// [`PeerIndex::add`], with the repository's numbers of the peers (`ids`, parallel to
+    /// `peers`) to look their label hashes up in `cache` rather than hash the labels again.
+    pub(crate) fn add_numbered(
+        &mut self,
+        slot: u32,
+        peers: Option<&[Peer]>,
+        ids: &[u64],
+        cluster_name: &str,
+        cache: &mut NeedsCache,
+    ) {
         let Some(peers) = peers else { return };
         let mut hashes = Vec::new();
-        for p in peers {
-            match needs(p, cluster_name) {
-                Some(h) => hashes.extend(h),
+        for (i, p) in peers.iter().enumerate() {
+            let needed = match ids.get(i) {
+                Some(id) => cache
+                    .0
+                    .entry(*id)
+                    .or_insert_with(|| needs(p, cluster_name))
+                    .as_deref(),
+                None => {
+                    let n = needs(p, cluster_name);
+                    hashes.extend(n.iter().flatten());
+                    if n.is_some() {
+                        continue;
+                    }
+                    None
+                }
+            };
+            match needed {
+                Some(h) => hashes.extend_from_slice(h),
                 None => {
                     self.always.push(slot);
                     return;

@@ -13,7 +13,7 @@ use weir_identity::{Identity, Label, LabelSource, ReservedIdentity};
 use weir_l7_match::DnsRule;
 use weir_policy_model::{Entity, Peer};
 
-use crate::compile::IdHasher;
+use crate::compile::{Contribution, IdHasher};
 use crate::identities::{IdentityInfo, IdentityTable, has_label};
 
 /// The `k8s:` label key that carries an endpoint's cluster name.
@@ -129,7 +129,8 @@ pub(crate) fn peer_is_wildcard(peer: &Peer) -> bool {
 pub(crate) struct PeerEvaluator<'a> {
     table: &'a IdentityTable,
     cluster_name: &'a str,
-    cache: HashMap<&'a Peer, Rc<[Identity]>, BuildHasherDefault<IdHasher>>,
+    /// By the repository's number of the peer.
+    cache: HashMap<u64, Rc<[Identity]>, BuildHasherDefault<IdHasher>>,
 }
 
 impl<'a> PeerEvaluator<'a> {
@@ -141,9 +142,28 @@ impl<'a> PeerEvaluator<'a> {
         }
     }
 
-    /// The identities `peer` selects, sorted.
-    pub(crate) fn eval(&mut self, peer: &'a Peer) -> Rc<[Identity]> {
-        if let Some(s) = self.cache.get(peer) {
+    /// The identities a contribution selects, sorted (`None`: the wildcard).
+    pub(crate) fn eval_contribution(&mut self, c: &Contribution) -> Option<Rc<[Identity]>> {
+        let peers = c.peers.as_deref()?;
+        let mut each = peers.iter().zip(&c.peer_ids);
+        Some(match (each.next(), each.next()) {
+            (None, _) => Rc::from([]),
+            (Some((p, &id)), None) => self.eval(p, id),
+            (Some(a), Some(b)) => {
+                let mut v: Vec<Identity> = Vec::new();
+                for (p, &id) in [a, b].into_iter().chain(each) {
+                    v.extend_from_slice(&self.eval(p, id));
+                }
+                v.sort_unstable();
+                v.dedup();
+                v.into()
+            }
+        })
+    }
+
+    /// The identities `peer` (numbered `id` by the repository) selects, sorted.
+    pub(crate) fn eval(&mut self, peer: &Peer, id: u64) -> Rc<[Identity]> {
+        if let Some(s) = self.cache.get(&id) {
             return s.clone();
         }
         let table = self.table;
@@ -154,16 +174,26 @@ impl<'a> PeerEvaluator<'a> {
         };
         let ids: Vec<Identity> = match peer {
             Peer::Endpoints(sel) => table.select(sel),
-            Peer::Entity(Entity::Cluster) => {
-                let mut v: Vec<Identity> = (1..=10)
-                    .map(Identity)
-                    .chain(table.with_label(&Label::k8s(CLUSTER_LABEL_KEY, self.cluster_name)))
-                    .filter(|id| test(*id))
-                    .collect();
-                v.sort_unstable();
-                v.dedup();
-                v
-            }
+            // Beyond the reserved identities, the cluster label is the whole test.
+            Peer::Entity(Entity::Cluster) => (1..=10)
+                .map(Identity)
+                .filter(|id| test(*id))
+                .chain(
+                    table
+                        .with_label(&Label::k8s(CLUSTER_LABEL_KEY, self.cluster_name))
+                        .filter(|id| !id.is_reserved()),
+                )
+                .collect(),
+            // Beyond the reserved identities, `reserved:world` is the whole test.
+            Peer::Entity(Entity::World) => (1..=10)
+                .map(Identity)
+                .filter(|id| test(*id))
+                .chain(
+                    table
+                        .with_label(&world_label())
+                        .filter(|id| !id.is_reserved()),
+                )
+                .collect(),
             Peer::Entity(Entity::All | Entity::None) => Vec::new(),
             Peer::Entity(_) => (1..=10)
                 .map(Identity)
@@ -191,7 +221,7 @@ impl<'a> PeerEvaluator<'a> {
         ids.sort_unstable();
         ids.dedup();
         let rc: Rc<[Identity]> = ids.into();
-        self.cache.insert(peer, rc.clone());
+        self.cache.insert(id, rc.clone());
         rc
     }
 }

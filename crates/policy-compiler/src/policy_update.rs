@@ -3,7 +3,8 @@
 //! deny that changed. Cases where the change reaches further (enforcement flips, L7 ports,
 //! egress named ports) fall back to a full compile.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
+use std::ops::Bound;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -11,42 +12,31 @@ use weir_identity::Identity;
 use weir_policy_model::PolicyName;
 
 use crate::compile::{
-    Builder, Compiler, Contribution, EndpointInfo, EndpointPolicy, EnforcementMode, Item, L4,
-    NO_RULE, SubjectCache, fold,
+    Builder, Compiler, Contribution, EndpointInfo, EndpointPolicy, EnforcementMode, L4, NO_RULE,
+    SubjectCache, fold,
 };
 use crate::l7::{L7Contribution, L7Peers};
 use crate::mapstate::{
     EntryAction, MapStateDiff, PREFIX_LENGTHS, PolicyEntry, PolicyKey, port_mask,
 };
 use crate::peers::PeerEvaluator;
+use crate::prefold::PreFold;
 
-/// Pre-fold items per remote identity, each run sorted by key then contribution.
-type Items = BTreeMap<Identity, Vec<Item>>;
 /// Contributions by slot.
 type Slots = [Option<Arc<Contribution>>];
 
-/// The items of `key`.
-fn items_of<'a>(items: &'a Items, key: &PolicyKey) -> &'a [Item] {
-    let Some(run) = items.get(&key.identity) else {
-        return &[];
-    };
-    let lo = run.partition_point(|i| i.key < *key);
-    let hi = run.partition_point(|i| i.key <= *key);
-    run.get(lo..hi).unwrap_or(&[])
-}
-
 /// The entry of `key` after deny resolution, from the items and the pre-resolution deny keys.
 fn resolved(
-    items: &Items,
+    items: &PreFold,
     rules: &Slots,
     deny_keys: &BTreeSet<PolicyKey>,
     key: &PolicyKey,
 ) -> Option<PolicyEntry> {
-    let group = items_of(items, key);
+    let group = items.items_of(key);
     if group.is_empty() {
         return None;
     }
-    let raw = fold(group, rules);
+    let raw = fold(&group, rules);
     if raw.action.is_deny() {
         return Some(raw);
     }
@@ -58,7 +48,7 @@ fn resolved(
             let dk = PolicyKey::new(id, key.direction, key.protocol, key.port, p);
             if deny_keys.contains(&dk) {
                 hit = true;
-                derived_from.extend(fold(items_of(items, &dk), rules).derived_from);
+                derived_from.extend(fold(&items.items_of(&dk), rules).derived_from);
             }
         }
     }
@@ -80,24 +70,11 @@ fn has_l7(c: &Contribution) -> bool {
 }
 
 /// The identities each contribution selects (`None`: wildcard), evaluated now.
-fn evaluate<'a>(
-    eval: &mut PeerEvaluator<'a>,
-    own: &'a [Arc<Contribution>],
+fn evaluate(
+    eval: &mut PeerEvaluator<'_>,
+    own: &[Arc<Contribution>],
 ) -> Vec<Option<Rc<[Identity]>>> {
-    own.iter()
-        .map(|c| {
-            c.peers.as_ref().map(|peers| match peers.as_slice() {
-                [one] => eval.eval(one),
-                many => {
-                    let mut v: Vec<Identity> =
-                        many.iter().flat_map(|p| eval.eval(p).to_vec()).collect();
-                    v.sort_unstable();
-                    v.dedup();
-                    v.into()
-                }
-            })
-        })
-        .collect()
+    own.iter().map(|c| eval.eval_contribution(c)).collect()
 }
 
 /// The keys a contribution produces for its selected identities (fixed L4 only).
@@ -136,17 +113,23 @@ impl Compiler {
             .filter_map(|s| old.contributions.get(*s as usize).cloned().flatten())
             .collect();
         let mut new_own = Vec::new();
-        let part = self.repo.get_prepared(name).and_then(|(p, prep)| {
-            self.plan_policy(p, prep, ep, &mut SubjectCache::default(), &mut new_own)
+        let part = self.repo.get_prepared(name).and_then(|stored| {
+            self.plan_policy(stored, ep, &mut SubjectCache::default(), &mut new_own)
         });
         let new_part = part.clone().unwrap_or_default();
         // Enforcement with the new part in place of the old.
         let mut default_deny = new_part.default_deny;
-        for (n, p) in &old.policies {
-            if n != name {
-                for (d, x) in default_deny.iter_mut().zip(p.default_deny) {
-                    *d |= x;
-                }
+        // Every other policy: the ranges before and after the name, so that no name is
+        // compared on the way.
+        let before = old
+            .policies
+            .range::<PolicyName, _>((Bound::Unbounded, Bound::Excluded(name)));
+        let after = old
+            .policies
+            .range::<PolicyName, _>((Bound::Excluded(name), Bound::Unbounded));
+        for p in before.chain(after).map(|(_, p)| p) {
+            for (d, x) in default_deny.iter_mut().zip(p.default_deny) {
+                *d |= x;
             }
         }
         let enforced = match self.config.enforcement {
@@ -203,7 +186,7 @@ impl Compiler {
         match part {
             Some(mut p) => {
                 p.slots = slots.clone();
-                plan.policies.insert(name.clone(), p);
+                plan.policies.insert(Arc::new(name.clone()), p);
             }
             None => {
                 plan.policies.remove(name);
@@ -234,22 +217,11 @@ impl Compiler {
         let ids: BTreeSet<Identity> = touched.iter().map(|k| k.identity).collect();
         let items = Arc::make_mut(&mut policy.items);
         for id in ids {
-            let mut run: Vec<Item> = items
-                .get(&id)
-                .map(|r| {
-                    r.iter()
-                        .filter(|i| !gone.contains(&i.rule))
-                        .copied()
-                        .collect()
-                })
-                .unwrap_or_default();
+            let mut run = items.run(id);
+            run.retain(|i| !gone.contains(&i.rule));
             run.extend(added.remove(&id).unwrap_or_default());
             run.sort_unstable_by_key(|i| (i.key, i.rule));
-            if run.is_empty() {
-                items.remove(&id);
-            } else {
-                items.insert(id, run);
-            }
+            items.set(id, run);
         }
 
         // Deny keys among the touched ones, and which of them changed.
@@ -257,7 +229,7 @@ impl Compiler {
         let mut changed_denies = Vec::new();
         for k in &touched {
             let was = deny_keys.remove(k);
-            let is = items_of(items, k).iter().any(|i| i.action.is_deny());
+            let is = items.items_of(k).iter().any(|i| i.action.is_deny());
             if is {
                 deny_keys.insert(*k);
             }
