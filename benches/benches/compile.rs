@@ -153,7 +153,7 @@ fn decide_fixture(n: usize) -> (MapState, Vec<Flow>) {
         );
         let entry = PolicyEntry {
             action: EntryAction::Allow,
-            derived_from: [rule.clone()].into_iter().collect(),
+            derived_from: std::sync::Arc::new([rule.clone()].into_iter().collect()),
         };
         if map.get(&key).is_none() {
             keys.push(key);

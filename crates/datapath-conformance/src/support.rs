@@ -1,6 +1,5 @@
 //! Shared helpers: privilege checks, a private bpffs, hand-written MapStates.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -112,7 +111,7 @@ pub fn key(identity: u32, dir: Direction, protocol: u8, port: u16, prefix_len: u
 pub fn entry(action: EntryAction) -> PolicyEntry {
     PolicyEntry {
         action,
-        derived_from: BTreeSet::new(),
+        derived_from: Default::default(),
     }
 }
 

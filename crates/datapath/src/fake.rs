@@ -189,7 +189,6 @@ impl Datapath for FakeDatapath {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
 
     use weir_policy_model::Direction;
 
@@ -221,7 +220,7 @@ mod tests {
                 key,
                 PolicyEntry {
                     action: EntryAction::Allow,
-                    derived_from: BTreeSet::new(),
+                    derived_from: Default::default(),
                 },
             )],
             removals: vec![],

@@ -15,8 +15,8 @@ use crate::identities::{IdentityTable, NamedPorts};
 use crate::intern::Interner;
 use crate::l7::{L7Contribution, L7Peers, L7Policy, L7Verdict};
 use crate::mapstate::{
-    EntryAction, MapState, MapStateDiff, PolicyEntry, PolicyKey, port_mask, port_range_prefixes,
-    proto,
+    EntryAction, MapState, MapStateDiff, PolicyEntry, PolicyKey, RuleSet, port_mask,
+    port_range_prefixes, proto,
 };
 use crate::peer_index::{NeedsCache, PeerIndex};
 use crate::peers::{PeerEvaluator, peer_is_wildcard, peer_selects};
@@ -593,7 +593,7 @@ impl Groups {
 /// rules, and cloning a built set costs no `RuleRef` comparisons.
 #[derive(Default)]
 pub(crate) struct RuleSets {
-    sets: HashMap<Vec<u32>, BTreeSet<Arc<RuleRef>>, std::hash::BuildHasherDefault<IdHasher>>,
+    sets: HashMap<Vec<u32>, RuleSet, std::hash::BuildHasherDefault<IdHasher>>,
     scratch: Vec<u32>,
 }
 
@@ -630,12 +630,14 @@ pub(crate) fn fold_with(
     }
     // Collected, then bulk-built: in a fresh plan slot order is rule order, so the sort
     // inside `collect` sees a sorted run.
-    let build = |scratch: &[u32]| -> BTreeSet<Arc<RuleRef>> {
-        scratch
-            .iter()
-            .filter_map(|&r| rules.get(r as usize).and_then(|c| c.as_ref()))
-            .map(|c| c.rule.clone())
-            .collect()
+    let build = |scratch: &[u32]| -> RuleSet {
+        Arc::new(
+            scratch
+                .iter()
+                .filter_map(|&r| rules.get(r as usize).and_then(|c| c.as_ref()))
+                .map(|c| c.rule.clone())
+                .collect(),
+        )
     };
     let derived_from = if sets.scratch.len() <= 2 {
         // As cheap to build as to copy: not worth a lookup.
@@ -710,7 +712,7 @@ fn resolve_denies(
             k,
             PolicyEntry {
                 action: EntryAction::Deny,
-                derived_from,
+                derived_from: Arc::new(derived_from),
             },
         );
     }

@@ -194,15 +194,19 @@ impl EntryAction {
     }
 }
 
+/// The rules behind a [`PolicyEntry`], shared between the entries they produced.
+pub type RuleSet = Arc<BTreeSet<Arc<RuleRef>>>;
+
 /// A policy map value, with the rules that produced it (for explanations and dumps).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyEntry {
     /// What the entry does.
     pub action: EntryAction,
     /// The rules that produced the entry (empty for synthesised entries such as allow-all
-    /// when a direction is not enforced, or host-to-local-endpoint access). Shared, because
-    /// one rule produces many entries.
-    pub derived_from: BTreeSet<Arc<RuleRef>>,
+    /// when a direction is not enforced, or host-to-local-endpoint access). Shared, set and
+    /// rules alike: the entries of many identities come from the same rules, and a compile's
+    /// output would otherwise be dominated by copies of these sets.
+    pub derived_from: RuleSet,
 }
 
 /// The per-endpoint policy map.

@@ -48,14 +48,19 @@ fn resolved(
             let dk = PolicyKey::new(id, key.direction, key.protocol, key.port, p);
             if deny_keys.contains(&dk) {
                 hit = true;
-                derived_from.extend(fold(&items.items_of(&dk), rules).derived_from);
+                derived_from.extend(
+                    fold(&items.items_of(&dk), rules)
+                        .derived_from
+                        .iter()
+                        .cloned(),
+                );
             }
         }
     }
     Some(if hit {
         PolicyEntry {
             action: EntryAction::Deny,
-            derived_from,
+            derived_from: Arc::new(derived_from),
         }
     } else {
         raw
