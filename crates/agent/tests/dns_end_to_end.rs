@@ -469,17 +469,7 @@ fn start_lab(g: &mut Guard, tmp: &Path, prefix: &str) -> Result<Lab, Error> {
             app: "dns",
         },
     ];
-    for p in &pods {
-        wire_pod(&node, p)?;
-    }
-    ip(&[
-        "netns",
-        "exec",
-        &node,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-    ])?;
+    wire_pods(&node, &pods)?;
     // The world: no endpoint, reached through the node. Every address of WORLD_RANGE is
     // local there.
     ip(&[

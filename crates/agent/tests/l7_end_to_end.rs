@@ -10,7 +10,6 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -137,29 +136,10 @@ fn egress_http_rule_enforced_by_the_agents_proxy() -> TestResult {
             app: "server",
         },
     ];
-    for p in &pods {
-        wire_pod(&node, p)?;
-    }
-    ip(&[
-        "netns",
-        "exec",
-        &node,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-    ])?;
+    wire_pods(&node, &pods)?;
 
     // Pod B's HTTP server.
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &b, "python3", "-c", SERVER])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    if let Some(out) = server.stdout.take() {
-        BufReader::new(out).read_line(&mut line)?;
-    }
-    g.children.push(server);
-    assert_eq!(line.trim(), "up", "HTTP server in pod B");
+    start_server(&mut g, &b, SERVER)?;
 
     // The agent, in the node namespace.
     let policies = tmp.path().join("policies");
@@ -244,16 +224,7 @@ fn egress_http_rule_enforced_by_the_agents_proxy() -> TestResult {
             app: "world",
         },
     )?;
-    let mut world_server = Command::new("ip")
-        .args(["netns", "exec", &w, "python3", "-c", SERVER])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    if let Some(out) = world_server.stdout.take() {
-        BufReader::new(out).read_line(&mut line)?;
-    }
-    g.children.push(world_server);
-    assert_eq!(line.trim(), "up", "HTTP server in the world namespace");
+    start_server(&mut g, &w, SERVER)?;
     let dnsmasq = Command::new("ip")
         .args([
             "netns",

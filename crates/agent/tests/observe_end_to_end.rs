@@ -11,7 +11,6 @@ mod common;
 
 use common::*;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -140,27 +139,8 @@ fn flows_status_and_metrics_from_a_running_agent() -> TestResult {
             app: "server",
         },
     ];
-    for p in &pods {
-        wire_pod(&node, p)?;
-    }
-    ip(&[
-        "netns",
-        "exec",
-        &node,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-    ])?;
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &b, "python3", "-c", SERVER])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut line = String::new();
-    if let Some(out) = server.stdout.take() {
-        BufReader::new(out).read_line(&mut line)?;
-    }
-    g.children.push(server);
-    assert_eq!(line.trim(), "up");
+    wire_pods(&node, &pods)?;
+    start_server(&mut g, &b, SERVER)?;
 
     let policies = tmp.path().join("policies");
     std::fs::create_dir_all(&policies)?;

@@ -168,3 +168,38 @@ pub fn register_pods(
     }
     Ok(channel)
 }
+
+/// Wires every pod to the node namespace and lets the node forward between them.
+pub fn wire_pods(node: &str, pods: &[Pod<'_>]) -> TestResult {
+    for p in pods {
+        wire_pod(node, p)?;
+    }
+    ip(&[
+        "netns",
+        "exec",
+        node,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ])?;
+    Ok(())
+}
+
+/// Runs the Python `script` in namespace `ns` (killed with the guard) and waits for the
+/// line `up` it prints once it listens.
+pub fn start_server(g: &mut Guard, ns: &str, script: &str) -> TestResult {
+    use std::io::{BufRead, BufReader};
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", script])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    if let Some(out) = server.stdout.take() {
+        BufReader::new(out).read_line(&mut line)?;
+    }
+    g.children.push(server);
+    if line.trim() != "up" {
+        return Err(format!("server in {ns} did not come up: {line:?}").into());
+    }
+    Ok(())
+}
