@@ -320,6 +320,26 @@ fn observe_follow_streams_new_flows_through_the_weir_binary() -> TestResult {
         assert_eq!(f["verdict"], "DROPPED", "{l}");
         assert_ne!(f["source"]["pod_name"], "frontend-1", "{l}");
     }
+
+    // `weir bpf policy get` counts, per entry, the packets it decided: the backend's entry
+    // for 8080 decided the frontend's connections above.
+    let out = weir_at(
+        &lab.config().socket(),
+        &["--json", "bpf", "policy", "get", "--all"],
+    )?;
+    assert!(out.status.success(), "{}", text(&out));
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let counted = entries
+        .as_array()
+        .ok_or("entries are not an array")?
+        .iter()
+        .find(|e| e["port"] == 8080 && e["packets"].as_u64().is_some_and(|p| p >= 1))
+        .ok_or_else(|| format!("no 8080 entry with packets counted: {entries:#}"))?;
+    let (packets, bytes) = (
+        counted["packets"].as_u64().unwrap_or(0),
+        counted["bytes"].as_u64().unwrap_or(0),
+    );
+    assert!(bytes >= packets * 40, "{counted}");
     lab.down()?;
     Ok(())
 }
