@@ -459,25 +459,10 @@ impl Datapath for LibbpfDatapath {
         endpoint: EndpointId,
         diff: &MapStateDiff,
     ) -> Result<(), DatapathError> {
-        // Encode everything first so that a bad key changes nothing.
-        let mut ups = Vec::with_capacity(diff.upserts.len());
-        for (k, e) in &diff.upserts {
-            ups.push((
-                encode::policy_slot(endpoint, k)?,
-                encode::policy_value(&e.action, k.prefix_len, 0),
-            ));
-        }
-        let mut rems = Vec::with_capacity(diff.removals.len());
-        for k in &diff.removals {
-            rems.push(encode::policy_slot(endpoint, k)?);
-        }
+        let (mut ups, rems) = encode::policy_diff(endpoint, diff)?;
         // Flags first rise to cover the upserts, and fall only after the removals (see
         // weir_datapath::policy_flags): at no point does a packet skip a lookup it needs.
-        // Upserts of entries the kernel holds as they are are dropped: rewriting them would
-        // restart their counters.
-        let before = self.flags.flags(endpoint.0);
-        ups.retain(|(slot, v)| !self.flags.insert_value(*slot, v));
-        let during = self.flags.flags(endpoint.0);
+        let (before, during) = self.flags.stage_upserts(endpoint.0, &mut ups);
         let written = if during != before {
             self.write_endpoint_flags(endpoint.0, during)
         } else {
@@ -485,19 +470,10 @@ impl Datapath for LibbpfDatapath {
         }
         .and_then(|()| self.write_policy_upserts(&ups));
         if let Err(e) = written {
-            // The kernel may not hold what was recorded: the next upsert must write.
-            for (slot, _) in &ups {
-                self.flags.forget_value(slot);
-            }
+            self.flags.unstage(&ups);
             return Err(e);
         }
-        let exact_removals: Vec<abi::PolicyKey> = rems
-            .iter()
-            .filter_map(|slot| match slot {
-                PolicySlot::Exact(k) => Some(*k),
-                PolicySlot::Trie(..) => None,
-            })
-            .collect();
+        let exact_removals = encode::exact_keys(&rems);
         // SAFETY: as above.
         unsafe { batch::delete_batch(self.policy_exact.as_fd(), &exact_removals) }
             .map_err(|e| be("exact policy map remove", e))?;

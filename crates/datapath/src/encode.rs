@@ -293,6 +293,40 @@ pub fn endpoint_info(endpoint: &EndpointAttachment) -> abi::EndpointInfo {
     info
 }
 
+/// Policy map upserts in ABI form.
+pub type SlotUpserts = Vec<(PolicySlot, abi::PolicyValue)>;
+
+/// A policy diff in ABI form: upserts and removals, all keys encoded before anything is
+/// written, so that a bad key changes nothing.
+pub fn policy_diff(
+    endpoint: EndpointId,
+    diff: &weir_policy_compiler::MapStateDiff,
+) -> Result<(SlotUpserts, Vec<PolicySlot>), DatapathError> {
+    let mut ups = Vec::with_capacity(diff.upserts.len());
+    for (k, e) in &diff.upserts {
+        ups.push((
+            policy_slot(endpoint, k)?,
+            policy_value(&e.action, k.prefix_len, 0),
+        ));
+    }
+    let mut rems = Vec::with_capacity(diff.removals.len());
+    for k in &diff.removals {
+        rems.push(policy_slot(endpoint, k)?);
+    }
+    Ok((ups, rems))
+}
+
+/// The exact-map keys among `slots` (removed in one batch).
+pub fn exact_keys(slots: &[PolicySlot]) -> Vec<abi::PolicyKey> {
+    slots
+        .iter()
+        .filter_map(|slot| match slot {
+            PolicySlot::Exact(k) => Some(*k),
+            PolicySlot::Trie(..) => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

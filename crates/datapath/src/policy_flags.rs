@@ -122,6 +122,28 @@ impl PolicyFlags {
         self.record(slot, None);
     }
 
+    /// Records the values of `upserts` and drops from it those the kernel already holds as
+    /// they are (rewriting them would restart their counters). Returns the endpoint's flags
+    /// before and after: write the new flags before the upserts, so no packet skips a lookup
+    /// it needs. After a failed write, call [`unstage`](Self::unstage) with what was left.
+    pub fn stage_upserts(
+        &mut self,
+        endpoint_id: u32,
+        upserts: &mut Vec<(PolicySlot, abi::PolicyValue)>,
+    ) -> (u32, u32) {
+        let before = self.flags(endpoint_id);
+        upserts.retain(|(slot, v)| !self.insert_value(*slot, v));
+        (before, self.flags(endpoint_id))
+    }
+
+    /// Forgets the values of staged upserts the kernel may not hold (a write failed), so the
+    /// next identical upsert is written.
+    pub fn unstage(&mut self, upserts: &[(PolicySlot, abi::PolicyValue)]) {
+        for (slot, _) in upserts {
+            self.forget_value(slot);
+        }
+    }
+
     /// Records an entry about to be written with `value`. Returns true when the slot already
     /// holds exactly this value: the write can be skipped, keeping the entry's counters.
     pub fn insert_value(&mut self, slot: PolicySlot, value: &abi::PolicyValue) -> bool {
